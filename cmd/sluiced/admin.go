@@ -1,0 +1,160 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// adminHandler serves the admin HTTP API. It is meant for localhost: it has
+// no authentication of its own.
+//
+//	GET  /healthz                          the process is up
+//	GET  /readyz                           NATS connected and components running
+//	GET  /v1/backlog?user=&device=&limit=  a device's backlog after its recorded sync points
+//	GET  /v1/syncpoints?device=            a device's recorded sync points
+//	GET  /v1/projections                   applied stream sequence of each projection
+//	GET  /v1/digest?projection=            SHA-256 of a projection's state
+//	POST /v1/rebuild?projection=&from=     replay a projection; streams NDJSON progress, then the summary
+//	GET  /v1/businesses                    registered businesses
+//	POST /v1/businesses                    register a business (protojson Business)
+func (m *Main) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		m.mu.Lock()
+		ready := m.ready
+		m.mu.Unlock()
+		if !ready || m.nc == nil || !m.nc.IsConnected() {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"status": "ready", "applied": m.inbox.Applied()})
+	})
+	mux.HandleFunc("GET /v1/backlog", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		limit, _ := strconv.Atoi(q.Get("limit"))
+		b, err := m.inbox.Backlog(r.Context(), oplog.BacklogRequest{User: q.Get("user"), Device: q.Get("device"), Limit: limit})
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		entries := make([]json.RawMessage, 0, len(b.Entries))
+		for _, e := range b.Entries {
+			data, err := protojson.Marshal(e)
+			if err != nil {
+				writeError(w, err)
+				return
+			}
+			entries = append(entries, data)
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"entries": entries, "more": b.More, "reset": b.Reset})
+	})
+	mux.HandleFunc("GET /v1/syncpoints", func(w http.ResponseWriter, r *http.Request) {
+		sp, err := m.inbox.SyncPoints(r.Context(), r.URL.Query().Get("device"))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"device": r.URL.Query().Get("device"), "sync_points": sp})
+	})
+	mux.HandleFunc("GET /v1/projections", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"applied": m.inbox.Applied()})
+	})
+	mux.HandleFunc("GET /v1/digest", func(w http.ResponseWriter, r *http.Request) {
+		name := r.URL.Query().Get("projection")
+		if err := m.inbox.CatchUp(r.Context()); err != nil {
+			writeError(w, err)
+			return
+		}
+		d, err := m.inbox.Digest(r.Context(), name)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"projection": name, "digest": d, "applied": m.inbox.Applied()[name]})
+	})
+	mux.HandleFunc("POST /v1/rebuild", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		from, err := strconv.ParseUint(q.Get("from"), 10, 64)
+		if q.Get("from") == "" {
+			from, err = 0, nil
+		}
+		if err != nil {
+			writeError(w, errors.Join(oplog.ErrInvalid, err))
+			return
+		}
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+		enc := json.NewEncoder(w)
+		flusher, _ := w.(http.Flusher)
+		sum, err := m.inbox.Rebuild(r.Context(), q.Get("projection"), from, 250*time.Millisecond, func(p oplog.Progress) {
+			_ = enc.Encode(map[string]any{"progress": p})
+			if flusher != nil {
+				flusher.Flush()
+			}
+		})
+		if err != nil {
+			_ = enc.Encode(map[string]any{"error": err.Error(), "code": oplog.CodeOf(err).String()})
+			return
+		}
+		_ = enc.Encode(map[string]any{"summary": sum})
+	})
+	mux.HandleFunc("GET /v1/businesses", func(w http.ResponseWriter, r *http.Request) {
+		var out []json.RawMessage
+		for _, b := range m.lg.Businesses() {
+			data, _ := protojson.Marshal(b)
+			out = append(out, data)
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"businesses": out})
+	})
+	mux.HandleFunc("POST /v1/businesses", func(w http.ResponseWriter, r *http.Request) {
+		b := new(oplogpb.Business)
+		body := http.MaxBytesReader(w, r.Body, 64<<10)
+		var raw json.RawMessage
+		if err := json.NewDecoder(body).Decode(&raw); err != nil {
+			writeError(w, errors.Join(oplog.ErrMalformed, err))
+			return
+		}
+		if err := protojson.Unmarshal(raw, b); err != nil {
+			writeError(w, errors.Join(oplog.ErrMalformed, err))
+			return
+		}
+		if err := m.lg.RegisterBusiness(r.Context(), b); err != nil {
+			writeError(w, err)
+			return
+		}
+		data, _ := protojson.Marshal(b)
+		writeJSON(w, http.StatusOK, json.RawMessage(data))
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// writeError answers a typed error: 4xx for the caller's mistakes, 503 when
+// the log is unavailable, 500 (with no detail) otherwise.
+func writeError(w http.ResponseWriter, err error) {
+	code := oplog.CodeOf(err)
+	status := http.StatusBadRequest
+	msg := err.Error()
+	switch code {
+	case oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE:
+		status = http.StatusServiceUnavailable
+	case oplogpb.ErrorCode_ERROR_CODE_INTERNAL:
+		status, msg = http.StatusInternalServerError, "internal error"
+	}
+	writeJSON(w, status, map[string]string{"error": msg, "code": code.String()})
+}

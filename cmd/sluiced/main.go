@@ -1,0 +1,289 @@
+// Command sluiced runs the Sluice platform: with no flags, an embedded NATS
+// server with JetStream storing under ./sluice-data, the oplog streams, the
+// producer API, the inbox projection and the admin HTTP API on localhost.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"golang.org/x/sync/errgroup"
+)
+
+func main() {
+	cfg, err := parseConfig(os.Args[1:], os.Getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sluiced:", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg, isatty.IsTerminal(os.Stderr.Fd()))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	m := NewMain(cfg, log)
+	err = m.Run(ctx)
+	m.Close()
+	if err != nil {
+		log.Error().Err(err).Msg("sluiced stopped")
+		os.Exit(1)
+	}
+	log.Info().Msg("sluiced stopped")
+}
+
+// Main is the sluiced process: Run starts everything and blocks until ctx
+// ends; Close releases what Run built, in reverse order. Tests drive it
+// in-process or as a child process.
+type Main struct {
+	cfg Config
+	log zerolog.Logger
+
+	ns    *server.Server
+	nc    *nats.Conn
+	lg    *oplog.Log
+	inbox *oplog.Inbox
+	admin *http.Server
+
+	mu        sync.Mutex
+	ready     bool
+	endpoints Endpoints
+	closeOnce sync.Once
+}
+
+// Endpoints are the addresses sluiced serves, written to
+// <data>/endpoints.json at start for tools (sluicectl) and tests.
+type Endpoints struct {
+	NATS  string `json:"nats"`
+	Admin string `json:"admin"`
+	PID   int    `json:"pid"`
+}
+
+// NewMain builds nothing yet; Run does.
+func NewMain(cfg Config, log zerolog.Logger) *Main { return &Main{cfg: cfg, log: log} }
+
+// Run starts the platform and blocks until ctx ends or a component fails.
+func (m *Main) Run(ctx context.Context) error {
+	m.log.Info().Interface("config", m.cfg).Msg("sluiced starting")
+	if err := os.MkdirAll(m.cfg.DataDir, 0o750); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	natsURL, err := m.connect()
+	if err != nil {
+		return err
+	}
+	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	businesses, err := parseBusinesses(m.cfg.Businesses)
+	if err != nil {
+		return err
+	}
+	m.lg, err = oplog.Open(startCtx, oplog.Config{
+		Conn:            m.nc,
+		Shards:          m.cfg.Shards,
+		Replicas:        m.cfg.Replicas,
+		DuplicateWindow: m.cfg.DuplicateWindow,
+		Limits:          oplog.Limits{MaxPayload: m.cfg.MaxPayload, MaxTargets: m.cfg.MaxTargets},
+		Logger:          &m.log,
+	})
+	if err != nil {
+		return err
+	}
+	for _, b := range businesses {
+		if _, ok := m.lg.Business(b.Code); ok {
+			continue
+		}
+		if err := m.lg.RegisterBusiness(startCtx, b); err != nil {
+			return err
+		}
+		m.log.Info().Str("business", b.Code).Str("dimension", b.Dimension.String()).Msg("business registered")
+	}
+	m.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "inbox"), Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	svc, err := oplog.NewService(oplog.ServiceConfig{Log: m.lg, Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", m.cfg.AdminListen)
+	if err != nil {
+		return fmt.Errorf("admin listener: %w", err)
+	}
+	m.admin = &http.Server{Handler: m.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	m.mu.Lock()
+	m.endpoints = Endpoints{NATS: natsURL, Admin: "http://" + ln.Addr().String(), PID: os.Getpid()}
+	m.mu.Unlock()
+	if err := writeEndpoints(m.cfg.DataDir, m.endpoints); err != nil {
+		_ = ln.Close()
+		return err
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return m.lg.Run(gctx) })
+	g.Go(func() error { return m.inbox.Run(gctx) })
+	g.Go(func() error { return svc.Run(gctx) })
+	g.Go(func() error {
+		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("admin: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return m.admin.Shutdown(sctx)
+	})
+	m.mu.Lock()
+	m.ready = true
+	m.mu.Unlock()
+	m.log.Info().Str("nats", natsURL).Str("admin", m.endpoints.Admin).Msg("sluiced ready")
+	return g.Wait()
+}
+
+// connect starts the embedded NATS server (unless --nats is set) and
+// connects to it. It returns the URL producers should use.
+func (m *Main) connect() (string, error) {
+	nlog := m.log.With().Str("component", "nats").Logger()
+	if m.cfg.NATSURL != "" {
+		nc, err := nats.Connect(m.cfg.NATSURL, nats.Name("sluiced"), nats.MaxReconnects(-1))
+		if err != nil {
+			return "", fmt.Errorf("nats %s: %w", m.cfg.NATSURL, err)
+		}
+		m.nc = nc
+		return m.cfg.NATSURL, nil
+	}
+	host, portStr, err := net.SplitHostPort(m.cfg.NATSListen)
+	if err != nil {
+		return "", fmt.Errorf("--nats-listen: %w", err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return "", fmt.Errorf("--nats-listen port: %w", err)
+	}
+	if port == 0 {
+		port = server.RANDOM_PORT
+	}
+	opts := &server.Options{
+		ServerName: "sluiced",
+		Host:       host,
+		Port:       port,
+		JetStream:  true,
+		StoreDir:   filepath.Join(m.cfg.DataDir, "nats"),
+		NoSigs:     true,
+	}
+	if m.cfg.Fsync == FsyncAlways {
+		opts.SyncAlways = true
+	} else {
+		opts.SyncInterval = m.cfg.FsyncInterval
+	}
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		return "", fmt.Errorf("embedded nats: %w", err)
+	}
+	ns.SetLoggerV2(natsLogger{nlog}, false, false, false)
+	m.ns = ns
+	go ns.Start()
+	if !ns.ReadyForConnections(30 * time.Second) {
+		return "", errors.New("embedded nats: not ready after 30s")
+	}
+	nc, err := nats.Connect("", nats.InProcessServer(ns), nats.Name("sluiced"), nats.MaxReconnects(-1))
+	if err != nil {
+		return "", fmt.Errorf("embedded nats connect: %w", err)
+	}
+	m.nc = nc
+	return ns.ClientURL(), nil
+}
+
+// Close releases everything Run built, in reverse order. Idempotent; safe
+// after a failed start.
+func (m *Main) Close() {
+	m.closeOnce.Do(func() {
+		if m.inbox != nil {
+			if err := m.inbox.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close inbox")
+			}
+		}
+		if m.lg != nil {
+			_ = m.lg.Close()
+		}
+		if m.nc != nil {
+			if err := m.nc.Drain(); err != nil {
+				m.nc.Close()
+			}
+			for i := 0; i < 50 && !m.nc.IsClosed(); i++ {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		if m.ns != nil {
+			m.ns.Shutdown()
+			m.ns.WaitForShutdown()
+		}
+		_ = os.Remove(filepath.Join(m.cfg.DataDir, "endpoints.json"))
+	})
+}
+
+func writeEndpoints(dir string, e Endpoints) error {
+	data, _ := json.MarshalIndent(e, "", "  ")
+	tmp := filepath.Join(dir, "endpoints.json.tmp")
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o640); err != nil {
+		return fmt.Errorf("write endpoints: %w", err)
+	}
+	return os.Rename(tmp, filepath.Join(dir, "endpoints.json"))
+}
+
+// parseBusinesses reads "code:user|device[:single]" items.
+func parseBusinesses(s string) ([]*oplogpb.Business, error) {
+	var out []*oplogpb.Business
+	for item := range strings.SplitSeq(s, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		parts := strings.Split(item, ":")
+		b := &oplogpb.Business{Code: parts[0], Dimension: oplogpb.Dimension_DIMENSION_USER}
+		if len(parts) > 1 {
+			switch parts[1] {
+			case "user":
+			case "device":
+				b.Dimension = oplogpb.Dimension_DIMENSION_DEVICE
+			default:
+				return nil, fmt.Errorf("--businesses %q: dimension %q: want user or device", item, parts[1])
+			}
+		}
+		if len(parts) > 2 {
+			switch parts[2] {
+			case "single":
+				b.DeviceMode = oplogpb.DeviceMode_DEVICE_MODE_SINGLE
+			case "multi":
+			default:
+				return nil, fmt.Errorf("--businesses %q: mode %q: want single or multi", item, parts[2])
+			}
+		}
+		if len(parts) > 3 || !oplog.ValidBusiness(b.Code) {
+			return nil, fmt.Errorf("--businesses %q: want code:user|device[:single]", item)
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}

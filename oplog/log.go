@@ -1,0 +1,447 @@
+package oplog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Config configures a Log. A zero field takes the default in its comment.
+type Config struct {
+	// Conn is the NATS connection. Required.
+	Conn *nats.Conn
+	// Shards is the number of oplog streams targets are spread over by a
+	// hash of their id. Default 1. Fixed for the life of a deployment.
+	Shards int
+	// Replicas of every stream. Default 1 (the embedded single node).
+	Replicas int
+	// DuplicateWindow is how long a producer message id is remembered: the
+	// same id within it yields the original entry. Default 2 minutes.
+	DuplicateWindow time.Duration
+	// DeadLetterMaxAge is how long dead letters are kept. Default 7 days.
+	DeadLetterMaxAge time.Duration
+	// Limits on producer input.
+	Limits Limits
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+}
+
+// Log appends events to the oplog streams. It owns the stream definitions,
+// the epochs and the business registry. Safe for concurrent use.
+type Log struct {
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	shards   int
+	replicas int
+	dupes    time.Duration
+	dlqAge   time.Duration
+	lim      Limits
+	log      zerolog.Logger
+	epochs   []uint64
+	kv       jetstream.KeyValue
+	watcher  jetstream.KeyWatcher
+
+	mu   sync.RWMutex
+	biz  map[string]*oplogpb.Business
+	once sync.Once
+}
+
+// metaEpoch is the stream metadata key that holds a stream's epoch.
+const metaEpoch = "sluice_epoch"
+
+// Open creates or updates every stream and the business bucket
+// (idempotently), reads the epochs and loads the business registry. Run
+// keeps the registry current; Close releases the watcher.
+func Open(ctx context.Context, cfg Config) (*Log, error) {
+	if cfg.Conn == nil {
+		return nil, errors.New("oplog: Config.Conn is required")
+	}
+	l := &Log{
+		nc:       cfg.Conn,
+		shards:   max(cfg.Shards, 1),
+		replicas: max(cfg.Replicas, 1),
+		dupes:    cfg.DuplicateWindow,
+		dlqAge:   cfg.DeadLetterMaxAge,
+		lim:      cfg.Limits.withDefaults(),
+		log:      zerolog.Nop(),
+		biz:      make(map[string]*oplogpb.Business),
+	}
+	if l.dupes <= 0 {
+		l.dupes = 2 * time.Minute
+	}
+	if l.dlqAge <= 0 {
+		l.dlqAge = 7 * 24 * time.Hour
+	}
+	if cfg.Logger != nil {
+		l.log = cfg.Logger.With().Str("component", "oplog").Logger()
+	}
+	js, err := jetstream.New(cfg.Conn, jetstream.WithPublishAsyncMaxPending(4096))
+	if err != nil {
+		return nil, fmt.Errorf("oplog: jetstream: %w", err)
+	}
+	l.js = js
+	if err := l.ensureStreams(ctx); err != nil {
+		return nil, err
+	}
+	if err := l.loadBusinesses(ctx); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// JetStream returns the JetStream context the log publishes with.
+func (l *Log) JetStream() jetstream.JetStream { return l.js }
+
+// Conn returns the NATS connection.
+func (l *Log) Conn() *nats.Conn { return l.nc }
+
+// Shards returns the number of oplog shards.
+func (l *Log) Shards() int { return l.shards }
+
+// Epoch returns the epoch of a shard's stream: it changes when the stream is
+// recreated, and ids are only comparable within one epoch.
+func (l *Log) Epoch(shard uint32) uint64 { return l.epochs[shard] }
+
+// Limits returns the effective input limits.
+func (l *Log) Limits() Limits { return l.lim }
+
+func (l *Log) ensureStreams(ctx context.Context) error {
+	l.epochs = make([]uint64, l.shards)
+	for i := range l.shards {
+		shard := uint32(i)
+		cfg := jetstream.StreamConfig{
+			Name:        StreamOplog(shard),
+			Description: "Sluice oplog shard " + strconv.Itoa(i) + ": the source of truth of per-user and per-device inboxes",
+			Subjects:    []string{fmt.Sprintf("sluice.oplog.%d.>", shard)},
+			Storage:     jetstream.FileStorage,
+			Replicas:    l.replicas,
+			Duplicates:  l.dupes,
+			DenyDelete:  true,
+			DenyPurge:   true,
+			AllowMsgTTL: true,
+			RePublish: &jetstream.RePublish{
+				Source:      fmt.Sprintf("sluice.oplog.%d.>", shard),
+				Destination: fmt.Sprintf("sluice.live.%d.>", shard),
+			},
+		}
+		epoch, err := l.ensureStream(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		l.epochs[shard] = epoch
+	}
+	others := []jetstream.StreamConfig{{
+		Name:        StreamIngest,
+		Description: "Sluice ingest: fire-and-forget producer events, routed into the oplog",
+		Subjects:    []string{SubjectIngest + ".>"},
+		Storage:     jetstream.FileStorage,
+		Replicas:    l.replicas,
+		Retention:   jetstream.WorkQueuePolicy,
+		Duplicates:  l.dupes,
+		DenyDelete:  true,
+		DenyPurge:   true,
+	}, {
+		Name:        StreamDeadLetter,
+		Description: "Sluice dead letters: ingested events that failed validation",
+		Subjects:    []string{"sluice.dlq.>"},
+		Storage:     jetstream.FileStorage,
+		Replicas:    l.replicas,
+		MaxAge:      l.dlqAge,
+		Duplicates:  l.dupes,
+	}, {
+		Name:              StreamAcks,
+		Description:       "Sluice sync points: the last ack of every device and business",
+		Subjects:          []string{"sluice.ack.>"},
+		Storage:           jetstream.FileStorage,
+		Replicas:          l.replicas,
+		MaxMsgsPerSubject: 1,
+		DenyDelete:        true,
+		DenyPurge:         true,
+	}}
+	for _, cfg := range others {
+		if _, err := l.ensureStream(ctx, cfg); err != nil {
+			return err
+		}
+	}
+	kv, err := l.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      BucketBusinesses,
+		Description: "Sluice business registry",
+		History:     1,
+		Storage:     jetstream.FileStorage,
+		Replicas:    l.replicas,
+	})
+	if err != nil {
+		return fmt.Errorf("oplog: bucket %s: %w", BucketBusinesses, err)
+	}
+	l.kv = kv
+	return nil
+}
+
+// ensureStream creates the stream with a new epoch, or updates it keeping
+// its epoch, and returns the epoch.
+func (l *Log) ensureStream(ctx context.Context, cfg jetstream.StreamConfig) (uint64, error) {
+	s, err := l.js.Stream(ctx, cfg.Name)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
+		epoch := uint64(time.Now().UnixNano())
+		cfg.Metadata = map[string]string{metaEpoch: strconv.FormatUint(epoch, 10)}
+		if _, err := l.js.CreateStream(ctx, cfg); err != nil {
+			return 0, fmt.Errorf("oplog: create stream %s: %w", cfg.Name, err)
+		}
+		l.log.Info().Str("stream", cfg.Name).Uint64("epoch", epoch).Msg("stream created")
+		return epoch, nil
+	case err != nil:
+		return 0, fmt.Errorf("oplog: stream %s: %w", cfg.Name, err)
+	}
+	info := s.CachedInfo()
+	epoch, perr := strconv.ParseUint(info.Config.Metadata[metaEpoch], 10, 64)
+	if perr != nil || epoch == 0 {
+		// Created outside Sluice: its creation time is its epoch.
+		epoch = uint64(info.Created.UnixNano())
+	}
+	cfg.Metadata = map[string]string{metaEpoch: strconv.FormatUint(epoch, 10)}
+	if _, err := l.js.UpdateStream(ctx, cfg); err != nil {
+		return 0, fmt.Errorf("oplog: update stream %s: %w", cfg.Name, err)
+	}
+	return epoch, nil
+}
+
+// Append validates ev and appends one entry per target. It returns once
+// every entry is durable (as durable as the stream's fsync policy makes an
+// ack), with one result per target in order. A refused event writes
+// nothing. A repeated message id within the duplicate window yields the
+// original ids with Duplicate set.
+func (l *Log) Append(ctx context.Context, ev *oplogpb.Event) ([]*oplogpb.Appended, error) {
+	r := l.AppendBatch(ctx, []*oplogpb.Event{ev})[0]
+	if r.Error != nil {
+		return nil, ErrorFromPB(r.Error)
+	}
+	return r.Results, nil
+}
+
+// pending is one publish waiting for its ack.
+type pending struct {
+	reply  *oplogpb.AppendReply
+	result *oplogpb.Appended
+	fut    jetstream.PubAckFuture
+}
+
+// AppendBatch appends several events, pipelining their writes; it answers
+// one reply per event, in order. Events are validated one by one: a bad
+// event is refused alone and writes nothing.
+func (l *Log) AppendBatch(ctx context.Context, evs []*oplogpb.Event) []*oplogpb.AppendReply {
+	now := time.Now()
+	replies := make([]*oplogpb.AppendReply, len(evs))
+	var waits []pending
+	for i, ev := range evs {
+		r := &oplogpb.AppendReply{}
+		replies[i] = r
+		if ev == nil {
+			r.Error = ErrorPB(fmt.Errorf("nil event: %w", ErrMalformed))
+			continue
+		}
+		if err := validate(ev, l.business, l.lim, now); err != nil {
+			r.Error = ErrorPB(err)
+			l.log.Debug().Err(err).Str("business", clip(ev.Business)).Msg("event refused")
+			continue
+		}
+		for _, target := range ev.Targets {
+			shard := ShardOf(target, l.shards)
+			res := &oplogpb.Appended{Target: target, Shard: shard, Epoch: l.epochs[shard]}
+			r.Results = append(r.Results, res)
+			msg, opts, err := l.message(ev, target, shard, now)
+			if err != nil {
+				r.Error, r.Results = ErrorPB(err), nil
+				break
+			}
+			if ev.Transient {
+				if err := l.nc.PublishMsg(msg); err != nil {
+					r.Error, r.Results = ErrorPB(fmt.Errorf("publish: %v: %w", err, ErrUnavailable)), nil
+					break
+				}
+				continue
+			}
+			fut, err := l.js.PublishMsgAsync(msg, opts...)
+			if err != nil {
+				r.Error, r.Results = ErrorPB(fmt.Errorf("publish: %v: %w", err, ErrUnavailable)), nil
+				break
+			}
+			waits = append(waits, pending{reply: r, result: res, fut: fut})
+		}
+	}
+	for _, w := range waits {
+		select {
+		case ack := <-w.fut.Ok():
+			w.result.Id = ack.Sequence
+			w.result.Duplicate = ack.Duplicate
+		case err := <-w.fut.Err():
+			if w.reply.Error == nil {
+				l.log.Warn().Err(err).Str("target", w.result.Target).Msg("append failed")
+				w.reply.Error = ErrorPB(fmt.Errorf("append: %v: %w", err, ErrUnavailable))
+			}
+		case <-ctx.Done():
+			if w.reply.Error == nil {
+				w.reply.Error = ErrorPB(fmt.Errorf("append: %v: %w", ctx.Err(), ErrUnavailable))
+			}
+		}
+	}
+	for _, r := range replies {
+		if r.Error != nil {
+			r.Results = nil
+		}
+	}
+	return replies
+}
+
+// message builds the stored or transient message of ev for one target.
+func (l *Log) message(ev *oplogpb.Event, target string, shard uint32, now time.Time) (*nats.Msg, []jetstream.PublishOpt, error) {
+	data, err := proto.Marshal(entryFor(ev, target))
+	if err != nil {
+		return nil, nil, fmt.Errorf("marshal entry: %w", err)
+	}
+	if ev.Transient {
+		m := nats.NewMsg(SubjectLive(shard, ev.Dimension, target, ev.Business))
+		m.Data = data
+		m.Header.Set(HeaderTransient, "1")
+		m.Header.Set(HeaderEpoch, strconv.FormatUint(l.epochs[shard], 10))
+		return m, nil, nil
+	}
+	m := nats.NewMsg(SubjectOplog(shard, ev.Dimension, target, ev.Business))
+	m.Data = data
+	var opts []jetstream.PublishOpt
+	if ev.MessageId != "" {
+		opts = append(opts, jetstream.WithMsgID(ev.MessageId+"/"+target))
+	}
+	if ev.ExpiresAt != nil {
+		// Nats-TTL counts whole seconds; round up so storage never drops an
+		// entry before its validity ends. Reads also skip expired entries.
+		ttl := ev.ExpiresAt.AsTime().Sub(now)
+		ttl = (ttl + time.Second - 1).Truncate(time.Second)
+		opts = append(opts, jetstream.WithMsgTTL(max(ttl, time.Second)))
+	}
+	return m, opts, nil
+}
+
+// business looks up a registered business.
+func (l *Log) business(code string) (*oplogpb.Business, bool) {
+	l.mu.RLock()
+	b, ok := l.biz[code]
+	l.mu.RUnlock()
+	return b, ok
+}
+
+// Business returns a registered business.
+func (l *Log) Business(code string) (*oplogpb.Business, bool) { return l.business(code) }
+
+// Businesses returns every registered business.
+func (l *Log) Businesses() []*oplogpb.Business {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	out := make([]*oplogpb.Business, 0, len(l.biz))
+	for _, b := range l.biz {
+		out = append(out, b)
+	}
+	return out
+}
+
+// RegisterBusiness adds or replaces a business in the registry. Every Log
+// on the cluster sees it through its watcher; this one at once.
+func (l *Log) RegisterBusiness(ctx context.Context, b *oplogpb.Business) error {
+	if !ValidBusiness(b.Code) {
+		return fmt.Errorf("business %q: want 1-%d of [a-z0-9_-]: %w", clip(b.Code), MaxBusinessLen, ErrInvalidID)
+	}
+	if b.Dimension == oplogpb.Dimension_DIMENSION_UNSPECIFIED {
+		b.Dimension = oplogpb.Dimension_DIMENSION_USER
+	}
+	if b.DeviceMode == oplogpb.DeviceMode_DEVICE_MODE_UNSPECIFIED {
+		b.DeviceMode = oplogpb.DeviceMode_DEVICE_MODE_MULTI
+	}
+	if b.DeviceMode == oplogpb.DeviceMode_DEVICE_MODE_SINGLE && b.Dimension != oplogpb.Dimension_DIMENSION_USER {
+		return fmt.Errorf("business %q: single-device mode needs the user dimension: %w", b.Code, ErrInvalid)
+	}
+	if old, ok := l.business(b.Code); ok && old.Dimension != b.Dimension {
+		return fmt.Errorf("business %q: dimension cannot change from %s: %w", b.Code, old.Dimension, ErrInvalid)
+	}
+	data, err := proto.Marshal(b)
+	if err != nil {
+		return fmt.Errorf("oplog: marshal business: %w", err)
+	}
+	if _, err := l.kv.Put(ctx, b.Code, data); err != nil {
+		return fmt.Errorf("oplog: register business %s: %w", b.Code, err)
+	}
+	l.mu.Lock()
+	l.biz[b.Code] = proto.Clone(b).(*oplogpb.Business)
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *Log) loadBusinesses(ctx context.Context) error {
+	w, err := l.kv.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("oplog: watch businesses: %w", err)
+	}
+	l.watcher = w
+	for {
+		select {
+		case e := <-w.Updates():
+			if e == nil { // initial values done
+				return nil
+			}
+			l.applyBusiness(e)
+		case <-ctx.Done():
+			_ = w.Stop()
+			return ctx.Err()
+		}
+	}
+}
+
+func (l *Log) applyBusiness(e jetstream.KeyValueEntry) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e.Operation() != jetstream.KeyValuePut {
+		delete(l.biz, e.Key())
+		return
+	}
+	b := new(oplogpb.Business)
+	if err := proto.Unmarshal(e.Value(), b); err != nil || b.Code != e.Key() {
+		l.log.Error().Str("business", clip(e.Key())).Msg("unreadable business record skipped")
+		return
+	}
+	l.biz[b.Code] = b
+}
+
+// Run keeps the business registry current until ctx ends.
+func (l *Log) Run(ctx context.Context) error {
+	for {
+		select {
+		case e, ok := <-l.watcher.Updates():
+			if !ok {
+				return nil
+			}
+			if e != nil {
+				l.applyBusiness(e)
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// Close stops the registry watcher. Idempotent.
+func (l *Log) Close() error {
+	l.once.Do(func() {
+		if l.watcher != nil {
+			_ = l.watcher.Stop()
+		}
+	})
+	return nil
+}

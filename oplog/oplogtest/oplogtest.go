@@ -1,0 +1,118 @@
+// Package oplogtest runs the real parts the oplog needs, for tests: an
+// embedded NATS server with JetStream on a temporary directory, and a Log
+// and Inbox on top of it.
+package oplogtest
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+)
+
+// Options tune RunJetStream.
+type Options struct {
+	// SyncAlways fsyncs every write, as sluiced does by default.
+	SyncAlways bool
+	// StoreDir; default t.TempDir().
+	StoreDir string
+}
+
+// RunJetStream starts an embedded NATS server with JetStream on a free
+// loopback port and returns it with a connected client; both stop at the
+// end of the test.
+func RunJetStream(tb testing.TB, o Options) (*server.Server, *nats.Conn) {
+	tb.Helper()
+	dir := o.StoreDir
+	if dir == "" {
+		dir = tb.TempDir()
+	}
+	ns, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: dir,
+		NoSigs: true, NoLog: true, SyncAlways: o.SyncAlways,
+	})
+	if err != nil {
+		tb.Fatalf("nats server: %v", err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		ns.Shutdown()
+		tb.Fatal("nats server not ready")
+	}
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		ns.Shutdown()
+		tb.Fatalf("nats connect: %v", err)
+	}
+	tb.Cleanup(func() {
+		nc.Close()
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	})
+	return ns, nc
+}
+
+// MustOpenLog opens a Log on nc and registers the given businesses.
+func MustOpenLog(tb testing.TB, nc *nats.Conn, cfg oplog.Config, businesses ...*oplogpb.Business) *oplog.Log {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg.Conn = nc
+	l, err := oplog.Open(ctx, cfg)
+	if err != nil {
+		tb.Fatalf("open log: %v", err)
+	}
+	tb.Cleanup(func() { _ = l.Close() })
+	for _, b := range businesses {
+		if err := l.RegisterBusiness(ctx, b); err != nil {
+			tb.Fatalf("register %s: %v", b.Code, err)
+		}
+	}
+	return l
+}
+
+// MustRunInbox opens an Inbox in a temporary directory (or dir) and runs
+// it until the end of the test.
+func MustRunInbox(tb testing.TB, l *oplog.Log, dir string) *oplog.Inbox {
+	tb.Helper()
+	if dir == "" {
+		dir = tb.TempDir()
+	}
+	in, err := oplog.OpenInbox(oplog.InboxConfig{Log: l, Dir: dir})
+	if err != nil {
+		tb.Fatalf("open inbox: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("inbox run: %v", err)
+		}
+		_ = in.Close()
+	})
+	return in
+}
+
+// MustRunService runs the producer service until the end of the test.
+func MustRunService(tb testing.TB, l *oplog.Log) {
+	tb.Helper()
+	s, err := oplog.NewService(oplog.ServiceConfig{Log: l})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("service run: %v", err)
+		}
+	})
+}

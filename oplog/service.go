@@ -1,0 +1,281 @@
+package oplog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/proto"
+)
+
+// ServiceConfig configures a Service. A zero field takes the default.
+type ServiceConfig struct {
+	// Log is the oplog appended to. Required.
+	Log *Log
+	// QueueGroup shared by every node serving the API. Default "sluice-api".
+	QueueGroup string
+	// Router is the durable consumer name of the ingest router, shared by
+	// every node. Default "sluice-router".
+	Router string
+	// Workers is the number of requests handled at once per node. Default 64.
+	Workers int
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+}
+
+// Service serves producers over NATS: the request/reply append API and
+// the router that moves fire-and-forget ingest events into the oplog (or
+// the dead-letter stream, with the reason in a header).
+type Service struct {
+	lg      *Log
+	queue   string
+	router  string
+	workers int
+	log     zerolog.Logger
+}
+
+// NewService validates cfg. Run serves.
+func NewService(cfg ServiceConfig) (*Service, error) {
+	if cfg.Log == nil {
+		return nil, errors.New("oplog: ServiceConfig.Log is required")
+	}
+	s := &Service{lg: cfg.Log, queue: cfg.QueueGroup, router: cfg.Router, workers: cfg.Workers, log: zerolog.Nop()}
+	if s.queue == "" {
+		s.queue = "sluice-api"
+	}
+	if s.router == "" {
+		s.router = "sluice-router"
+	}
+	if s.workers <= 0 {
+		s.workers = 64
+	}
+	if cfg.Logger != nil {
+		s.log = cfg.Logger.With().Str("component", "producer-api").Logger()
+	}
+	return s, nil
+}
+
+// Run serves until ctx ends, then drains the subscriptions and waits for
+// the requests under way.
+func (s *Service) Run(ctx context.Context) error {
+	reqs := make(chan *nats.Msg, 4*s.workers)
+	nc := s.lg.Conn()
+	var subs []*nats.Subscription
+	for _, subj := range []string{SubjectAppend, SubjectAppendBatch} {
+		sub, err := nc.ChanQueueSubscribe(subj, s.queue, reqs)
+		if err != nil {
+			for _, s := range subs {
+				_ = s.Unsubscribe()
+			}
+			return fmt.Errorf("oplog: subscribe %s: %w", subj, err)
+		}
+		_ = sub.SetPendingLimits(64*1024, 256<<20)
+		subs = append(subs, sub)
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	var wg sync.WaitGroup
+	for range s.workers {
+		wg.Go(func() {
+			for m := range reqs {
+				s.handle(context.WithoutCancel(gctx), m)
+			}
+		})
+	}
+	g.Go(func() error { return s.route(gctx) })
+	<-gctx.Done()
+	for _, sub := range subs {
+		_ = sub.Unsubscribe()
+	}
+	close(reqs)
+	wg.Wait()
+	return g.Wait()
+}
+
+// handle answers one API request. It never panics on input: every decode
+// or validation failure becomes a typed error reply.
+func (s *Service) handle(ctx context.Context, m *nats.Msg) {
+	ct := m.Header.Get(HeaderContentType)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var reply proto.Message
+	if m.Subject == SubjectAppendBatch {
+		reply = s.handleBatch(ctx, ct, m.Data)
+	} else {
+		reply = s.handleOne(ctx, ct, m.Data)
+	}
+	if m.Reply == "" {
+		return
+	}
+	data, err := Encode(ct, reply)
+	if err != nil {
+		s.log.Error().Err(err).Msg("encode reply")
+		return
+	}
+	out := nats.NewMsg(m.Reply)
+	out.Data = data
+	if ct == ContentTypeJSON {
+		out.Header.Set(HeaderContentType, ContentTypeJSON)
+	}
+	if err := s.lg.Conn().PublishMsg(out); err != nil {
+		s.log.Warn().Err(err).Msg("reply lost")
+	}
+}
+
+func (s *Service) handleOne(ctx context.Context, ct string, body []byte) *oplogpb.AppendReply {
+	ev, err := DecodeEvent(ct, body, s.lg.Limits().MaxBody)
+	if err != nil {
+		s.log.Info().Err(err).Msg("request refused")
+		return &oplogpb.AppendReply{Error: ErrorPB(err)}
+	}
+	r := s.lg.AppendBatch(ctx, []*oplogpb.Event{ev})[0]
+	s.logRefusal(ev, r.Error)
+	return r
+}
+
+func (s *Service) handleBatch(ctx context.Context, ct string, body []byte) *oplogpb.AppendBatchReply {
+	lim := s.lg.Limits()
+	b, err := DecodeBatch(ct, body, lim.MaxBody*4)
+	if err == nil && len(b.Events) > lim.MaxBatch {
+		err = fmt.Errorf("%d events in a batch, limit %d: %w", len(b.Events), lim.MaxBatch, ErrInvalid)
+	}
+	if err != nil {
+		s.log.Info().Err(err).Msg("batch refused")
+		return &oplogpb.AppendBatchReply{Error: ErrorPB(err)}
+	}
+	rs := s.lg.AppendBatch(ctx, b.Events)
+	for i, r := range rs {
+		s.logRefusal(b.Events[i], r.Error)
+	}
+	return &oplogpb.AppendBatchReply{Replies: rs}
+}
+
+func (s *Service) logRefusal(ev *oplogpb.Event, e *oplogpb.Error) {
+	if e == nil {
+		return
+	}
+	s.log.Info().Str("business", clip(ev.GetBusiness())).Str("code", e.Code.String()).Str("reason", e.Message).Msg("event refused")
+}
+
+// route moves ingest events into the oplog. Each ingest message is acked
+// only after its entries are durable (or its dead letter is), so a crash
+// redelivers it; the append carries a message id derived from the
+// producer's (or from the ingest sequence), so within the duplicate window
+// a redelivery yields the original entries rather than new ones.
+func (s *Service) route(ctx context.Context) error {
+	js := s.lg.JetStream()
+	cons, err := js.CreateOrUpdateConsumer(ctx, StreamIngest, jetstream.ConsumerConfig{
+		Durable:       s.router,
+		Description:   "Sluice router: ingest events into the oplog",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       30 * time.Second,
+		MaxAckPending: 4096,
+		MaxDeliver:    -1,
+	})
+	if err != nil {
+		return fmt.Errorf("oplog: router consumer: %w", err)
+	}
+	msgs := make(chan jetstream.Msg, 1024)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		select {
+		case msgs <- m:
+		case <-ctx.Done():
+		}
+	}, jetstream.PullMaxMessages(1024))
+	if err != nil {
+		return fmt.Errorf("oplog: router consume: %w", err)
+	}
+	defer cc.Stop()
+	batch := make([]jetstream.Msg, 0, 256)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case m := <-msgs:
+			batch = append(batch[:0], m)
+		drain:
+			for len(batch) < cap(batch) {
+				select {
+				case m := <-msgs:
+					batch = append(batch, m)
+				default:
+					break drain
+				}
+			}
+			s.routeBatch(ctx, batch)
+		}
+	}
+}
+
+func (s *Service) routeBatch(ctx context.Context, batch []jetstream.Msg) {
+	evs := make([]*oplogpb.Event, 0, len(batch))
+	idx := make([]int, 0, len(batch)) // batch index of each event
+	for i, m := range batch {
+		ev, err := DecodeEvent(m.Headers().Get(HeaderContentType), m.Data(), s.lg.Limits().MaxBody)
+		if err != nil {
+			s.deadLetter(ctx, m, ErrorPB(err))
+			continue
+		}
+		if ev.MessageId == "" {
+			if md, err := m.Metadata(); err == nil {
+				ev.MessageId = "ingest-" + strconv.FormatUint(md.Sequence.Stream, 10)
+			}
+		}
+		evs = append(evs, ev)
+		idx = append(idx, i)
+	}
+	if len(evs) == 0 {
+		return
+	}
+	actx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	replies := s.lg.AppendBatch(actx, evs)
+	for j, r := range replies {
+		m := batch[idx[j]]
+		switch {
+		case r.Error == nil:
+			_ = m.Ack()
+		case r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE || r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_INTERNAL:
+			s.log.Warn().Str("reason", r.Error.Message).Msg("ingest append failed, will retry")
+			_ = m.NakWithDelay(time.Second)
+		default:
+			s.deadLetter(ctx, m, r.Error)
+		}
+	}
+}
+
+// deadLetter moves a refused ingest message to the dead-letter stream with
+// its reason, then acks it. If the dead letter cannot be stored the ingest
+// message is left for redelivery.
+func (s *Service) deadLetter(ctx context.Context, m jetstream.Msg, e *oplogpb.Error) {
+	dl := nats.NewMsg("sluice.dlq." + e.Code.String())
+	dl.Data = m.Data()
+	for k, v := range m.Headers() {
+		if k != jetstream.MsgIDHeader {
+			dl.Header[k] = v
+		}
+	}
+	dl.Header.Set(HeaderError, e.Message)
+	dl.Header.Set(HeaderErrorCode, e.Code.String())
+	dl.Header.Set("Sluice-Ingest-Subject", m.Subject())
+	var opts []jetstream.PublishOpt
+	if md, err := m.Metadata(); err == nil {
+		opts = append(opts, jetstream.WithMsgID("dlq-"+strconv.FormatUint(md.Sequence.Stream, 10)))
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := s.lg.JetStream().PublishMsg(pctx, dl, opts...); err != nil {
+		s.log.Warn().Err(err).Msg("dead letter not stored, will retry")
+		_ = m.NakWithDelay(time.Second)
+		return
+	}
+	s.log.Info().Str("code", e.Code.String()).Str("reason", e.Message).Str("subject", m.Subject()).Msg("ingest event dead-lettered")
+	_ = m.Ack()
+}

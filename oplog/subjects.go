@@ -1,0 +1,120 @@
+package oplog
+
+import (
+	"fmt"
+	"hash/fnv"
+	"strconv"
+	"strings"
+
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+)
+
+// Subjects and streams. Every name Sluice puts on NATS is built here.
+const (
+	// SubjectAppend takes one Event by request/reply and answers an AppendReply.
+	SubjectAppend = "sluice.api.v1.append"
+	// SubjectAppendBatch takes an EventBatch and answers an AppendBatchReply.
+	SubjectAppendBatch = "sluice.api.v1.append.batch"
+	// SubjectIngest is the prefix of fire-and-forget ingest subjects:
+	// producers publish one Event to "sluice.ingest.<anything>" and get a
+	// JetStream ack once it is stored in the INGEST stream.
+	SubjectIngest = "sluice.ingest"
+
+	// StreamIngest captures the ingest subjects (work queue).
+	StreamIngest = "SLUICE_INGEST"
+	// StreamDeadLetter holds ingested events that failed validation, with
+	// the reason in the Sluice-Error and Sluice-Error-Code headers.
+	StreamDeadLetter = "SLUICE_DLQ"
+	// StreamAcks holds the last ack of every device and business.
+	StreamAcks = "SLUICE_ACKS"
+	// BucketBusinesses is the KV bucket of registered businesses.
+	BucketBusinesses = "sluice_businesses"
+
+	// HeaderContentType selects the encoding of a request or ingest body:
+	// "application/json" for protojson, anything else for protobuf.
+	HeaderContentType = "Content-Type"
+	// HeaderError and HeaderErrorCode carry the reason of a dead letter.
+	HeaderError     = "Sluice-Error"
+	HeaderErrorCode = "Sluice-Error-Code"
+	// HeaderEpoch carries the epoch on transient live messages.
+	HeaderEpoch = "Sluice-Epoch"
+	// HeaderTransient marks a live message that was never stored.
+	HeaderTransient = "Sluice-Transient"
+
+	// ContentTypeJSON is the value of HeaderContentType for protojson.
+	ContentTypeJSON = "application/json"
+)
+
+// StreamOplog is the name of the oplog stream of a shard.
+func StreamOplog(shard uint32) string { return "SLUICE_OPLOG_" + strconv.FormatUint(uint64(shard), 10) }
+
+// dimToken is the subject token of a dimension.
+func dimToken(d oplogpb.Dimension) string {
+	if d == oplogpb.Dimension_DIMENSION_DEVICE {
+		return "d"
+	}
+	return "u"
+}
+
+// SubjectOplog is where the entry of a target and business is stored:
+// sluice.oplog.<shard>.<u|d>.<target>.<business>.
+func SubjectOplog(shard uint32, dim oplogpb.Dimension, target, business string) string {
+	return fmt.Sprintf("sluice.oplog.%d.%s.%s.%s", shard, dimToken(dim), target, business)
+}
+
+// SubjectLive is where stored entries are re-published once durable (by the
+// stream's RePublish, with Nats-Sequence in the headers) and transient
+// entries are published: sluice.live.<shard>.<u|d>.<target>.<business>.
+func SubjectLive(shard uint32, dim oplogpb.Dimension, target, business string) string {
+	return fmt.Sprintf("sluice.live.%d.%s.%s.%s", shard, dimToken(dim), target, business)
+}
+
+// SubjectLiveTarget matches every live entry of one target.
+func SubjectLiveTarget(shard uint32, dim oplogpb.Dimension, target string) string {
+	return fmt.Sprintf("sluice.live.%d.%s.%s.*", shard, dimToken(dim), target)
+}
+
+// SubjectAck is where a device's ack of a business is stored:
+// sluice.ack.<device>.<business>.<user, or ~ for none>. The stream keeps the
+// last ack per subject; the user is part of the subject so that a device
+// that changes users keeps, after a replay, the acks that set each user's
+// single-device watermark.
+func SubjectAck(device, business, user string) string {
+	if user == "" {
+		user = "~"
+	}
+	return "sluice.ack." + device + "." + business + "." + user
+}
+
+// ParseOplogSubject splits an oplog or live subject into its parts.
+func ParseOplogSubject(subj string) (shard uint32, dim oplogpb.Dimension, target, business string, err error) {
+	parts := strings.Split(subj, ".")
+	if len(parts) != 6 || parts[0] != "sluice" || (parts[1] != "oplog" && parts[1] != "live") {
+		return 0, 0, "", "", fmt.Errorf("subject %q: %w", subj, ErrInvalid)
+	}
+	n, err := strconv.ParseUint(parts[2], 10, 32)
+	if err != nil {
+		return 0, 0, "", "", fmt.Errorf("subject %q: shard: %w", subj, ErrInvalid)
+	}
+	switch parts[3] {
+	case "u":
+		dim = oplogpb.Dimension_DIMENSION_USER
+	case "d":
+		dim = oplogpb.Dimension_DIMENSION_DEVICE
+	default:
+		return 0, 0, "", "", fmt.Errorf("subject %q: dimension: %w", subj, ErrInvalid)
+	}
+	return uint32(n), dim, parts[4], parts[5], nil
+}
+
+// ShardOf returns the shard a target lives on: FNV-1a of the id modulo the
+// shard count. A target always lives on one shard; changing the shard count
+// of a deployment needs a migration.
+func ShardOf(target string, shards int) uint32 {
+	if shards <= 1 {
+		return 0
+	}
+	h := fnv.New32a()
+	h.Write([]byte(target))
+	return h.Sum32() % uint32(shards)
+}
