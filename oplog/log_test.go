@@ -276,3 +276,7 @@ func TestConditionsAndExpiry(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+func contextWithCancel() (context.Context, context.CancelFunc) {
+	return context.WithCancel(context.Background())
+}

@@ -40,6 +40,7 @@ type Service struct {
 	router  string
 	workers int
 	log     zerolog.Logger
+	ready   chan struct{}
 }
 
 // NewService validates cfg. Run serves.
@@ -47,7 +48,7 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 	if cfg.Log == nil {
 		return nil, errors.New("oplog: ServiceConfig.Log is required")
 	}
-	s := &Service{lg: cfg.Log, queue: cfg.QueueGroup, router: cfg.Router, workers: cfg.Workers, log: zerolog.Nop()}
+	s := &Service{lg: cfg.Log, queue: cfg.QueueGroup, router: cfg.Router, workers: cfg.Workers, log: zerolog.Nop(), ready: make(chan struct{})}
 	if s.queue == "" {
 		s.queue = "sluice-api"
 	}
@@ -80,6 +81,13 @@ func (s *Service) Run(ctx context.Context) error {
 		_ = sub.SetPendingLimits(64*1024, 256<<20)
 		subs = append(subs, sub)
 	}
+	if err := nc.Flush(); err != nil {
+		for _, s := range subs {
+			_ = s.Unsubscribe()
+		}
+		return fmt.Errorf("oplog: flush subscriptions: %w", err)
+	}
+	close(s.ready)
 	g, gctx := errgroup.WithContext(ctx)
 	var wg sync.WaitGroup
 	for range s.workers {
@@ -98,6 +106,9 @@ func (s *Service) Run(ctx context.Context) error {
 	wg.Wait()
 	return g.Wait()
 }
+
+// Ready is closed once the request/reply API is subscribed.
+func (s *Service) Ready() <-chan struct{} { return s.ready }
 
 // handle answers one API request. It never panics on input: every decode
 // or validation failure becomes a typed error reply.
@@ -180,6 +191,9 @@ func (s *Service) route(ctx context.Context) error {
 		MaxDeliver:    -1,
 	})
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("oplog: router consumer: %w", err)
 	}
 	msgs := make(chan jetstream.Msg, 1024)

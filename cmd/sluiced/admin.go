@@ -17,6 +17,7 @@ import (
 //
 //	GET  /healthz                          the process is up
 //	GET  /readyz                           NATS connected and components running
+//	GET  /v1/info                          NATS URL, shards and their epochs
 //	GET  /v1/backlog?user=&device=&limit=  a device's backlog after its recorded sync points
 //	GET  /v1/syncpoints?device=            a device's recorded sync points
 //	GET  /v1/projections                   applied stream sequence of each projection
@@ -38,6 +39,16 @@ func (m *Main) adminHandler() http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"status": "ready", "applied": m.inbox.Applied()})
+	})
+	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, r *http.Request) {
+		m.mu.Lock()
+		ep := m.endpoints
+		m.mu.Unlock()
+		epochs := make([]uint64, m.lg.Shards())
+		for i := range epochs {
+			epochs[i] = m.lg.Epoch(uint32(i))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"nats": ep.NATS, "shards": m.lg.Shards(), "epochs": epochs, "fsync": m.cfg.Fsync})
 	})
 	mux.HandleFunc("GET /v1/backlog", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()

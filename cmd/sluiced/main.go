@@ -154,6 +154,11 @@ func (m *Main) Run(ctx context.Context) error {
 		defer cancel()
 		return m.admin.Shutdown(sctx)
 	})
+	select {
+	case <-svc.Ready():
+	case <-gctx.Done():
+		return g.Wait()
+	}
 	m.mu.Lock()
 	m.ready = true
 	m.mu.Unlock()

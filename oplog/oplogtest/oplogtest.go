@@ -86,17 +86,34 @@ func MustRunInbox(tb testing.TB, l *oplog.Log, dir string) *oplog.Inbox {
 	if err != nil {
 		tb.Fatalf("open inbox: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- in.Run(ctx) }()
+	wait := runUntilCleanup(tb, "inbox", in.Run)
 	tb.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			tb.Errorf("inbox run: %v", err)
-		}
+		wait()
 		_ = in.Close()
 	})
 	return in
+}
+
+// runUntilCleanup runs fn in a goroutine until the end of the test; the
+// returned func cancels it and waits (idempotent), reporting its error.
+func runUntilCleanup(tb testing.TB, name string, fn func(context.Context) error) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	finished := make(chan struct{})
+	var err error
+	go func() {
+		defer close(finished)
+		err = fn(ctx)
+	}()
+	stop = func() {
+		cancel()
+		<-finished
+		if err != nil {
+			tb.Errorf("%s run: %v", name, err)
+			err = nil
+		}
+	}
+	tb.Cleanup(stop)
+	return stop
 }
 
 // MustRunService runs the producer service until the end of the test.
@@ -106,13 +123,11 @@ func MustRunService(tb testing.TB, l *oplog.Log) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	tb.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			tb.Errorf("service run: %v", err)
-		}
-	})
+	stop := runUntilCleanup(tb, "service", s.Run)
+	select {
+	case <-s.Ready():
+	case <-time.After(10 * time.Second):
+		stop()
+		tb.Fatal("service not ready after 10s")
+	}
 }

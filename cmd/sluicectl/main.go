@@ -1,0 +1,80 @@
+// Command sluicectl administers a running sluiced: it publishes test
+// events, tails a user's oplog live, shows a device's backlog and sync
+// points, registers businesses, and rebuilds projections by replay.
+//
+// It finds sluiced through <data>/endpoints.json (written by sluiced at
+// start), or through --nats and --admin.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `Usage: sluicectl [--data DIR | --nats URL --admin URL] COMMAND [flags]
+
+Commands:
+  publish   append a test event and print its id and epoch
+  inspect   show a user's/device's backlog and the device's sync points
+  tail      print a user's or device's oplog entries live as they are stored
+  rebuild   replay a projection from zero or from a sequence, with progress
+  digest    print the SHA-256 digest of a projection
+  biz       list or add businesses (biz list | biz add CODE --dim user|device [--single])
+
+Run "sluicectl COMMAND -h" for the flags of a command.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	if errors.Is(err, errUsage) {
+		if err != errUsage {
+			fmt.Fprintln(os.Stderr, "sluicectl:", err)
+		}
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sluicectl:", err)
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+// run executes one command; tests call it directly.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	g, rest, err := parseGlobal(args)
+	if err != nil {
+		return err
+	}
+	if len(rest) == 0 {
+		return errUsage
+	}
+	cmd, rest := rest[0], rest[1:]
+	c := &cli{global: g, out: stdout, errOut: stderr}
+	switch cmd {
+	case "publish":
+		return c.publish(ctx, rest)
+	case "inspect":
+		return c.inspect(ctx, rest)
+	case "tail":
+		return c.tail(ctx, rest)
+	case "rebuild":
+		return c.rebuild(ctx, rest)
+	case "digest":
+		return c.digest(ctx, rest)
+	case "biz":
+		return c.biz(ctx, rest)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q: %w", cmd, errUsage)
+}
