@@ -280,3 +280,25 @@ func TestConditionsAndExpiry(t *testing.T) {
 func contextWithCancel() (context.Context, context.CancelFunc) {
 	return context.WithCancel(context.Background())
 }
+
+func TestSourceOfTruthRefusesDeleteAndPurge(t *testing.T) {
+	e := newEnv(t)
+	id := mustAppend(t, e.l, sync("chat", "alice"))[0].Id
+	for _, name := range []string{oplog.StreamOplog(0), oplog.StreamAcks, oplog.StreamIngest} {
+		s, err := e.l.JetStream().Stream(ctx(t), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Purge(ctx(t)); err == nil {
+			t.Errorf("%s: purge accepted", name)
+		}
+		if name == oplog.StreamOplog(0) {
+			if err := s.DeleteMsg(ctx(t), id); err == nil {
+				t.Errorf("%s: delete of %d accepted", name, id)
+			}
+		}
+	}
+	if b := mustBacklog(t, e.in, oplog.BacklogRequest{User: "alice", Device: "d"}); len(b.Entries) != 1 {
+		t.Fatalf("backlog has %d entries after refused delete, want 1", len(b.Entries))
+	}
+}

@@ -175,12 +175,31 @@ func (s *Service) logRefusal(ev *oplogpb.Event, e *oplogpb.Error) {
 	s.log.Info().Str("business", clip(ev.GetBusiness())).Str("code", e.Code.String()).Str("reason", e.Message).Msg("event refused")
 }
 
-// route moves ingest events into the oplog. Each ingest message is acked
+// route runs the ingest router until ctx ends, restarting it with backoff
+// when its consumer fails.
+func (s *Service) route(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		err := s.routeOnce(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.log.Error().Err(err).Dur("retry_in", backoff).Msg("ingest router failed")
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// routeOnce moves ingest events into the oplog. Each ingest message is acked
 // only after its entries are durable (or its dead letter is), so a crash
 // redelivers it; the append carries a message id derived from the
 // producer's (or from the ingest sequence), so within the duplicate window
 // a redelivery yields the original entries rather than new ones.
-func (s *Service) route(ctx context.Context) error {
+func (s *Service) routeOnce(ctx context.Context) error {
 	js := s.lg.JetStream()
 	cons, err := js.CreateOrUpdateConsumer(ctx, StreamIngest, jetstream.ConsumerConfig{
 		Durable:       s.router,
@@ -191,9 +210,6 @@ func (s *Service) route(ctx context.Context) error {
 		MaxDeliver:    -1,
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
 		return fmt.Errorf("oplog: router consumer: %w", err)
 	}
 	msgs := make(chan jetstream.Msg, 1024)
