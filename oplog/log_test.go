@@ -42,7 +42,7 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-func sync(biz string, targets ...string) *oplogpb.Event {
+func syncEvent(biz string, targets ...string) *oplogpb.Event {
 	return &oplogpb.Event{Kind: oplogpb.Kind_KIND_SYNC, Business: biz, Targets: targets, Payload: []byte("p")}
 }
 
@@ -88,7 +88,7 @@ func TestAppendAndBacklog(t *testing.T) {
 	e := newEnv(t)
 	var want []uint64
 	for i := range 5 {
-		ev := sync("chat", "alice", "bob")
+		ev := syncEvent("chat", "alice", "bob")
 		ev.Payload = []byte("m" + strconv.Itoa(i))
 		r := mustAppend(t, e.l, ev)
 		if len(r) != 2 || r[0].Target != "alice" || r[1].Target != "bob" {
@@ -102,7 +102,7 @@ func TestAppendAndBacklog(t *testing.T) {
 		}
 		want = append(want, r[0].Id)
 	}
-	mustAppend(t, e.l, sync("config", "phone1"))
+	mustAppend(t, e.l, syncEvent("config", "phone1"))
 	b := mustBacklog(t, e.in, oplog.BacklogRequest{User: "alice", Device: "phone1"})
 	got := ids(b)
 	if len(got) != 6 || !equalIDs(got[:5], want) || b.Entries[5].Business != "config" {
@@ -131,7 +131,7 @@ func TestAppendAndBacklog(t *testing.T) {
 
 func TestDuplicateMessageID(t *testing.T) {
 	e := newEnv(t)
-	ev := sync("chat", "alice", "bob")
+	ev := syncEvent("chat", "alice", "bob")
 	ev.MessageId = "order-17"
 	first := mustAppend(t, e.l, ev)
 	again := mustAppend(t, e.l, proto.Clone(ev).(*oplogpb.Event))
@@ -175,7 +175,7 @@ func TestBadInput(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			ev := sync("chat", "alice")
+			ev := syncEvent("chat", "alice")
 			c.mod(ev)
 			_, err := e.l.Append(ctx(t), ev)
 			if !errors.Is(err, c.want) {
@@ -192,7 +192,7 @@ func TestBadInput(t *testing.T) {
 		t.Fatalf("oplog holds %d messages after refused events, want 0", n)
 	}
 	// A batch refuses the bad event alone.
-	rs := e.l.AppendBatch(ctx(t), []*oplogpb.Event{sync("chat", "alice"), sync("nope", "alice"), nil})
+	rs := e.l.AppendBatch(ctx(t), []*oplogpb.Event{syncEvent("chat", "alice"), syncEvent("nope", "alice"), nil})
 	if rs[0].Error != nil || len(rs[0].Results) != 1 || rs[1].Error.GetCode() != oplogpb.ErrorCode_ERROR_CODE_UNKNOWN_BUSINESS || rs[2].Error.GetCode() != oplogpb.ErrorCode_ERROR_CODE_MALFORMED {
 		t.Fatalf("batch replies %v", rs)
 	}
@@ -200,9 +200,9 @@ func TestBadInput(t *testing.T) {
 
 func TestSingleDeviceMode(t *testing.T) {
 	e := newEnv(t)
-	c1 := mustAppend(t, e.l, sync("coupons", "alice"))[0].Id
-	m1 := mustAppend(t, e.l, sync("chat", "alice"))[0].Id
-	c2 := mustAppend(t, e.l, sync("coupons", "alice"))[0].Id
+	c1 := mustAppend(t, e.l, syncEvent("coupons", "alice"))[0].Id
+	m1 := mustAppend(t, e.l, syncEvent("chat", "alice"))[0].Id
+	c2 := mustAppend(t, e.l, syncEvent("coupons", "alice"))[0].Id
 	epoch := e.l.Epoch(0)
 	// Both devices see both coupons until one of them acks.
 	for _, dev := range []string{"phone", "tablet"} {
@@ -240,10 +240,10 @@ func TestSingleDeviceMode(t *testing.T) {
 
 func TestConditionsAndExpiry(t *testing.T) {
 	e := newEnv(t)
-	ev := sync("chat", "alice")
+	ev := syncEvent("chat", "alice")
 	ev.Conditions = &oplogpb.Conditions{AppVersionMin: "2.0", Os: []string{"ios"}}
 	cond := mustAppend(t, e.l, ev)[0].Id
-	ev = sync("chat", "alice")
+	ev = syncEvent("chat", "alice")
 	ev.ExpiresAt = timestamppb.New(time.Now().Add(1500 * time.Millisecond))
 	exp := mustAppend(t, e.l, ev)[0].Id
 
@@ -283,7 +283,7 @@ func contextWithCancel() (context.Context, context.CancelFunc) {
 
 func TestSourceOfTruthRefusesDeleteAndPurge(t *testing.T) {
 	e := newEnv(t)
-	id := mustAppend(t, e.l, sync("chat", "alice"))[0].Id
+	id := mustAppend(t, e.l, syncEvent("chat", "alice"))[0].Id
 	for _, name := range []string{oplog.StreamOplog(0), oplog.StreamAcks, oplog.StreamIngest} {
 		s, err := e.l.JetStream().Stream(ctx(t), name)
 		if err != nil {

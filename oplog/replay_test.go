@@ -17,8 +17,8 @@ func TestRebuildIsDeterministic(t *testing.T) {
 	for i := range 300 {
 		user := fmt.Sprintf("u%d", i%17)
 		biz := []string{"chat", "coupons"}[i%2]
-		id := mustAppend(t, e.l, sync(biz, user))[0].Id
-		mustAppend(t, e.l, sync("config", fmt.Sprintf("dev%d", i%5)))
+		id := mustAppend(t, e.l, syncEvent(biz, user))[0].Id
+		mustAppend(t, e.l, syncEvent("config", fmt.Sprintf("dev%d", i%5)))
 		if i%7 == 0 {
 			// Devices switch users now and then: watermarks must survive replay.
 			dev := fmt.Sprintf("dev%d", i%3)
@@ -51,7 +51,7 @@ func TestRebuildIsDeterministic(t *testing.T) {
 	}
 	// The digest is not blind: one more entry changes it.
 	before, _ := e.in.Digest(ctx(t), oplog.StreamOplog(0))
-	mustAppend(t, e.l, sync("chat", "u1"))
+	mustAppend(t, e.l, syncEvent("chat", "u1"))
 	if err := e.in.CatchUp(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +74,7 @@ func TestInboxResumesAfterRestart(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- in.Run(c) }()
 	for range 50 {
-		mustAppend(t, l, sync("chat", "frank"))
+		mustAppend(t, l, syncEvent("chat", "frank"))
 	}
 	if err := in.CatchUp(ctx(t)); err != nil {
 		t.Fatal(err)
@@ -87,7 +87,7 @@ func TestInboxResumesAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 50 {
-		mustAppend(t, l, sync("chat", "frank"))
+		mustAppend(t, l, syncEvent("chat", "frank"))
 	}
 	in2 := oplogtest.MustRunInbox(t, l, dir)
 	if got := in2.Applied()[oplog.StreamOplog(0)]; got != 50 {

@@ -35,7 +35,7 @@ func TestServiceRequestReply(t *testing.T) {
 	oplogtest.MustRunService(t, e.l)
 
 	// Protobuf.
-	body, _ := proto.Marshal(sync("chat", "alice"))
+	body, _ := proto.Marshal(syncEvent("chat", "alice"))
 	r := new(oplogpb.AppendReply)
 	if err := proto.Unmarshal(request(t, e.nc, oplog.SubjectAppend, "", body).Data, r); err != nil {
 		t.Fatal(err)
@@ -90,7 +90,7 @@ func TestServiceRequestReply(t *testing.T) {
 		}
 	}
 	// Batch: one reply per event.
-	batch, _ := proto.Marshal(&oplogpb.EventBatch{Events: []*oplogpb.Event{sync("chat", "alice"), sync("nope", "alice"), sync("config", "phone")}})
+	batch, _ := proto.Marshal(&oplogpb.EventBatch{Events: []*oplogpb.Event{syncEvent("chat", "alice"), syncEvent("nope", "alice"), syncEvent("config", "phone")}})
 	br := new(oplogpb.AppendBatchReply)
 	if err := proto.Unmarshal(request(t, e.nc, oplog.SubjectAppendBatch, "", batch).Data, br); err != nil {
 		t.Fatal(err)
@@ -105,7 +105,7 @@ func TestIngestAndDeadLetter(t *testing.T) {
 	oplogtest.MustRunService(t, e.l)
 	js := e.l.JetStream()
 	good, _ := proto.Marshal(&oplogpb.Event{Kind: oplogpb.Kind_KIND_SYNC, Business: "chat", Targets: []string{"carol"}, Payload: []byte("x"), MessageId: "ing-1"})
-	for _, body := range [][]byte{good, good, []byte("\x0a\xff"), mustJSON(t, sync("ghost", "carol"))} {
+	for _, body := range [][]byte{good, good, []byte("\x0a\xff"), mustJSON(t, syncEvent("ghost", "carol"))} {
 		m := nats.NewMsg(oplog.SubjectIngest + ".chat")
 		m.Data = body
 		if len(body) > 0 && body[0] == '{' {
@@ -174,8 +174,8 @@ func TestLiveAndTransient(t *testing.T) {
 	}
 	defer sub.Unsubscribe()
 	_ = e.nc.Flush()
-	id := mustAppend(t, e.l, sync("chat", "dave"))[0].Id
-	tr := sync("chat", "dave")
+	id := mustAppend(t, e.l, syncEvent("chat", "dave"))[0].Id
+	tr := syncEvent("chat", "dave")
 	tr.Transient = true
 	if r := mustAppend(t, e.l, tr); r[0].Id != 0 {
 		t.Fatalf("transient event got id %d, want 0", r[0].Id)
@@ -205,7 +205,7 @@ func TestEpochChangesWhenStreamIsRecreated(t *testing.T) {
 	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
 	l1 := oplogtest.MustOpenLog(t, nc, oplog.Config{}, chat)
 	in := oplogtest.MustRunInbox(t, l1, "")
-	id := mustAppend(t, l1, sync("chat", "erin"))[0].Id
+	id := mustAppend(t, l1, syncEvent("chat", "erin"))[0].Id
 	old := l1.Epoch(0)
 	// Reopening keeps the epoch.
 	if l2 := oplogtest.MustOpenLog(t, nc, oplog.Config{}); l2.Epoch(0) != old {
@@ -220,7 +220,7 @@ func TestEpochChangesWhenStreamIsRecreated(t *testing.T) {
 		t.Fatalf("recreated stream kept epoch %d", old)
 	}
 	in3 := oplogtest.MustRunInbox(t, l3, "")
-	mustAppend(t, l3, sync("chat", "erin"))
+	mustAppend(t, l3, syncEvent("chat", "erin"))
 	b := mustBacklog(t, in3, oplog.BacklogRequest{User: "erin", Device: "d", Points: map[string]oplog.SyncPoint{"chat": {ID: id, Epoch: old}}})
 	if len(b.Reset) != 1 || b.Reset[0] != "chat" || len(b.Entries) != 1 || b.Entries[0].Epoch != l3.Epoch(0) {
 		t.Fatalf("backlog after recreate: reset %v, %d entries", b.Reset, len(b.Entries))

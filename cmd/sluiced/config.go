@@ -21,6 +21,7 @@ type Config struct {
 	Fsync           string        `json:"fsync"`
 	FsyncInterval   time.Duration `json:"fsync_interval"`
 	AdminListen     string        `json:"admin"`
+	AtomicBatch     int           `json:"atomic_batch"`
 	Shards          int           `json:"shards"`
 	Replicas        int           `json:"replicas"`
 	DuplicateWindow time.Duration `json:"dedupe_window"`
@@ -47,6 +48,7 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.Fsync, "fsync", FsyncAlways, "embedded JetStream fsync policy: always (an ack means on disk) or interval (faster; a power loss can lose up to --fsync-interval of acknowledged writes)")
 	fs.DurationVar(&c.FsyncInterval, "fsync-interval", 2*time.Minute, "fsync period with --fsync interval")
 	fs.StringVar(&c.AdminListen, "admin", "127.0.0.1:7480", "admin HTTP listen address (/healthz, /readyz, /v1/...)")
+	fs.IntVar(&c.AtomicBatch, "atomic-batch", -1, "group commit: fewest concurrent appends to one shard written as one atomic batch (one fsync); 0 never, -1 auto (32 with the embedded server and --fsync always, else 0)")
 	fs.IntVar(&c.Shards, "shards", 1, "oplog shards (streams); fixed for the life of the data")
 	fs.IntVar(&c.Replicas, "replicas", 1, "stream replicas (with --nats on a cluster)")
 	fs.DurationVar(&c.DuplicateWindow, "dedupe-window", 2*time.Minute, "how long a producer message id is remembered")
@@ -78,6 +80,12 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	if c.AtomicBatch == -1 {
+		c.AtomicBatch = 0
+		if c.NATSURL == "" && c.Fsync == FsyncAlways {
+			c.AtomicBatch = 32
+		}
+	}
 	return c, c.validate()
 }
 
@@ -88,6 +96,9 @@ func (c Config) validate() error {
 	}
 	if c.FsyncInterval <= 0 {
 		errs = append(errs, errors.New("--fsync-interval must be positive"))
+	}
+	if c.AtomicBatch < -1 || c.AtomicBatch > 1000 {
+		errs = append(errs, errors.New("--atomic-batch must be -1 (auto) to 1000"))
 	}
 	if c.Shards < 1 || c.Shards > 1024 {
 		errs = append(errs, errors.New("--shards must be 1 to 1024"))

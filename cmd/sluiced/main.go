@@ -102,6 +102,7 @@ func (m *Main) Run(ctx context.Context) error {
 		Shards:          m.cfg.Shards,
 		Replicas:        m.cfg.Replicas,
 		DuplicateWindow: m.cfg.DuplicateWindow,
+		AtomicBatch:     m.cfg.AtomicBatch,
 		Limits:          oplog.Limits{MaxPayload: m.cfg.MaxPayload, MaxTargets: m.cfg.MaxTargets},
 		Logger:          &m.log,
 	})
