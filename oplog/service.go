@@ -194,17 +194,21 @@ func (s *Service) route(ctx context.Context) error {
 	}
 }
 
-// routeOnce moves ingest events into the oplog. Each ingest message is acked
-// only after its entries are durable (or its dead letter is), so a crash
-// redelivers it; the append carries a message id derived from the
-// producer's (or from the ingest sequence), so within the duplicate window
-// a redelivery yields the original entries rather than new ones.
+// routeOnce moves ingest events into the oplog, in ingest order. The
+// messages of a batch are acked, in order, only once their entries are
+// durable or their refused events are dead letters. At start it resets
+// the consumer to its ack floor, so that messages a crashed router had
+// received but not acked are redelivered at once and first, rather than
+// after the ack wait and behind newer ones. Appends carry a message id
+// derived from the producer's (or from the ingest sequence), so a batch
+// re-appended after a crash yields its original entries, provided the
+// restart comes within the duplicate window.
 func (s *Service) routeOnce(ctx context.Context) error {
 	js := s.lg.JetStream()
 	cons, err := js.CreateOrUpdateConsumer(ctx, StreamIngest, jetstream.ConsumerConfig{
 		Durable:       s.router,
 		Description:   "Sluice router: ingest events into the oplog",
-		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckPolicy:     jetstream.AckExplicitPolicy, // a work queue requires it
 		AckWait:       30 * time.Second,
 		MaxAckPending: 4096,
 		MaxDeliver:    -1,
@@ -212,11 +216,16 @@ func (s *Service) routeOnce(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("oplog: router consumer: %w", err)
 	}
+	if _, err := js.ResetConsumer(ctx, StreamIngest, s.router); err != nil {
+		return fmt.Errorf("oplog: reset router consumer: %w", err)
+	}
 	msgs := make(chan jetstream.Msg, 1024)
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		select {
 		case msgs <- m:
-		case <-ctx.Done():
+		case <-cctx.Done():
 		}
 	}, jetstream.PullMaxMessages(1024))
 	if err != nil {
@@ -239,18 +248,25 @@ func (s *Service) routeOnce(ctx context.Context) error {
 					break drain
 				}
 			}
-			s.routeBatch(ctx, batch)
+			if err := s.routeBatch(ctx, batch); err != nil {
+				return err
+			}
 		}
 	}
 }
 
-func (s *Service) routeBatch(ctx context.Context, batch []jetstream.Msg) {
+// routeBatch appends a batch of ingest messages in order. Refused events
+// become dead letters. If an append fails for a reason that may pass, it
+// acks what precedes the failure and returns an error: the router then
+// restarts from the failed message, keeping ingest order.
+func (s *Service) routeBatch(ctx context.Context, batch []jetstream.Msg) error {
 	evs := make([]*oplogpb.Event, 0, len(batch))
 	idx := make([]int, 0, len(batch)) // batch index of each event
+	refused := make(map[int]*oplogpb.Error)
 	for i, m := range batch {
 		ev, err := DecodeEvent(m.Headers().Get(HeaderContentType), m.Data(), s.lg.Limits().MaxBody)
 		if err != nil {
-			s.deadLetter(ctx, m, ErrorPB(err))
+			refused[i] = ErrorPB(err)
 			continue
 		}
 		if ev.MessageId == "" {
@@ -261,30 +277,50 @@ func (s *Service) routeBatch(ctx context.Context, batch []jetstream.Msg) {
 		evs = append(evs, ev)
 		idx = append(idx, i)
 	}
-	if len(evs) == 0 {
-		return
-	}
-	actx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	replies := s.lg.AppendBatch(actx, evs)
-	for j, r := range replies {
-		m := batch[idx[j]]
-		switch {
-		case r.Error == nil:
-			_ = m.Ack()
-		case r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE || r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_INTERNAL:
-			s.log.Warn().Str("reason", r.Error.Message).Msg("ingest append failed, will retry")
-			_ = m.NakWithDelay(time.Second)
-		default:
-			s.deadLetter(ctx, m, r.Error)
+	failed := len(batch) // index of the first message that must be retried
+	if len(evs) > 0 {
+		actx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		replies := s.lg.AppendBatch(actx, evs)
+		cancel()
+		for j, r := range replies {
+			switch {
+			case r.Error == nil:
+			case r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE || r.Error.Code == oplogpb.ErrorCode_ERROR_CODE_INTERNAL:
+				failed = min(failed, idx[j])
+			default:
+				refused[idx[j]] = r.Error
+			}
 		}
 	}
+	for i := 0; i < failed; i++ {
+		if e, ok := refused[i]; ok {
+			if err := s.deadLetter(ctx, batch[i], e); err != nil {
+				failed = i
+				break
+			}
+		}
+	}
+	if failed > 0 {
+		// Acks travel in order on one connection: confirming the last one
+		// confirms them all.
+		for _, m := range batch[:failed-1] {
+			if err := m.Ack(); err != nil {
+				return fmt.Errorf("oplog: ack ingest: %w", err)
+			}
+		}
+		if err := batch[failed-1].DoubleAck(ctx); err != nil {
+			return fmt.Errorf("oplog: ack ingest: %w", err)
+		}
+	}
+	if failed < len(batch) {
+		return fmt.Errorf("oplog: ingest append failed at %s, retrying from there: %w", batch[failed].Subject(), ErrUnavailable)
+	}
+	return nil
 }
 
-// deadLetter moves a refused ingest message to the dead-letter stream with
-// its reason, then acks it. If the dead letter cannot be stored the ingest
-// message is left for redelivery.
-func (s *Service) deadLetter(ctx context.Context, m jetstream.Msg, e *oplogpb.Error) {
+// deadLetter stores a refused ingest message in the dead-letter stream
+// with its reason. The caller acks the ingest message afterwards.
+func (s *Service) deadLetter(ctx context.Context, m jetstream.Msg, e *oplogpb.Error) error {
 	dl := nats.NewMsg("sluice.dlq." + e.Code.String())
 	dl.Data = m.Data()
 	for k, v := range m.Headers() {
@@ -302,10 +338,8 @@ func (s *Service) deadLetter(ctx context.Context, m jetstream.Msg, e *oplogpb.Er
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if _, err := s.lg.JetStream().PublishMsg(pctx, dl, opts...); err != nil {
-		s.log.Warn().Err(err).Msg("dead letter not stored, will retry")
-		_ = m.NakWithDelay(time.Second)
-		return
+		return fmt.Errorf("oplog: store dead letter: %w", err)
 	}
 	s.log.Info().Str("code", e.Code.String()).Str("reason", e.Message).Str("subject", m.Subject()).Msg("ingest event dead-lettered")
-	_ = m.Ack()
+	return nil
 }
