@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
@@ -84,7 +85,13 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 		WithMemTableSize(32 << 20).
 		WithNumMemtables(3).
 		WithBlockCacheSize(64 << 20).
-		WithIndexCacheSize(32 << 20)
+		WithIndexCacheSize(32 << 20).
+		// Entries are small protobufs (payloads are the producers'); the CPU
+		// of compressing them costs more than the bytes saved.
+		WithCompression(options.None).
+		// Each projection has one writer (its projector), so transactions
+		// never conflict.
+		WithDetectConflicts(false)
 	db, err := badger.Open(opts)
 	if err != nil {
 		return nil, fmt.Errorf("oplog: open inbox %s: %w", cfg.Dir, err)
@@ -142,22 +149,34 @@ func (in *Inbox) Close() error {
 	return in.closeErr
 }
 
-// applyEntry projects one oplog message.
+// applyEntry projects one oplog message. It stores the message body as
+// is; target and dimension come from the subject and the end of validity
+// from the Nats-TTL header and the stored time, so the entry need not be
+// decoded here.
 func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, seq uint64, m jetstream.Msg) error {
-	e := new(oplogpb.Entry)
-	if err := proto.Unmarshal(m.Data(), e); err != nil || !ValidID(e.Target) {
+	_, dim, target, _, err := ParseOplogSubject(m.Subject())
+	if err != nil || !ValidID(target) {
 		// Only Sluice writes these streams; a bad record is skipped (and
 		// logged) rather than stopping the projection for good.
 		in.log.Error().Uint64("seq", seq).Str("stream", StreamOplog(shard)).Msg("unreadable oplog entry skipped")
 		return nil
 	}
 	var ttl time.Duration
-	if e.ExpiresAt != nil {
-		if ttl = time.Until(e.ExpiresAt.AsTime()); ttl <= 0 {
+	if v := m.Headers().Get(jetstream.MsgTTLHeader); v != "" {
+		d, err := time.ParseDuration(v)
+		if n, nerr := strconv.ParseInt(v, 10, 64); err != nil && nerr == nil {
+			d, err = time.Duration(n)*time.Second, nil // the server's other form: whole seconds
+		}
+		md, merr := m.Metadata()
+		if err != nil || merr != nil {
+			in.log.Error().Uint64("seq", seq).Str("stream", StreamOplog(shard)).Msg("oplog entry with unreadable ttl skipped")
+			return nil
+		}
+		if ttl = time.Until(md.Timestamp.Add(d)); ttl <= 0 {
 			return nil // expired already: never delivered, not kept
 		}
 	}
-	key := binary.BigEndian.AppendUint64(inboxPrefix(shard, e.Dimension, e.Target), seq)
+	key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)
 	be := badger.NewEntry(key, m.Data())
 	if ttl > 0 {
 		be = be.WithTTL(ttl)

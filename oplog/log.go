@@ -15,6 +15,11 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
+// DefaultAtomicBatch is the AtomicBatch sluiced uses when the server
+// fsyncs every write: from this many queued entries up, one atomic batch
+// beats separate publishes here.
+const DefaultAtomicBatch = 32
+
 // Config configures a Log. A zero field takes the default in its comment.
 type Config struct {
 	// Conn is the NATS connection. Required.

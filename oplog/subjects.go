@@ -59,14 +59,14 @@ func dimToken(d oplogpb.Dimension) string {
 // SubjectOplog is where the entry of a target and business is stored:
 // sluice.oplog.<shard>.<u|d>.<target>.<business>.
 func SubjectOplog(shard uint32, dim oplogpb.Dimension, target, business string) string {
-	return fmt.Sprintf("sluice.oplog.%d.%s.%s.%s", shard, dimToken(dim), target, business)
+	return "sluice.oplog." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + "." + business
 }
 
 // SubjectLive is where stored entries are re-published once durable (by the
 // stream's RePublish, with Nats-Sequence in the headers) and transient
 // entries are published: sluice.live.<shard>.<u|d>.<target>.<business>.
 func SubjectLive(shard uint32, dim oplogpb.Dimension, target, business string) string {
-	return fmt.Sprintf("sluice.live.%d.%s.%s.%s", shard, dimToken(dim), target, business)
+	return "sluice.live." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + "." + business
 }
 
 // SubjectLiveTarget matches every live entry of one target.

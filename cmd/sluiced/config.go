@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/oplog"
 )
 
 // Config is the effective configuration of sluiced. Every field has a flag
@@ -83,7 +84,7 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	if c.AtomicBatch == -1 {
 		c.AtomicBatch = 0
 		if c.NATSURL == "" && c.Fsync == FsyncAlways {
-			c.AtomicBatch = 32
+			c.AtomicBatch = oplog.DefaultAtomicBatch
 		}
 	}
 	return c, c.validate()

@@ -1,0 +1,85 @@
+// Command sluice-bench measures Sluice against the engine it is built on,
+// on this machine, in one run. Each subcommand is one benchmark:
+//
+//	sluice-bench oplog [flags]   producer path vs raw JetStream publish
+//
+// Every benchmark starts its own embedded NATS servers on temporary
+// directories (loopback or in-process only), is bounded in time and count,
+// and removes what it created when it ends. Results go to stdout, progress
+// to stderr.
+//
+// # oplog
+//
+// For each fsync mode (always, interval) and each user count (-users,
+// default 1000 and 1,000,000) it measures, on fresh servers:
+//
+//   - raw: one producer publishing -n messages with js.PublishAsync into a
+//     bare file stream (no RePublish, TTL or consumers), over the same
+//     number of distinct subjects, each message the size of the entry Sluice
+//     stores for one event; time until every ack is in.
+//   - sluice: oplog.Log, oplog.Inbox and oplog.Service wired as sluiced
+//     wires them; -inflight producers send EventBatch requests of -batch
+//     events to sluice.api.v1.append.batch; time from the first send until
+//     every reply is in and the inbox projection has applied the last id.
+//     Every reply is checked (no error, one new id per event, each id
+//     once) and the stream must hold exactly the events sent.
+//   - latency: -lat-n single-event requests to sluice.api.v1.append, and as
+//     many synchronous js.Publish calls, -lat-inflight at a time.
+//
+// Before timing, -prefill stores one entry per user (on a server without
+// fsync, then restarted in the measured mode), so the 1,000,000-user
+// scenario runs against streams and an inbox that already hold every
+// target. Each side runs -runs times; the median is reported with every
+// run's rate. The process's CPU time per message, and the CPU time other
+// processes used meanwhile, are reported too: on a small machine a busy
+// neighbour depresses the rates, and the report says so.
+//
+// -cpuprofile writes one CPU profile per timed throughput phase; the
+// server is embedded, so the profile covers server, Sluice and producers.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(os.Stderr, "sluice-bench:", err)
+		os.Exit(2)
+	case err != nil:
+		fmt.Fprintln(os.Stderr, "sluice-bench:", err)
+		os.Exit(1)
+	}
+}
+
+// errUsage marks a command line that names no known benchmark.
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog")
+
+// run runs the benchmark named by args[0] with the rest of args as its flags.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return errUsage
+	}
+	switch args[0] {
+	case "oplog":
+		return runOplog(ctx, args[1:], stdout, stderr)
+	case "-h", "-help", "--help", "help":
+		fmt.Fprintln(stdout, errUsage.Error())
+		fmt.Fprintln(stdout, "run 'sluice-bench <benchmark> -h' for the flags of one benchmark")
+		return nil
+	default:
+		return fmt.Errorf("unknown benchmark %q: %w", args[0], errUsage)
+	}
+}
