@@ -134,25 +134,34 @@ func (p *projector) catchUp(ctx context.Context) error {
 // maxBatch is the most messages applied in one transaction.
 const maxBatch = 1024
 
-// run projects until ctx ends. Consumer failures are retried with backoff.
+// run projects until ctx ends; a failed consumer is restarted with backoff.
 func (p *projector) run(ctx context.Context) error {
-	backoff := 100 * time.Millisecond
-	for {
-		err := p.consume(ctx)
+	retry(ctx, p.log, "projection consumer failed", p.consume)
+	return nil
+}
+
+// retry runs fn until ctx ends. A failure is logged with msg and fn runs
+// again after an exponential backoff (100ms to 5s); a clean return runs it
+// again at once and resets the backoff.
+func retry(ctx context.Context, log zerolog.Logger, msg string, fn func(context.Context) error) {
+	const first, last = 100 * time.Millisecond, 5 * time.Second
+	backoff := first
+	for ctx.Err() == nil {
+		err := fn(ctx)
 		if ctx.Err() != nil {
-			return nil
+			return
 		}
-		if err != nil {
-			p.log.Error().Err(err).Dur("retry_in", backoff).Msg("projection consumer failed")
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-				return nil
-			}
-			backoff = min(2*backoff, 5*time.Second)
+		if err == nil {
+			backoff = first
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		log.Error().Err(err).Dur("retry_in", backoff).Msg(msg)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, last)
 	}
 }
 

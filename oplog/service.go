@@ -178,20 +178,8 @@ func (s *Service) logRefusal(ev *oplogpb.Event, e *oplogpb.Error) {
 // route runs the ingest router until ctx ends, restarting it with backoff
 // when its consumer fails.
 func (s *Service) route(ctx context.Context) error {
-	backoff := 100 * time.Millisecond
-	for {
-		err := s.routeOnce(ctx)
-		if ctx.Err() != nil {
-			return nil
-		}
-		s.log.Error().Err(err).Dur("retry_in", backoff).Msg("ingest router failed")
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil
-		}
-		backoff = min(2*backoff, 5*time.Second)
-	}
+	retry(ctx, s.log, "ingest router failed", s.routeOnce)
+	return nil
 }
 
 // routeOnce moves ingest events into the oplog, in ingest order. The

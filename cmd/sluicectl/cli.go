@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -78,16 +79,25 @@ func (c *cli) connect() (*nats.Conn, error) {
 
 // get decodes a JSON answer of the admin API into v.
 func (c *cli) get(ctx context.Context, path string, q url.Values, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.admin+path+"?"+q.Encode(), nil)
+	resp, err := c.call(ctx, http.MethodGet, path, q, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("admin API %s: %w", c.admin, err)
-	}
 	defer resp.Body.Close()
 	return decodeAnswer(resp, v)
+}
+
+// call sends one request to the admin API; the caller closes the body.
+func (c *cli) call(ctx context.Context, method, path string, q url.Values, body io.Reader) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.admin+path+"?"+q.Encode(), body)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("admin API %s: %w", c.admin, err)
+	}
+	return resp, nil
 }
 
 func decodeAnswer(resp *http.Response, v any) error {
@@ -330,13 +340,9 @@ func (c *cli) rebuild(ctx context.Context, args []string) error {
 		return err
 	}
 	q := url.Values{"projection": {*proj}, "from": {strconv.FormatUint(*from, 10)}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.admin+"/v1/rebuild?"+q.Encode(), nil)
+	resp, err := c.call(ctx, http.MethodPost, "/v1/rebuild", q, nil)
 	if err != nil {
 		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("admin API %s: %w", c.admin, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -442,13 +448,9 @@ func (c *cli) biz(ctx context.Context, args []string) error {
 		b.DeviceMode = oplogpb.DeviceMode_DEVICE_MODE_SINGLE
 	}
 	body, _ := protojson.Marshal(b)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.admin+"/v1/businesses", strings.NewReader(string(body)))
+	resp, err := c.call(ctx, http.MethodPost, "/v1/businesses", nil, bytes.NewReader(body))
 	if err != nil {
 		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("admin API %s: %w", c.admin, err)
 	}
 	defer resp.Body.Close()
 	var v json.RawMessage
