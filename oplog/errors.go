@@ -33,8 +33,6 @@ var (
 	// ErrEpochMismatch: a sync point or ack names an epoch the stream no
 	// longer has: the client must resync from scratch.
 	ErrEpochMismatch = errors.New("oplog: epoch mismatch")
-	// ErrClosed: the component was closed.
-	ErrClosed = errors.New("oplog: closed")
 )
 
 var codes = []struct {

@@ -227,8 +227,8 @@ func getPoint(txn *badger.Txn, key []byte) (SyncPoint, error) {
 	return sp, err
 }
 
-// shardOfBusiness returns the shard and dimension holding business b's
-// entries for a user and device.
+// targetOf returns the target (the user or the device, by the business's
+// dimension) whose inbox holds business b's entries, and its shard.
 func (in *Inbox) targetOf(b *oplogpb.Business, user, device string) (target string, shard uint32) {
 	if businessDim(b) == oplogpb.Dimension_DIMENSION_DEVICE {
 		return device, ShardOf(device, in.lg.Shards())

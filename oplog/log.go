@@ -268,7 +268,7 @@ func (l *Log) AppendBatch(ctx context.Context, evs []*oplogpb.Event) []*oplogpb.
 			r.Error = ErrorPB(fmt.Errorf("nil event: %w", ErrMalformed))
 			continue
 		}
-		if err := validate(ev, l.business, l.lim, now); err != nil {
+		if err := validate(ev, l.Business, l.lim, now); err != nil {
 			r.Error = ErrorPB(err)
 			l.log.Debug().Err(err).Str("business", clip(ev.Business)).Msg("event refused")
 			continue
@@ -356,16 +356,13 @@ func (l *Log) message(ev *oplogpb.Event, target string, shard uint32, now time.T
 	return m, nil
 }
 
-// business looks up a registered business.
-func (l *Log) business(code string) (*oplogpb.Business, bool) {
+// Business returns a registered business.
+func (l *Log) Business(code string) (*oplogpb.Business, bool) {
 	l.mu.RLock()
 	b, ok := l.biz[code]
 	l.mu.RUnlock()
 	return b, ok
 }
-
-// Business returns a registered business.
-func (l *Log) Business(code string) (*oplogpb.Business, bool) { return l.business(code) }
 
 // Businesses returns every registered business.
 func (l *Log) Businesses() []*oplogpb.Business {
@@ -393,7 +390,7 @@ func (l *Log) RegisterBusiness(ctx context.Context, b *oplogpb.Business) error {
 	if b.DeviceMode == oplogpb.DeviceMode_DEVICE_MODE_SINGLE && b.Dimension != oplogpb.Dimension_DIMENSION_USER {
 		return fmt.Errorf("business %q: single-device mode needs the user dimension: %w", b.Code, ErrInvalid)
 	}
-	if old, ok := l.business(b.Code); ok && old.Dimension != b.Dimension {
+	if old, ok := l.Business(b.Code); ok && old.Dimension != b.Dimension {
 		return fmt.Errorf("business %q: dimension cannot change from %s: %w", b.Code, old.Dimension, ErrInvalid)
 	}
 	data, err := proto.Marshal(b)
