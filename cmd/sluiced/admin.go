@@ -55,14 +55,14 @@ func (m *Main) adminHandler() http.Handler {
 		limit, _ := strconv.Atoi(q.Get("limit"))
 		b, err := m.inbox.Backlog(r.Context(), oplog.BacklogRequest{User: q.Get("user"), Device: q.Get("device"), Limit: limit})
 		if err != nil {
-			writeError(w, err)
+			m.writeError(w, r, err)
 			return
 		}
 		entries := make([]json.RawMessage, 0, len(b.Entries))
 		for _, e := range b.Entries {
 			data, err := protojson.Marshal(e)
 			if err != nil {
-				writeError(w, err)
+				m.writeError(w, r, err)
 				return
 			}
 			entries = append(entries, data)
@@ -72,7 +72,7 @@ func (m *Main) adminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/syncpoints", func(w http.ResponseWriter, r *http.Request) {
 		sp, err := m.inbox.SyncPoints(r.Context(), r.URL.Query().Get("device"))
 		if err != nil {
-			writeError(w, err)
+			m.writeError(w, r, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"device": r.URL.Query().Get("device"), "sync_points": sp})
@@ -83,12 +83,12 @@ func (m *Main) adminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/digest", func(w http.ResponseWriter, r *http.Request) {
 		name := r.URL.Query().Get("projection")
 		if err := m.inbox.CatchUp(r.Context()); err != nil {
-			writeError(w, err)
+			m.writeError(w, r, err)
 			return
 		}
 		d, err := m.inbox.Digest(r.Context(), name)
 		if err != nil {
-			writeError(w, err)
+			m.writeError(w, r, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"projection": name, "digest": d, "applied": m.inbox.Applied()[name]})
@@ -100,7 +100,7 @@ func (m *Main) adminHandler() http.Handler {
 			from, err = 0, nil
 		}
 		if err != nil {
-			writeError(w, errors.Join(oplog.ErrInvalid, err))
+			m.writeError(w, r, errors.Join(oplog.ErrInvalid, err))
 			return
 		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
@@ -132,15 +132,15 @@ func (m *Main) adminHandler() http.Handler {
 		body := http.MaxBytesReader(w, r.Body, 64<<10)
 		var raw json.RawMessage
 		if err := json.NewDecoder(body).Decode(&raw); err != nil {
-			writeError(w, errors.Join(oplog.ErrMalformed, err))
+			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
 			return
 		}
 		if err := protojson.Unmarshal(raw, b); err != nil {
-			writeError(w, errors.Join(oplog.ErrMalformed, err))
+			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
 			return
 		}
 		if err := m.lg.RegisterBusiness(r.Context(), b); err != nil {
-			writeError(w, err)
+			m.writeError(w, r, err)
 			return
 		}
 		data, _ := protojson.Marshal(b)
@@ -156,8 +156,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // writeError answers a typed error: 4xx for the caller's mistakes, 503 when
-// the log is unavailable, 500 (with no detail) otherwise.
-func writeError(w http.ResponseWriter, err error) {
+// the log is unavailable, 500 (with no detail) otherwise; and logs it once.
+func (m *Main) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	code := oplog.CodeOf(err)
 	status := http.StatusBadRequest
 	msg := err.Error()
@@ -167,5 +167,10 @@ func writeError(w http.ResponseWriter, err error) {
 	case oplogpb.ErrorCode_ERROR_CODE_INTERNAL:
 		status, msg = http.StatusInternalServerError, "internal error"
 	}
+	ev := m.log.Info()
+	if status >= 500 {
+		ev = m.log.Error()
+	}
+	ev.Str("component", "admin").Str("path", r.URL.Path).Str("code", code.String()).Err(err).Msg("admin request refused")
 	writeJSON(w, status, map[string]string{"error": msg, "code": code.String()})
 }
