@@ -284,26 +284,35 @@ func (d *daemon) getJSON(ctx context.Context, path string, v any) error {
 }
 
 func (d *daemon) doJSON(ctx context.Context, method, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, method, d.admin+path, nil)
+	body, err := d.do(ctx, method, path)
 	if err != nil {
 		return err
-	}
-	resp, err := d.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s %s: status %d: %s", method, path, resp.StatusCode, body)
 	}
 	if err := json.Unmarshal(body, v); err != nil {
 		return fmt.Errorf("%s %s: %v: %s", method, path, err, body)
 	}
 	return nil
+}
+
+// do sends one admin request and returns the body of a 200 answer.
+func (d *daemon) do(ctx context.Context, method, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, method, d.admin+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := d.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s %s: status %d: %s", method, path, resp.StatusCode, body)
+	}
+	return body, nil
 }
 
 // Producer paths.
@@ -1185,21 +1194,9 @@ func diffIDs(a, b []uint64) string {
 
 // rebuild replays a projection from zero and decodes the last NDJSON line.
 func (d *daemon) rebuild(ctx context.Context, projection string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.admin+"/v1/rebuild?"+url.Values{"projection": {projection}, "from": {"0"}}.Encode(), nil)
+	body, err := d.do(ctx, http.MethodPost, "/v1/rebuild?"+url.Values{"projection": {projection}, "from": {"0"}}.Encode())
 	if err != nil {
 		return err
-	}
-	resp, err := d.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("status %d: %s", resp.StatusCode, body)
 	}
 	lines := bytes.Split(bytes.TrimSpace(body), []byte("\n"))
 	return json.Unmarshal(lines[len(lines)-1], v)
