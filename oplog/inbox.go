@@ -49,6 +49,12 @@ type InboxConfig struct {
 	Log *Log
 	// Dir is the badger directory. Required.
 	Dir string
+	// LocalFeed makes the projection apply the entries this process
+	// appends straight from memory, reading the stream only for what it did
+	// not append (see projector). It saves a trip through NATS for every
+	// entry; it stays correct with other writers, but then reads the stream
+	// often. sluiced sets it with its embedded server. Default false.
+	LocalFeed bool
 	// Logger. Default zerolog.Nop().
 	Logger *zerolog.Logger
 }
@@ -101,10 +107,14 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 	for i := range cfg.Log.Shards() {
 		shard := uint32(i)
 		p, err := newProjector(StreamOplog(shard), [][]byte{[]byte("i/" + strconv.Itoa(i) + "/")}, db, js,
-			func(txn *badger.Txn, seq uint64, m jetstream.Msg) error { return in.applyEntry(txn, shard, seq, m) }, in.log)
+			func(txn *badger.Txn, r *record) error { return in.applyEntry(txn, shard, r) }, in.log)
 		if err != nil {
 			_ = db.Close()
 			return nil, err
+		}
+		if cfg.LocalFeed {
+			p.withFeed()
+			cfg.Log.writers[shard].feedTo(p)
 		}
 		in.shard = append(in.shard, p)
 	}
@@ -153,8 +163,9 @@ func (in *Inbox) Close() error {
 // is; target and dimension come from the subject and the end of validity
 // from the Nats-TTL header and the stored time, so the entry need not be
 // decoded here.
-func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, seq uint64, m jetstream.Msg) error {
-	_, dim, target, _, err := ParseOplogSubject(m.Subject())
+func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *record) error {
+	seq := r.seq
+	_, dim, target, _, err := ParseOplogSubject(r.subject)
 	if err != nil || !ValidID(target) {
 		// Only Sluice writes these streams; a bad record is skipped (and
 		// logged) rather than stopping the projection for good.
@@ -162,22 +173,21 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, seq uint64, m jetstre
 		return nil
 	}
 	var ttl time.Duration
-	if v := m.Headers().Get(jetstream.MsgTTLHeader); v != "" {
+	if v := r.ttl; v != "" {
 		d, err := time.ParseDuration(v)
 		if n, nerr := strconv.ParseInt(v, 10, 64); err != nil && nerr == nil {
 			d, err = time.Duration(n)*time.Second, nil // the server's other form: whole seconds
 		}
-		md, merr := m.Metadata()
-		if err != nil || merr != nil {
+		if err != nil {
 			in.log.Error().Uint64("seq", seq).Str("stream", StreamOplog(shard)).Msg("oplog entry with unreadable ttl skipped")
 			return nil
 		}
-		if ttl = time.Until(md.Timestamp.Add(d)); ttl <= 0 {
+		if ttl = time.Until(r.stored.Add(d)); ttl <= 0 {
 			return nil // expired already: never delivered, not kept
 		}
 	}
 	key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)
-	be := badger.NewEntry(key, m.Data())
+	be := badger.NewEntry(key, r.data)
 	if ttl > 0 {
 		be = be.WithTTL(ttl)
 	}
@@ -186,9 +196,10 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, seq uint64, m jetstre
 
 // applyAck projects one ack: the device's sync point is the last ack in
 // stream order, the user's single-device watermark the highest.
-func (in *Inbox) applyAck(txn *badger.Txn, seq uint64, m jetstream.Msg) error {
+func (in *Inbox) applyAck(txn *badger.Txn, r *record) error {
+	seq := r.seq
 	a := new(oplogpb.Ack)
-	if err := proto.Unmarshal(m.Data(), a); err != nil || !ValidID(a.Device) || !ValidBusiness(a.Business) {
+	if err := proto.Unmarshal(r.data, a); err != nil || !ValidID(a.Device) || !ValidBusiness(a.Business) {
 		in.log.Error().Uint64("seq", seq).Str("stream", StreamAcks).Msg("unreadable ack skipped")
 		return nil
 	}

@@ -14,14 +14,48 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// applyFunc writes the projection of one stream message into txn.
-type applyFunc func(txn *badger.Txn, seq uint64, m jetstream.Msg) error
+// record is one stored stream message, as a projection needs it.
+type record struct {
+	seq     uint64
+	subject string
+	data    []byte
+	ttl     string    // the Nats-TTL header, if any
+	stored  time.Time // when the stream stored it (fed records: when its ack came)
+}
+
+// recordOf reads a record and the consumer's pending count off a message.
+func recordOf(m jetstream.Msg) (record, uint64, error) {
+	md, err := m.Metadata()
+	if err != nil {
+		return record{}, 0, fmt.Errorf("metadata: %w", err)
+	}
+	return record{
+		seq:     md.Sequence.Stream,
+		subject: m.Subject(),
+		data:    m.Data(),
+		ttl:     m.Headers().Get(jetstream.MsgTTLHeader),
+		stored:  md.Timestamp,
+	}, md.NumPending, nil
+}
+
+// applyFunc writes the projection of one stream record into txn.
+type applyFunc func(txn *badger.Txn, r *record) error
 
 // projector projects one stream into badger, in stream order. It records
 // the sequence it has applied under its progress key in the same
 // transaction as the data, so a restart resumes exactly where the last
 // commit left off. Its goroutine (run) owns all its writes; a reset is a
 // request to that goroutine.
+//
+// Without a local feed it follows its stream through an ordered consumer.
+// With one, the writer of this process hands it every message it stored,
+// and the projector applies them in sequence order straight from memory,
+// saving the second trip of every entry through NATS. The stream stays the
+// authority: the projector catches up through an ordered consumer at start,
+// after a reset, when a gap in the fed sequences outlasts gapGrace (another
+// process wrote, or an ack was lost), and when a reader waits for a
+// sequence beyond what the feed has brought. Then it follows the feed
+// again.
 type projector struct {
 	name     string   // stream name, also the projection's name
 	prefixes [][]byte // keys the projection owns, dropped on a rebuild from zero
@@ -35,6 +69,50 @@ type projector struct {
 
 	mu     sync.Mutex
 	notify chan struct{} // closed and replaced whenever applied advances
+
+	// The local feed; nil when the projection follows its stream only.
+	feed    chan []record
+	fed     atomic.Uint64     // highest sequence handed to feed
+	want    atomic.Uint64     // highest sequence a reader waits for
+	kick    chan struct{}     // a reader raised want
+	pending map[uint64]record // fed records above applied; run's own
+}
+
+const (
+	// gapGrace is how long a gap in the fed sequences may last before the
+	// projector reads it from the stream (concurrent commits can hand over
+	// their records out of order).
+	gapGrace = 50 * time.Millisecond
+	// maxPending bounds the fed records held while catching up; beyond it
+	// they are dropped and read from the stream instead.
+	maxPending = 1 << 16
+)
+
+// withFeed turns on the local feed; call before run.
+func (p *projector) withFeed() {
+	p.feed = make(chan []record, 1024)
+	p.kick = make(chan struct{}, 1)
+	p.pending = make(map[uint64]record)
+}
+
+// offer hands stored records to the projector without ever blocking: if
+// its queue is full they are left to the stream.
+func (p *projector) offer(recs []record) {
+	if p.feed == nil || len(recs) == 0 {
+		return
+	}
+	select {
+	case p.feed <- recs:
+		for _, r := range recs {
+			for {
+				f := p.fed.Load()
+				if r.seq <= f || p.fed.CompareAndSwap(f, r.seq) {
+					break
+				}
+			}
+		}
+	default:
+	}
 }
 
 type resetRequest struct {
@@ -128,16 +206,112 @@ func (p *projector) catchUp(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if p.applied.Load() >= last {
+		return nil
+	}
+	if p.feed != nil {
+		for {
+			w := p.want.Load()
+			if last <= w || p.want.CompareAndSwap(w, last) {
+				break
+			}
+		}
+		select {
+		case p.kick <- struct{}{}:
+		default:
+		}
+	}
 	return p.waitFor(ctx, last)
 }
 
 // maxBatch is the most messages applied in one transaction.
 const maxBatch = 1024
 
-// run projects until ctx ends; a failed consumer is restarted with backoff.
+// run projects until ctx ends; a failure is retried with backoff.
 func (p *projector) run(ctx context.Context) error {
-	retry(ctx, p.log, "projection consumer failed", p.consume)
+	retry(ctx, p.log, "projection failed", p.cycle)
 	return nil
+}
+
+// cycle catches up through the stream, then follows the local feed until a
+// gap, a reader or a reset sends it back to the stream.
+func (p *projector) cycle(ctx context.Context) error {
+	if p.feed == nil {
+		return p.consume(ctx, true)
+	}
+	if err := p.consume(ctx, false); err != nil || ctx.Err() != nil {
+		return err
+	}
+	return p.follow(ctx)
+}
+
+// follow applies fed records in sequence order. It returns nil when the
+// stream must be read: a gap outlasting gapGrace, a reader waiting beyond
+// the feed, or a reset (handled first).
+func (p *projector) follow(ctx context.Context) error {
+	grace := time.NewTimer(time.Hour)
+	grace.Stop()
+	defer grace.Stop()
+	waiting := false
+	for {
+		if run := p.consecutive(); len(run) > 0 {
+			if err := p.write(run); err != nil {
+				return err
+			}
+			if waiting {
+				grace.Stop()
+				waiting = false
+			}
+			continue
+		}
+		if w := p.want.Load(); w > p.applied.Load() && w > p.fed.Load() {
+			return nil
+		}
+		if len(p.pending) > 0 && !waiting {
+			grace.Reset(gapGrace)
+			waiting = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case r := <-p.resets:
+			r.done <- p.reset(r.from)
+			return nil
+		case recs := <-p.feed:
+			p.stash(recs)
+		case <-p.kick:
+		case <-grace.C:
+			p.log.Debug().Uint64("seq", p.applied.Load()+1).Msg("gap in the local feed, reading the stream")
+			return nil
+		}
+	}
+}
+
+// stash keeps fed records above the applied sequence.
+func (p *projector) stash(recs []record) {
+	applied := p.applied.Load()
+	for _, r := range recs {
+		if r.seq > applied {
+			p.pending[r.seq] = r
+		}
+	}
+	if len(p.pending) > maxPending {
+		clear(p.pending) // the stream has them all
+	}
+}
+
+// consecutive takes the fed records that continue the applied sequence.
+func (p *projector) consecutive() []record {
+	var run []record
+	for next := p.applied.Load() + 1; len(run) < maxBatch; next++ {
+		r, ok := p.pending[next]
+		if !ok {
+			break
+		}
+		delete(p.pending, next)
+		run = append(run, r)
+	}
+	return run
 }
 
 // retry runs fn until ctx ends. A failure is logged with msg and fn runs
@@ -165,9 +339,22 @@ func retry(ctx context.Context, log zerolog.Logger, msg string, fn func(context.
 	}
 }
 
-// consume runs one ordered consumer from the applied sequence until ctx
-// ends, a reset arrives (handled, then returns nil to restart) or it fails.
-func (p *projector) consume(ctx context.Context) error {
+// consume applies the stream through an ordered consumer from the applied
+// sequence. With forever it runs until ctx ends or a reset arrives (handled,
+// then it returns nil to restart); otherwise it returns as soon as the
+// projection holds what the stream held when it started.
+func (p *projector) consume(ctx context.Context, forever bool) error {
+	var target uint64
+	if !forever {
+		last, err := p.lastSeq(ctx)
+		if err != nil {
+			return err
+		}
+		if p.applied.Load() >= last {
+			return nil
+		}
+		target = last
+	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	cfg := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}
@@ -194,7 +381,7 @@ func (p *projector) consume(ctx context.Context) error {
 	}
 	defer cc.Stop()
 
-	batch := make([]jetstream.Msg, 0, maxBatch)
+	batch := make([]record, 0, maxBatch)
 	for {
 		select {
 		case <-ctx.Done():
@@ -203,27 +390,39 @@ func (p *projector) consume(ctx context.Context) error {
 			cc.Stop()
 			r.done <- p.reset(r.from)
 			return nil
+		case recs := <-p.feed: // nil without a feed
+			p.stash(recs)
 		case m := <-msgs:
-			batch = append(batch[:0], m)
-		drain:
-			for len(batch) < maxBatch {
-				select {
-				case m := <-msgs:
-					batch = append(batch, m)
-				default:
-					break drain
+			batch = batch[:0]
+			for {
+				r, _, err := recordOf(m)
+				if err != nil {
+					return err
 				}
+				batch = append(batch, r)
+				if len(batch) == maxBatch {
+					break
+				}
+				select {
+				case m = <-msgs:
+					continue
+				default:
+				}
+				break
 			}
 			if err := p.write(batch); err != nil {
 				return err
+			}
+			if !forever && p.applied.Load() >= target {
+				return nil
 			}
 		}
 	}
 }
 
 // write applies a batch in as few transactions as badger allows, each
-// carrying the progress key of its last message.
-func (p *projector) write(batch []jetstream.Msg) error {
+// carrying the progress key of its last record.
+func (p *projector) write(batch []record) error {
 	txn := p.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
 	var last uint64
@@ -238,26 +437,22 @@ func (p *projector) write(batch []jetstream.Msg) error {
 		txn = p.db.NewTransaction(true)
 		return nil
 	}
-	for _, m := range batch {
-		md, err := m.Metadata()
-		if err != nil {
-			return fmt.Errorf("metadata: %w", err)
+	for i := range batch {
+		r := &batch[i]
+		if r.seq <= p.applied.Load() || r.seq <= last {
+			continue // already applied (a consumer restarted, or fed twice)
 		}
-		seq := md.Sequence.Stream
-		if seq <= p.applied.Load() || seq <= last {
-			continue // redelivered after a consumer reset
-		}
-		err = p.apply(txn, seq, m)
+		err := p.apply(txn, r)
 		if errors.Is(err, badger.ErrTxnTooBig) {
 			if err := commit(); err != nil {
 				return err
 			}
-			err = p.apply(txn, seq, m)
+			err = p.apply(txn, r)
 		}
 		if err != nil {
-			return fmt.Errorf("apply %d: %w", seq, err)
+			return fmt.Errorf("apply %d: %w", r.seq, err)
 		}
-		last = seq
+		last = r.seq
 	}
 	if last == 0 {
 		return nil
@@ -267,6 +462,7 @@ func (p *projector) write(batch []jetstream.Msg) error {
 
 // reset runs on the projector's goroutine with no consumer running.
 func (p *projector) reset(from uint64) error {
+	clear(p.pending)
 	if from <= 1 {
 		if err := p.db.DropPrefix(append(p.prefixes, p.progressKey())...); err != nil {
 			return fmt.Errorf("oplog: drop %s: %w", p.name, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -54,7 +55,11 @@ type writer struct {
 	slots chan struct{}
 	mu    sync.Mutex
 	queue []*job
+	feed  atomic.Pointer[projector] // the local projection, if it follows this writer
 }
+
+// feedTo makes the writer hand every message it stores to p.
+func (w *writer) feedTo(p *projector) { w.feed.Store(p) }
 
 func newWriter(l *Log) *writer { return &writer{l: l, slots: make(chan struct{}, commitSlots)} }
 
@@ -126,9 +131,28 @@ func (w *writer) commit(group []*job) {
 			w.async(msgs[start:end], res[start:end])
 		}
 	}
+	w.offer(msgs, res)
 	for _, j := range group {
 		close(j.done)
 	}
+}
+
+// offer hands what was stored (not duplicates, not failures) to the local
+// projection, before the callers return, so that their own reads wait on
+// records already under way.
+func (w *writer) offer(msgs []*nats.Msg, res []*pubResult) {
+	p := w.feed.Load()
+	if p == nil {
+		return
+	}
+	now := time.Now()
+	recs := make([]record, 0, len(msgs))
+	for i, m := range msgs {
+		if r := res[i]; r.err == nil && !r.dup && r.seq > 0 {
+			recs = append(recs, record{seq: r.seq, subject: m.Subject, data: m.Data, ttl: m.Header.Get(jetstream.MsgTTLHeader), stored: now})
+		}
+	}
+	p.offer(recs)
 }
 
 // async publishes each message and waits for every ack.

@@ -118,7 +118,12 @@ func (m *Main) Run(ctx context.Context) error {
 		}
 		m.log.Info().Str("business", b.Code).Str("dimension", b.Dimension.String()).Msg("business registered")
 	}
-	m.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "inbox"), Logger: &m.log})
+	m.inbox, err = oplog.OpenInbox(oplog.InboxConfig{
+		Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "inbox"), Logger: &m.log,
+		// The embedded server has no other writer: project our own appends
+		// from memory rather than reading each back through NATS.
+		LocalFeed: m.cfg.NATSURL == "",
+	})
 	if err != nil {
 		return err
 	}

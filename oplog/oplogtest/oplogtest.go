@@ -75,14 +75,14 @@ func MustOpenLog(tb testing.TB, nc *nats.Conn, cfg oplog.Config, businesses ...*
 	return l
 }
 
-// MustRunInbox opens an Inbox in a temporary directory (or dir) and runs
-// it until the end of the test.
+// MustRunInbox opens an Inbox in a temporary directory (or dir), fed by
+// l's own appends as in sluiced, and runs it until the end of the test.
 func MustRunInbox(tb testing.TB, l *oplog.Log, dir string) *oplog.Inbox {
 	tb.Helper()
 	if dir == "" {
 		dir = tb.TempDir()
 	}
-	in, err := oplog.OpenInbox(oplog.InboxConfig{Log: l, Dir: dir})
+	in, err := oplog.OpenInbox(oplog.InboxConfig{Log: l, Dir: dir, LocalFeed: true})
 	if err != nil {
 		tb.Fatalf("open inbox: %v", err)
 	}
