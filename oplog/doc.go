@@ -14,7 +14,9 @@
 //   - Inbox is the badger projection of the oplog and ACKS streams: per-user
 //     and per-device inboxes, device sync points and single-device
 //     watermarks. Backlog, SyncPoints, Ack, Rebuild and Digest read and
-//     drive it.
+//     drive it. With InboxConfig.LocalFeed it applies this process's own
+//     appends straight from the writer and reads the stream only for the
+//     rest (see projector.go); the result is the same either way.
 //
 // # Invariants
 //
