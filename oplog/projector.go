@@ -344,26 +344,28 @@ func retry(ctx context.Context, log zerolog.Logger, msg string, fn func(context.
 // then it returns nil to restart); otherwise it returns as soon as the
 // projection holds what the stream held when it started.
 func (p *projector) consume(ctx context.Context, forever bool) error {
-	var target uint64
-	if !forever {
-		last, err := p.lastSeq(ctx)
-		if err != nil {
-			return err
-		}
-		if p.applied.Load() >= last {
-			return nil
-		}
-		target = last
+	target, err := p.lastSeq(ctx)
+	if err != nil {
+		return err
+	}
+	if !forever && p.applied.Load() >= target {
+		return nil
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	cfg := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}
-	if start := p.applied.Load() + 1; start > 1 {
-		cfg = jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start}
-	}
 	stream, err := p.js.Stream(cctx, p.name)
 	if err != nil {
 		return fmt.Errorf("stream: %w", err)
+	}
+	if err := p.skipDeleted(cctx, stream, target); err != nil {
+		return err
+	}
+	if !forever && p.applied.Load() >= target {
+		return nil
+	}
+	cfg := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}
+	if start := p.applied.Load() + 1; start > 1 {
+		cfg = jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start}
 	}
 	cons, err := stream.OrderedConsumer(cctx, cfg)
 	if err != nil {
@@ -394,11 +396,13 @@ func (p *projector) consume(ctx context.Context, forever bool) error {
 			p.stash(recs)
 		case m := <-msgs:
 			batch = batch[:0]
+			var pending uint64
 			for {
-				r, _, err := recordOf(m)
+				r, n, err := recordOf(m)
 				if err != nil {
 					return err
 				}
+				pending = n
 				batch = append(batch, r)
 				if len(batch) == maxBatch {
 					break
@@ -413,11 +417,54 @@ func (p *projector) consume(ctx context.Context, forever bool) error {
 			if err := p.write(batch); err != nil {
 				return err
 			}
+			if pending == 0 && p.applied.Load() < target {
+				// Nothing follows in the stream: the sequences up to the
+				// target that were not delivered no longer exist.
+				if err := p.advanceTo(target); err != nil {
+					return err
+				}
+			}
 			if !forever && p.applied.Load() >= target {
 				return nil
 			}
 		}
 	}
+}
+
+// skipDeleted advances the projection over the sequences up to target when
+// none of them exists any more: entries that expired (per-message TTL)
+// before they were applied. Without it a reader waiting for the stream's
+// last sequence would wait for a message that will never come.
+func (p *projector) skipDeleted(ctx context.Context, stream jetstream.Stream, target uint64) error {
+	from := p.applied.Load() + 1
+	if from > target {
+		return nil
+	}
+	_, err := stream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(">"))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		p.log.Debug().Uint64("seq", from).Uint64("target", target).Msg("expired tail skipped")
+		return p.advanceTo(target)
+	case err != nil:
+		return fmt.Errorf("next message from %d: %w", from, err)
+	}
+	return nil
+}
+
+// advanceTo records seq as applied, with no data: every sequence up to it
+// was applied or no longer exists.
+func (p *projector) advanceTo(seq uint64) error {
+	if seq <= p.applied.Load() {
+		return nil
+	}
+	err := p.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, seq))
+	})
+	if err != nil {
+		return fmt.Errorf("oplog: advance %s: %w", p.name, err)
+	}
+	p.advanced(seq)
+	return nil
 }
 
 // write applies a batch in as few transactions as badger allows, each

@@ -7,6 +7,7 @@ import (
 
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // TestRebuildIsDeterministic: rebuilding a projection from zero, twice,
@@ -138,5 +139,41 @@ func TestFeedWithOtherWriters(t *testing.T) {
 	}
 	if sum.Digest != live {
 		t.Fatalf("fed projection digest %s, rebuilt %s", live, sum.Digest)
+	}
+}
+
+// TestExpiredTailDoesNotStallReaders: when the newest entries of a stream
+// expire before the projection applies them (here: a rebuild after they
+// expired), their sequences no longer exist; rebuilds and backlog reads must
+// still complete.
+func TestExpiredTailDoesNotStallReaders(t *testing.T) {
+	e := newEnv(t)
+	keep := mustAppend(t, e.l, syncEvent("chat", "hana"))[0].Id
+	ev := syncEvent("chat", "hana")
+	ev.ExpiresAt = timestamppb.New(time.Now().Add(time.Second))
+	gone := mustAppend(t, e.l, ev)[0].Id
+	stream, err := e.l.JetStream().Stream(ctx(t), oplog.StreamOplog(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := stream.GetMsg(ctx(t), gone); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("entry %d not expired from the stream", gone)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	sum, err := e.in.Rebuild(ctx(t), oplog.StreamOplog(0), 0, time.Second, nil)
+	if err != nil {
+		t.Fatalf("rebuild over an expired tail: %v", err)
+	}
+	if sum.Applied < gone {
+		t.Fatalf("rebuild applied up to %d, want at least %d", sum.Applied, gone)
+	}
+	if got := ids(mustBacklog(t, e.in, oplog.BacklogRequest{User: "hana", Device: "d"})); !equalIDs(got, []uint64{keep}) {
+		t.Fatalf("backlog %v, want only %d", got, keep)
 	}
 }
