@@ -344,18 +344,15 @@ func retry(ctx context.Context, log zerolog.Logger, msg string, fn func(context.
 // then it returns nil to restart); otherwise it returns as soon as the
 // projection holds what the stream held when it started.
 func (p *projector) consume(ctx context.Context, forever bool) error {
-	target, err := p.lastSeq(ctx)
-	if err != nil {
-		return err
-	}
-	if !forever && p.applied.Load() >= target {
-		return nil
-	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := p.js.Stream(cctx, p.name)
+	stream, err := p.js.Stream(cctx, p.name) // one STREAM.INFO: also the target
 	if err != nil {
 		return fmt.Errorf("stream: %w", err)
+	}
+	target := stream.CachedInfo().State.LastSeq
+	if !forever && p.applied.Load() >= target {
+		return nil
 	}
 	if err := p.skipDeleted(cctx, stream, target); err != nil {
 		return err

@@ -125,7 +125,7 @@ func (w *writer) commit(group []*job) {
 	}
 	for start := 0; start < len(msgs); start += maxAtomic {
 		end := min(start+maxAtomic, len(msgs))
-		if min := w.l.atomicMin; min > 0 && end-start >= min {
+		if least := w.l.atomicMin; least > 0 && end-start >= least {
 			w.atomic(msgs[start:end], res[start:end])
 		} else {
 			w.async(msgs[start:end], res[start:end])

@@ -144,14 +144,11 @@ func (c *cli) publish(ctx context.Context, args []string) error {
 		return fmt.Errorf("--kind %q: want sync, push, release, switch or command", *kind)
 	}
 	ev := &oplogpb.Event{Kind: oplogpb.Kind(k), Business: *biz, Payload: []byte(*payload), ContentType: *ctype, MessageId: *msgID, Transient: *transient}
-	switch {
-	case *user != "" && *device == "":
-		ev.Targets, ev.Dimension = []string{*user}, oplogpb.Dimension_DIMENSION_USER
-	case *device != "" && *user == "":
-		ev.Targets, ev.Dimension = []string{*device}, oplogpb.Dimension_DIMENSION_DEVICE
-	default:
-		return errors.New("publish: give exactly one of --user or --device")
+	target, dim, err := oneTarget("publish", *user, *device)
+	if err != nil {
+		return err
 	}
+	ev.Targets, ev.Dimension = []string{target}, dim
 	if *ttl > 0 {
 		ev.ExpiresAt = timestamppb.New(time.Now().Add(*ttl))
 	}
@@ -201,6 +198,17 @@ func (c *cli) publish(ctx context.Context, args []string) error {
 		fmt.Fprintf(c.out, "appended %s/%s id=%d epoch=%d shard=%d%s\n", *biz, r.Target, r.Id, r.Epoch, r.Shard, dup)
 	}
 	return nil
+}
+
+// oneTarget picks the target of a command given --user or --device.
+func oneTarget(cmd, user, device string) (string, oplogpb.Dimension, error) {
+	switch {
+	case user != "" && device == "":
+		return user, oplogpb.Dimension_DIMENSION_USER, nil
+	case device != "" && user == "":
+		return device, oplogpb.Dimension_DIMENSION_DEVICE, nil
+	}
+	return "", 0, fmt.Errorf("%s: give exactly one of --user or --device", cmd)
 }
 
 func decodeReply(ct string, data []byte, m proto.Message) error {
@@ -282,16 +290,13 @@ func (c *cli) tail(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if (*user == "") == (*device == "") {
-		return errors.New("tail: give exactly one of --user or --device")
+	target, dim, err := oneTarget("tail", *user, *device)
+	if err != nil {
+		return err
 	}
 	var in info
 	if err := c.get(ctx, "/v1/info", nil, &in); err != nil {
 		return err
-	}
-	target, dim := *user, oplogpb.Dimension_DIMENSION_USER
-	if *device != "" {
-		target, dim = *device, oplogpb.Dimension_DIMENSION_DEVICE
 	}
 	if !oplog.ValidID(target) {
 		return fmt.Errorf("tail: id %q is outside [A-Za-z0-9_-]{1,64}", target)
