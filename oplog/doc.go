@@ -43,14 +43,15 @@
 // writes nothing; an event with several targets whose append fails
 // midway may be partly written, and its retry with the same message id
 // completes it without duplicates. Transient events are published on
-// the live subject only and never stored. Stored entries are re-published
-// on the live subject (SubjectLive) by the stream itself, with their id in
-// the Nats-Sequence header, once stored.
+// the live subject (SubjectLive) only and never stored.
 //
-// Inbox.Backlog waits until the projection holds every entry the stream
-// held when it was called, so a reader that subscribes to the live subject
-// first and reads the backlog second misses nothing (it may see an entry
-// twice, and dedupes by id).
+// Inbox.Watch delivers a target's entries live: stored ones once the
+// projection has applied them (in id order), transient ones from the live
+// subject. Inbox.Backlog waits until the projection holds every entry the
+// stream held when it was called, so a reader that watches first and reads
+// the backlog second misses nothing (it may see an entry twice, and
+// dedupes by id). See live.go for why live entries come from the
+// projection rather than from the stream's RePublish.
 //
 // # Concurrency
 //

@@ -68,6 +68,7 @@ type Inbox struct {
 	log   zerolog.Logger
 	shard []*projector // one per oplog shard
 	acks  *projector
+	live  *live
 
 	closeOnce sync.Once
 	closeErr  error
@@ -79,7 +80,7 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 	if cfg.Log == nil || cfg.Dir == "" {
 		return nil, errors.New("oplog: InboxConfig.Log and Dir are required")
 	}
-	in := &Inbox{lg: cfg.Log, log: zerolog.Nop()}
+	in := &Inbox{lg: cfg.Log, log: zerolog.Nop(), live: newLive(cfg.Log.Shards())}
 	if cfg.Logger != nil {
 		in.log = cfg.Logger.With().Str("component", "inbox").Logger()
 	}
@@ -112,6 +113,8 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 			_ = db.Close()
 			return nil, err
 		}
+		p.committed = func(recs []record) { in.committed(shard, recs) }
+		in.live.delivered[shard] = p.applied.Load()
 		if cfg.LocalFeed {
 			p.withFeed()
 			cfg.Log.writers[shard].feedTo(p)
@@ -133,6 +136,7 @@ func (in *Inbox) Run(ctx context.Context) error {
 		g.Go(func() error { return p.run(ctx) })
 	}
 	g.Go(func() error { return in.gc(ctx) })
+	g.Go(func() error { return in.dispatchTransient(ctx) })
 	return g.Wait()
 }
 
@@ -153,9 +157,15 @@ func (in *Inbox) gc(ctx context.Context) error {
 
 func (in *Inbox) projectors() []*projector { return append(slices.Clone(in.shard), in.acks) }
 
-// Close closes the store. Idempotent; call after Run has returned.
+// Close ends every watch and closes the store. Idempotent; call after Run
+// has returned.
 func (in *Inbox) Close() error {
-	in.closeOnce.Do(func() { in.closeErr = in.db.Close() })
+	in.closeOnce.Do(func() {
+		for _, w := range in.live.all() {
+			w.Stop()
+		}
+		in.closeErr = in.db.Close()
+	})
 	return in.closeErr
 }
 

@@ -146,10 +146,6 @@ func (l *Log) ensureStreams(ctx context.Context) error {
 			DenyPurge:          true,
 			AllowMsgTTL:        true,
 			AllowAtomicPublish: l.atomicMin > 0,
-			RePublish: &jetstream.RePublish{
-				Source:      fmt.Sprintf("sluice.oplog.%d.>", shard),
-				Destination: fmt.Sprintf("sluice.live.%d.>", shard),
-			},
 		}
 		epoch, err := l.ensureStream(ctx, cfg)
 		if err != nil {

@@ -63,6 +63,10 @@ type projector struct {
 	js       jetstream.JetStream
 	apply    applyFunc
 	log      zerolog.Logger
+	// committed, if set, is called on the projector's goroutine after each
+	// commit with the records of that commit (in sequence order; some may
+	// have been applied before).
+	committed func([]record)
 
 	applied atomic.Uint64
 	resets  chan resetRequest
@@ -470,7 +474,8 @@ func (p *projector) write(batch []record) error {
 	txn := p.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
 	var last uint64
-	commit := func() error {
+	start := 0 // first record of the open transaction
+	commit := func(end int) error {
 		if err := txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, last)); err != nil {
 			return err
 		}
@@ -478,6 +483,10 @@ func (p *projector) write(batch []record) error {
 			return fmt.Errorf("commit: %w", err)
 		}
 		p.advanced(last)
+		if p.committed != nil {
+			p.committed(batch[start:end])
+		}
+		start = end
 		txn = p.db.NewTransaction(true)
 		return nil
 	}
@@ -488,7 +497,7 @@ func (p *projector) write(batch []record) error {
 		}
 		err := p.apply(txn, r)
 		if errors.Is(err, badger.ErrTxnTooBig) {
-			if err := commit(); err != nil {
+			if err := commit(i); err != nil {
 				return err
 			}
 			err = p.apply(txn, r)
@@ -501,7 +510,7 @@ func (p *projector) write(batch []record) error {
 	if last == 0 {
 		return nil
 	}
-	return commit()
+	return commit(len(batch))
 }
 
 // reset runs on the projector's goroutine with no consumer running.

@@ -2,7 +2,6 @@ package oplog_test
 
 import (
 	"errors"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -163,42 +162,6 @@ func mustJSON(t *testing.T, m proto.Message) []byte {
 		t.Fatal(err)
 	}
 	return data
-}
-
-func TestLiveAndTransient(t *testing.T) {
-	e := newEnv(t)
-	live := make(chan *nats.Msg, 16)
-	sub, err := e.nc.ChanSubscribe(oplog.SubjectLiveTarget(0, oplogpb.Dimension_DIMENSION_USER, "dave"), live)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
-	_ = e.nc.Flush()
-	id := mustAppend(t, e.l, syncEvent("chat", "dave"))[0].Id
-	tr := syncEvent("chat", "dave")
-	tr.Transient = true
-	if r := mustAppend(t, e.l, tr); r[0].Id != 0 {
-		t.Fatalf("transient event got id %d, want 0", r[0].Id)
-	}
-	got := map[string]bool{}
-	for range 2 {
-		select {
-		case m := <-live:
-			if m.Header.Get(oplog.HeaderTransient) != "" {
-				got["transient"] = true
-			} else if m.Header.Get("Nats-Sequence") == strconv.FormatUint(id, 10) {
-				got["stored"] = true
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("live messages: got %v", got)
-		}
-	}
-	if !got["transient"] || !got["stored"] {
-		t.Fatalf("live messages: got %v, want the stored entry (with its sequence) and the transient one", got)
-	}
-	if b := mustBacklog(t, e.in, oplog.BacklogRequest{User: "dave", Device: "d"}); len(b.Entries) != 1 {
-		t.Fatalf("backlog holds %d entries, want only the stored one", len(b.Entries))
-	}
 }
 
 func TestEpochChangesWhenStreamIsRecreated(t *testing.T) {

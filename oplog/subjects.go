@@ -62,16 +62,21 @@ func SubjectOplog(shard uint32, dim oplogpb.Dimension, target, business string) 
 	return "sluice.oplog." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + "." + business
 }
 
-// SubjectLive is where stored entries are re-published once durable (by the
-// stream's RePublish, with Nats-Sequence in the headers) and transient
-// entries are published: sluice.live.<shard>.<u|d>.<target>.<business>.
+// SubjectOplogTarget matches every stored entry of one target.
+func SubjectOplogTarget(shard uint32, dim oplogpb.Dimension, target string) string {
+	return "sluice.oplog." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + ".*"
+}
+
+// SubjectLive is where transient entries are published (never stored):
+// sluice.live.<shard>.<u|d>.<target>.<business>. Stored entries reach live
+// readers in process, from the projection (Inbox.Watch).
 func SubjectLive(shard uint32, dim oplogpb.Dimension, target, business string) string {
 	return "sluice.live." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + "." + business
 }
 
 // SubjectLiveTarget matches every live entry of one target.
 func SubjectLiveTarget(shard uint32, dim oplogpb.Dimension, target string) string {
-	return fmt.Sprintf("sluice.live.%d.%s.%s.*", shard, dimToken(dim), target)
+	return "sluice.live." + strconv.FormatUint(uint64(shard), 10) + "." + dimToken(dim) + "." + target + ".*"
 }
 
 // SubjectAck is where a device's ack of a business is stored:

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -306,31 +307,61 @@ func (c *cli) tail(ctx context.Context, args []string) error {
 		return err
 	}
 	defer nc.Close()
-	msgs := make(chan *nats.Msg, 1024)
-	sub, err := nc.ChanSubscribe(oplog.SubjectLiveTarget(oplog.ShardOf(target, in.Shards), dim, target), msgs)
+	// Stored entries come from the oplog stream through an ordered
+	// consumer that starts at the next entry; transient ones from the
+	// target's live subject.
+	shard := oplog.ShardOf(target, in.Shards)
+	transient := make(chan *nats.Msg, 1024)
+	sub, err := nc.ChanSubscribe(oplog.SubjectLiveTarget(shard, dim, target), transient)
 	if err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
 	defer sub.Unsubscribe()
-	if err := nc.Flush(); err != nil {
+	js, err := jetstream.New(nc)
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(c.errOut, "tailing %s (ctrl-c to stop)\n", sub.Subject)
+	cons, err := js.OrderedConsumer(ctx, oplog.StreamOplog(shard), jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{oplog.SubjectOplogTarget(shard, dim, target)},
+		DeliverPolicy:  jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		return fmt.Errorf("tail %s: %w", target, err)
+	}
+	stored := make(chan jetstream.Msg, 1024)
+	done := make(chan struct{})
+	defer close(done)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		select {
+		case stored <- m:
+		case <-done:
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("tail %s: %w", target, err)
+	}
+	defer cc.Stop()
+	fmt.Fprintf(c.errOut, "tailing %s (ctrl-c to stop)\n", oplog.SubjectOplogTarget(shard, dim, target))
+	show := func(id, subject string, data []byte) {
+		e := new(oplogpb.Entry)
+		if err := proto.Unmarshal(data, e); err != nil {
+			fmt.Fprintf(c.errOut, "undecodable entry on %s: %v\n", subject, err)
+			return
+		}
+		fmt.Fprintf(c.out, "id=%s business=%s target=%s kind=%s payload=%s\n", id, e.Business, e.Target, e.Kind, preview(e.Payload))
+	}
 	for n := 0; *count == 0 || n < *count; n++ {
 		select {
 		case <-ctx.Done():
 			return nil
-		case m := <-msgs:
-			e := new(oplogpb.Entry)
-			if err := proto.Unmarshal(m.Data, e); err != nil {
-				fmt.Fprintf(c.errOut, "undecodable entry on %s: %v\n", m.Subject, err)
-				continue
+		case m := <-transient:
+			show("transient", m.Subject, m.Data)
+		case m := <-stored:
+			id := "?"
+			if md, err := m.Metadata(); err == nil {
+				id = strconv.FormatUint(md.Sequence.Stream, 10)
 			}
-			id := m.Header.Get("Nats-Sequence")
-			if m.Header.Get(oplog.HeaderTransient) != "" {
-				id = "transient"
-			}
-			fmt.Fprintf(c.out, "id=%s business=%s target=%s kind=%s payload=%s\n", id, e.Business, e.Target, e.Kind, preview(e.Payload))
+			show(id, m.Subject(), m.Data())
 		}
 	}
 	return nil

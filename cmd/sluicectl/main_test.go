@@ -139,10 +139,13 @@ func TestPublishThenInspect(t *testing.T) {
 		}
 	}
 
-	// Tail sees a new entry live.
+	// Tail sees a new stored entry, with its id, and a transient one. It
+	// subscribes to transient entries before it starts reading the stream,
+	// so once it has the stored entry of a round it gets that round's
+	// transient one.
 	done := make(chan string, 1)
 	go func() {
-		out, err := ctl(t, "--data", data, "tail", "--user", "alice", "-n", "1")
+		out, err := ctl(t, "--data", data, "tail", "--user", "alice", "-n", "2")
 		done <- fmt.Sprint(out, err)
 	}()
 	deadline := time.After(20 * time.Second)
@@ -150,9 +153,13 @@ func TestPublishThenInspect(t *testing.T) {
 		if _, err := ctl(t, "--data", data, "publish", "--user", "alice", "--payload", "live one"); err != nil {
 			t.Fatal(err)
 		}
+		if _, err := ctl(t, "--data", data, "publish", "--user", "alice", "--payload", "typing", "--transient"); err != nil {
+			t.Fatal(err)
+		}
 		select {
 		case out := <-done:
-			if !strings.Contains(out, `payload="live one"`) {
+			if !regexp.MustCompile(`id=\d+ business=demo target=alice kind=KIND_SYNC payload="live one"`).MatchString(out) ||
+				!strings.Contains(out, `id=transient business=demo target=alice kind=KIND_SYNC payload="typing"`) {
 				t.Fatalf("tail printed %q", out)
 			}
 			return
