@@ -1,0 +1,6 @@
+// Package gatewaypb holds the protobuf schema of the Sluice client
+// protocol (gateway/PROTOCOL.md). The .pb.go file is generated; edit
+// gateway.proto and run go generate.
+package gatewaypb
+
+//go:generate protoc -I . --go_out=. --go_opt=paths=source_relative gateway.proto
