@@ -29,6 +29,7 @@ import (
 type global struct {
 	nats  string
 	admin string
+	data  string // data directory of sluiced
 }
 
 // parseGlobal reads the flags before the command.
@@ -41,7 +42,7 @@ func parseGlobal(args []string) (global, []string, error) {
 	if err := fs.Parse(args); err != nil {
 		return global{}, nil, fmt.Errorf("%v (command flags go after the command): %w", err, errUsage)
 	}
-	g := global{nats: *natsURL, admin: *admin}
+	g := global{nats: *natsURL, admin: *admin, data: *data}
 	var ep struct{ NATS, Admin string }
 	if raw, err := os.ReadFile(filepath.Join(*data, "endpoints.json")); err == nil {
 		_ = json.Unmarshal(raw, &ep)

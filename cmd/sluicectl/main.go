@@ -25,6 +25,8 @@ Commands:
   rebuild   replay a projection from zero or from a sequence, with progress
   digest    print the SHA-256 digest of a projection
   biz       list or add businesses (biz list | biz add CODE --dim user|device [--single])
+  token     print a client token signed with <data>/token.key (no sluiced needed)
+  cert      write a self-signed development TLS certificate and key to <data>/tls
 
 Run "sluicectl COMMAND -h" for the flags of a command.
 `
@@ -72,6 +74,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return c.digest(ctx, rest)
 	case "biz":
 		return c.biz(ctx, rest)
+	case "token":
+		return c.token(rest)
+	case "cert":
+		return c.cert(rest)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
