@@ -1,0 +1,188 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/gateway/wire"
+)
+
+// link is one client connection, whatever its transport. read is called by
+// one goroutine (the session's reader), write by one at a time (the
+// session's flusher); close may be called by anyone, any number of times.
+type link interface {
+	// read returns the next frame; a zero deadline waits forever.
+	read(deadline time.Time) (*gatewaypb.Frame, error)
+	// write sends frames in order.
+	write(ctx context.Context, frames []*gatewaypb.Frame) error
+	// setCompress allows zstd on frames written from now on.
+	setCompress(bool)
+	// close ends the link at once; graceful closes after a goodbye.
+	close()
+	closeGracefully()
+	transport() string
+	remote() string
+}
+
+// tcpLink is a TCP (or TLS) connection carrying TLV frames. An idle link
+// holds no buffer but its 5-byte header array: frame values are allocated
+// once their length is read, and writes borrow a pooled buffer.
+type tcpLink struct {
+	codec    *wire.Codec
+	c        net.Conn
+	hdr      [wire.HeaderSize]byte
+	compress atomic.Bool
+	once     sync.Once
+}
+
+func newTCPLink(s *Server, c net.Conn) *tcpLink { return &tcpLink{codec: s.codec, c: c} }
+
+func (l *tcpLink) read(deadline time.Time) (*gatewaypb.Frame, error) {
+	if err := l.c.SetReadDeadline(deadline); err != nil {
+		return nil, err
+	}
+	f, _, err := l.codec.ReadTLV(l.c, l.hdr[:])
+	return f, err
+}
+
+// writeBufs pools the buffers frames are encoded into.
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func (l *tcpLink) write(ctx context.Context, frames []*gatewaypb.Frame) error {
+	bp := writeBufs.Get().(*[]byte)
+	defer func() {
+		if cap(*bp) <= 1<<20 {
+			writeBufs.Put(bp)
+		}
+	}()
+	buf := (*bp)[:0]
+	compress := l.compress.Load()
+	for _, f := range frames {
+		var err error
+		if buf, err = l.codec.AppendTLV(buf, f, compress); err != nil {
+			return err
+		}
+	}
+	*bp = buf
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Time{}
+	}
+	if err := l.c.SetWriteDeadline(deadline); err != nil {
+		return err
+	}
+	_, err := l.c.Write(buf)
+	return err
+}
+
+func (l *tcpLink) setCompress(on bool) { l.compress.Store(on) }
+func (l *tcpLink) close()              { l.once.Do(func() { _ = l.c.Close() }) }
+func (l *tcpLink) closeGracefully()    { l.close() }
+func (l *tcpLink) transport() string   { return "tcp" }
+func (l *tcpLink) remote() string      { return l.c.RemoteAddr().String() }
+
+// wsLink is a WebSocket connection: one frame per message, binary
+// (protobuf) or, with the JSON sub-protocol, text (protojson).
+type wsLink struct {
+	codec    *wire.Codec
+	c        *websocket.Conn
+	json     bool
+	addr     string
+	compress atomic.Bool
+	once     sync.Once
+}
+
+func acceptWebSocket(s *Server, w http.ResponseWriter, r *http.Request, origins []string) (*wsLink, error) {
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		Subprotocols:   []string{wire.SubprotocolProto, wire.SubprotocolJSON},
+		OriginPatterns: origins,
+		// Frames are compressed with zstd above a threshold, by agreement
+		// in hello; per-message deflate would cost a compressor per link.
+		CompressionMode: websocket.CompressionDisabled,
+	})
+	if err != nil {
+		return nil, err
+	}
+	c.SetReadLimit(int64(s.codec.MaxFrame()))
+	return &wsLink{codec: s.codec, c: c, json: c.Subprotocol() == wire.SubprotocolJSON, addr: r.RemoteAddr}, nil
+}
+
+func (l *wsLink) read(deadline time.Time) (*gatewaypb.Frame, error) {
+	ctx := context.Background()
+	if !deadline.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, deadline)
+		defer cancel()
+	}
+	typ, b, err := l.c.Read(ctx)
+	if err != nil {
+		var ce websocket.CloseError
+		if errors.As(err, &ce) {
+			return nil, fmt.Errorf("websocket closed by peer (%d %s): %w", ce.Code, ce.Reason, errPeerClosed)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("websocket read: %w", errTimeout)
+		}
+		return nil, err
+	}
+	if l.json {
+		if typ != websocket.MessageText {
+			return nil, fmt.Errorf("binary message on the JSON sub-protocol: %w", wire.ErrBadFrame)
+		}
+		return l.codec.DecodeJSON(b)
+	}
+	if typ != websocket.MessageBinary {
+		return nil, fmt.Errorf("text message on the protobuf sub-protocol: %w", wire.ErrBadFrame)
+	}
+	return l.codec.DecodeBinary(b)
+}
+
+func (l *wsLink) write(ctx context.Context, frames []*gatewaypb.Frame) error {
+	compress := l.compress.Load()
+	for _, f := range frames {
+		var (
+			b   []byte
+			err error
+			typ = websocket.MessageBinary
+		)
+		if l.json {
+			b, err = l.codec.EncodeJSON(f)
+			typ = websocket.MessageText
+		} else {
+			b, err = l.codec.EncodeBinary(f, compress)
+		}
+		if err != nil {
+			return err
+		}
+		if err := l.c.Write(ctx, typ, b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *wsLink) setCompress(on bool) { l.compress.Store(on && !l.json) }
+func (l *wsLink) close()              { l.once.Do(func() { _ = l.c.CloseNow() }) }
+func (l *wsLink) closeGracefully() {
+	l.once.Do(func() { _ = l.c.Close(websocket.StatusNormalClosure, "") })
+}
+func (l *wsLink) transport() string {
+	if l.json {
+		return "ws-json"
+	}
+	return "ws"
+}
+func (l *wsLink) remote() string { return l.addr }
+
+var (
+	errPeerClosed = errors.New("closed by peer")
+	errTimeout    = errors.New("timeout")
+)

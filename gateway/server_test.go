@@ -1,0 +1,562 @@
+package gateway_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/sluicehq/sluice/gateway"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/gateway/wire"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"github.com/sluicehq/sluice/oplog/oplogtest"
+)
+
+var (
+	chat   = &oplogpb.Business{Code: "chat", Dimension: oplogpb.Dimension_DIMENSION_USER}
+	config = &oplogpb.Business{Code: "config", Dimension: oplogpb.Dimension_DIMENSION_DEVICE}
+)
+
+// env is a gateway on a real oplog, inbox and embedded JetStream, with a
+// TCP listener and a WebSocket server on loopback.
+type env struct {
+	t      *testing.T
+	l      *oplog.Log
+	in     *oplog.Inbox
+	srv    *gateway.Server
+	signer *gateway.Signer
+	tcp    string
+	ws     string
+	codec  *wire.Codec
+}
+
+func newEnv(t *testing.T, mod func(*gateway.Config)) *env {
+	t.Helper()
+	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
+	l := oplogtest.MustOpenLog(t, nc, oplog.Config{}, chat, config)
+	in := oplogtest.MustRunInbox(t, l, "")
+	pub, priv, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := gateway.Config{Inbox: in, Tokens: gateway.NewVerifier(pub)}
+	if mod != nil {
+		mod(&cfg)
+	}
+	srv, err := gateway.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.ServeTCP(ln) }()
+	hs := httptest.NewServer(srv.WebSocketHandler(nil))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		if err := <-served; err != nil {
+			t.Errorf("ServeTCP: %v", err)
+		}
+		hs.Close()
+	})
+	codec, _ := wire.NewCodec(wire.Options{})
+	return &env{t: t, l: l, in: in, srv: srv, signer: gateway.NewSigner(priv), tcp: ln.Addr().String(),
+		ws: "ws" + strings.TrimPrefix(hs.URL, "http") + "/", codec: codec}
+}
+
+func (e *env) token(user, device string, ttl time.Duration) string {
+	e.t.Helper()
+	tok, err := e.signer.Issue(gateway.Claims{User: user, Device: device, App: "app", Expires: time.Now().Add(ttl)})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return tok
+}
+
+func (e *env) append(biz, target string, mod ...func(*oplogpb.Event)) uint64 {
+	e.t.Helper()
+	ev := &oplogpb.Event{Kind: oplogpb.Kind_KIND_SYNC, Business: biz, Targets: []string{target}, Payload: []byte("p")}
+	for _, m := range mod {
+		m(ev)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := e.l.Append(ctx, ev)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return r[0].Id
+}
+
+// client is a raw protocol client: it sends and reads frames, nothing
+// more.
+type client struct {
+	t     *testing.T
+	codec *wire.Codec
+	tcp   net.Conn
+	ws    *websocket.Conn
+	json  bool
+	hdr   []byte
+}
+
+func (e *env) dialTCP() *client {
+	e.t.Helper()
+	c, err := net.Dial("tcp", e.tcp)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return &client{t: e.t, codec: e.codec, tcp: c, hdr: make([]byte, wire.HeaderSize)}
+}
+
+func (e *env) dialWS(subprotocol string) *client {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, e.ws, &websocket.DialOptions{Subprotocols: []string{subprotocol}})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	c.SetReadLimit(8 << 20)
+	e.t.Cleanup(func() { c.CloseNow() })
+	return &client{t: e.t, codec: e.codec, ws: c, json: c.Subprotocol() == wire.SubprotocolJSON}
+}
+
+func (c *client) send(f *gatewaypb.Frame) {
+	c.t.Helper()
+	if c.tcp != nil {
+		b, err := c.codec.AppendTLV(nil, f, false)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		if _, err := c.tcp.Write(b); err != nil {
+			c.t.Fatal(err)
+		}
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var err error
+	if c.json {
+		b, _ := c.codec.EncodeJSON(f)
+		err = c.ws.Write(ctx, websocket.MessageText, b)
+	} else {
+		b, _ := c.codec.EncodeBinary(f, false)
+		err = c.ws.Write(ctx, websocket.MessageBinary, b)
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// read returns the next frame, or an error (io.EOF when the server closed
+// the link).
+func (c *client) read(timeout time.Duration) (*gatewaypb.Frame, error) {
+	if c.tcp != nil {
+		_ = c.tcp.SetReadDeadline(time.Now().Add(timeout))
+		f, _, err := c.codec.ReadTLV(c.tcp, c.hdr)
+		return f, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	typ, b, err := c.ws.Read(ctx)
+	if err != nil {
+		if websocket.CloseStatus(err) != -1 {
+			return nil, io.EOF
+		}
+		return nil, err
+	}
+	if typ == websocket.MessageText {
+		return c.codec.DecodeJSON(b)
+	}
+	return c.codec.DecodeBinary(b)
+}
+
+func (c *client) must(timeout time.Duration) *gatewaypb.Frame {
+	c.t.Helper()
+	f, err := c.read(timeout)
+	if err != nil {
+		c.t.Fatalf("read: %v", err)
+	}
+	return f
+}
+
+func hello(token string, points ...*gatewaypb.SyncPoint) *gatewaypb.Frame {
+	return &gatewaypb.Frame{Body: &gatewaypb.Frame_Hello{Hello: &gatewaypb.Hello{Version: 1, Token: token, Points: points,
+		Attrs: &gatewaypb.Attrs{AppVersion: "2.0.0", Os: "android"}}}}
+}
+
+// syncAll reads Welcome and the Sync frames of the first round, returning
+// the items.
+func (c *client) syncAll() (*gatewaypb.Welcome, []*gatewaypb.Item, []string) {
+	c.t.Helper()
+	w := c.must(5 * time.Second).GetWelcome()
+	if w == nil {
+		c.t.Fatal("first frame is not welcome")
+	}
+	var items []*gatewaypb.Item
+	var resets []string
+	for {
+		f := c.must(5 * time.Second)
+		s := f.GetSync()
+		if s == nil {
+			c.t.Fatalf("got %v during the sync round", f)
+		}
+		items = append(items, s.Items...)
+		resets = append(resets, s.Resets...)
+		if s.Done {
+			return w, items, resets
+		}
+	}
+}
+
+// live reads until n live items arrived.
+func (c *client) live(n int) []*gatewaypb.Item {
+	c.t.Helper()
+	var items []*gatewaypb.Item
+	for len(items) < n {
+		f := c.must(5 * time.Second)
+		if l := f.GetLive(); l != nil {
+			items = append(items, l.Items...)
+		}
+	}
+	return items
+}
+
+// expectEnd reads until the server closes the link, returning the Error
+// and GoAway it sent.
+func (c *client) expectEnd() (*gatewaypb.Error, *gatewaypb.GoAway) {
+	c.t.Helper()
+	var e *gatewaypb.Error
+	var g *gatewaypb.GoAway
+	for {
+		f, err := c.read(5 * time.Second)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !strings.Contains(err.Error(), "connection reset") {
+				c.t.Fatalf("waiting for the end: %v", err)
+			}
+			return e, g
+		}
+		if x := f.GetError(); x != nil {
+			e = x
+		}
+		if x := f.GetGoaway(); x != nil {
+			g = x
+		}
+	}
+}
+
+func ids(items []*gatewaypb.Item) []uint64 {
+	var out []uint64
+	for _, it := range items {
+		out = append(out, it.Id)
+	}
+	return out
+}
+
+func TestSyncBacklogThenLiveThenAck(t *testing.T) {
+	e := newEnv(t, nil)
+	for _, transport := range []string{"tcp", wire.SubprotocolProto, wire.SubprotocolJSON} {
+		t.Run(transport, func(t *testing.T) {
+			user, device := "u-"+strings.ReplaceAll(transport, ".", "-"), "d-"+strings.ReplaceAll(transport, ".", "-")
+			b1 := e.append("chat", user)
+			b2 := e.append("config", device)
+			b3 := e.append("chat", user)
+			dial := func() *client {
+				if transport == "tcp" {
+					return e.dialTCP()
+				}
+				return e.dialWS(transport)
+			}
+			c := dial()
+			c.send(hello(e.token(user, device, time.Hour)))
+			w, items, _ := c.syncAll()
+			if w.User != user || w.Device != device || w.HeartbeatMs == 0 || w.Version != 1 {
+				t.Fatalf("welcome %v", w)
+			}
+			if got := ids(items); len(got) != 3 || got[0] != b1 || got[1] != b3 || got[2] != b2 {
+				// Backlog order: by inbox (user first), id order within.
+				t.Fatalf("backlog ids %v, want [%d %d %d]", got, b1, b3, b2)
+			}
+			l1 := e.append("chat", user)
+			l2 := e.append("config", device)
+			live := c.live(2)
+			if live[0].Id != l1 || live[1].Id != l2 || live[0].Business != "chat" || string(live[0].Payload) != "p" {
+				t.Fatalf("live %v, want ids %d, %d", live, l1, l2)
+			}
+			epoch := e.l.Epoch(0)
+			c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Ack{Ack: &gatewaypb.Ack{Points: []*gatewaypb.SyncPoint{
+				{Business: "chat", Id: l1, Epoch: epoch}, {Business: "config", Id: l2, Epoch: epoch}}}}})
+			waitFor(t, func() bool {
+				sp, err := e.in.SyncPoints(context.Background(), device)
+				return err == nil && sp["chat"].ID == l1 && sp["config"].ID == l2
+			})
+			// A new link without points resumes from the recorded sync
+			// points: only what came since.
+			l3 := e.append("chat", user)
+			c2 := dial()
+			c2.send(hello(e.token(user, device, time.Hour)))
+			_, items, _ = c2.syncAll()
+			if got := ids(items); len(got) != 1 || got[0] != l3 {
+				t.Fatalf("resumed backlog %v, want [%d]", got, l3)
+			}
+			// The first link was replaced: drained, then told so.
+			if _, g := c.expectEnd(); g == nil || g.Reason != gatewaypb.GoAway_REASON_REPLACED {
+				t.Fatalf("old link got goaway %v, want REPLACED", g)
+			}
+		})
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestRefusedHellos(t *testing.T) {
+	e := newEnv(t, nil)
+	_, otherKey, _ := ed25519.GenerateKey(nil)
+	forged, _ := gateway.NewSigner(otherKey).Issue(gateway.Claims{Device: "d1", App: "app", Expires: time.Now().Add(time.Hour)})
+	expired, _ := e.signer.Issue(gateway.Claims{Device: "d1", App: "app", IssuedAt: time.Now().Add(-2 * time.Hour), Expires: time.Now().Add(-time.Hour)})
+	for _, tc := range []struct {
+		name  string
+		first *gatewaypb.Frame
+		code  gatewaypb.Error_Code
+	}{
+		{"expired token", hello(expired), gatewaypb.Error_CODE_TOKEN_EXPIRED},
+		{"forged token", hello(forged), gatewaypb.Error_CODE_UNAUTHENTICATED},
+		{"no token", hello(""), gatewaypb.Error_CODE_UNAUTHENTICATED},
+		{"ping first", &gatewaypb.Frame{Body: &gatewaypb.Frame_Ping{Ping: &gatewaypb.Ping{}}}, gatewaypb.Error_CODE_BAD_FRAME},
+		{"version 2", &gatewaypb.Frame{Body: &gatewaypb.Frame_Hello{Hello: &gatewaypb.Hello{Version: 2, Token: e.token("", "d1", time.Hour)}}}, gatewaypb.Error_CODE_UNSUPPORTED_VERSION},
+		{"bad business", hello(e.token("", "d1", time.Hour), &gatewaypb.SyncPoint{Business: "No Such"}), gatewaypb.Error_CODE_INVALID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, c := range []*client{e.dialTCP(), e.dialWS(wire.SubprotocolProto)} {
+				c.send(tc.first)
+				er, g := c.expectEnd()
+				if er == nil || er.Code != tc.code || !er.Fatal || g == nil {
+					t.Fatalf("got error %v and goaway %v, want fatal %v", er, g, tc.code)
+				}
+			}
+		})
+	}
+	// Bytes that are no frame at all, and a frame declared too large.
+	for name, raw := range map[string][]byte{
+		"unknown type": {99, 0, 0, 0, 0},
+		"too large":    {1, 0x7f, 0xff, 0xff, 0xff},
+	} {
+		c := e.dialTCP()
+		if _, err := c.tcp.Write(raw); err != nil {
+			t.Fatal(err)
+		}
+		er, _ := c.expectEnd()
+		want := gatewaypb.Error_CODE_BAD_FRAME
+		if name == "too large" {
+			want = gatewaypb.Error_CODE_FRAME_TOO_LARGE
+		}
+		if er == nil || er.Code != want {
+			t.Fatalf("%s: got %v, want %v", name, er, want)
+		}
+	}
+}
+
+func TestLiveFiltersAndTransient(t *testing.T) {
+	e := newEnv(t, nil)
+	c := e.dialTCP()
+	c.send(hello(e.token("fay", "fphone", time.Hour)))
+	c.syncAll()
+	// Not for an android 2.0.0 client, expired already, then transient,
+	// then a match.
+	e.append("chat", "fay", func(ev *oplogpb.Event) { ev.Conditions = &oplogpb.Conditions{Os: []string{"ios"}} })
+	tr := e.append("chat", "fay", func(ev *oplogpb.Event) { ev.Transient = true; ev.Payload = []byte("typing") })
+	ok := e.append("chat", "fay", func(ev *oplogpb.Event) { ev.Conditions = &oplogpb.Conditions{AppVersionMin: "1.5"} })
+	got := c.live(2)
+	// Transient items are not ordered with stored ones.
+	if got[0].Id != 0 {
+		got[0], got[1] = got[1], got[0]
+	}
+	if tr != 0 || got[0].Id != 0 || string(got[0].Payload) != "typing" || got[1].Id != ok {
+		t.Fatalf("live %v, want the transient item and %d", got, ok)
+	}
+}
+
+func TestLoginBindsUser(t *testing.T) {
+	e := newEnv(t, nil)
+	early := e.append("chat", "gus")
+	c := e.dialWS(wire.SubprotocolProto)
+	c.send(hello(e.token("", "gphone", time.Hour)))
+	if _, items, _ := c.syncAll(); len(items) != 0 {
+		t.Fatalf("device without user got %v", items)
+	}
+	// A login token for another device is refused without closing.
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: e.token("gus", "other", time.Hour)}}})
+	if f := c.must(5 * time.Second); f.GetError().GetCode() != gatewaypb.Error_CODE_UNAUTHENTICATED || f.GetError().GetFatal() {
+		t.Fatalf("login for another device: %v", f)
+	}
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: e.token("gus", "gphone", time.Hour)}}})
+	var items []*gatewaypb.Item
+	for done := false; !done; {
+		s := c.must(5 * time.Second).GetSync()
+		if s == nil {
+			t.Fatal("login did not start a sync round")
+		}
+		items, done = append(items, s.Items...), s.Done
+	}
+	if len(items) != 1 || items[0].Id != early {
+		t.Fatalf("after login: %v, want [%d]", ids(items), early)
+	}
+	late := e.append("chat", "gus")
+	if got := c.live(1); got[0].Id != late {
+		t.Fatalf("live after login: %v", ids(got))
+	}
+}
+
+func TestDeadLink(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) {
+		c.Heartbeat = 200 * time.Millisecond
+		c.ProbeTimeout = 200 * time.Millisecond
+	})
+	// A client that answers probes, and sends nothing else, stays: six
+	// heartbeats pass with probes and echoes.
+	c := e.dialTCP()
+	c.send(hello(e.token("", "hank", time.Hour)))
+	c.syncAll()
+	start := time.Now()
+	probes := 0
+	for time.Since(start) < 1200*time.Millisecond {
+		f, err := c.read(time.Second)
+		if err != nil {
+			t.Fatalf("echoing client: %v after %v", err, time.Since(start))
+		}
+		if p := f.GetProbe(); p != nil {
+			probes++
+			c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_ProbeEcho{ProbeEcho: &gatewaypb.ProbeEcho{Seq: p.Seq}}})
+			continue
+		}
+		t.Fatalf("echoing client got %v", f)
+	}
+	if probes < 2 {
+		t.Fatalf("%d probes in six heartbeats", probes)
+	}
+	// Once it stops answering, the link is cut as dead: heartbeat and a
+	// half of silence, then the probe timeout.
+	deadStart := time.Now()
+	_, g := c.expectEnd()
+	if g == nil || g.Reason != gatewaypb.GoAway_REASON_DEAD_LINK {
+		t.Fatalf("unanswered probe: goaway %v, want DEAD_LINK", g)
+	}
+	// A client that never answers is cut the same way.
+	d := e.dialTCP()
+	d.send(hello(e.token("", "ivan", time.Hour)))
+	d.syncAll()
+	if _, g := d.expectEnd(); g == nil || g.Reason != gatewaypb.GoAway_REASON_DEAD_LINK {
+		t.Fatalf("silent client: goaway %v, want DEAD_LINK", g)
+	}
+	t.Logf("%d probes answered; cut %v after the last echo", probes, time.Since(deadStart).Round(time.Millisecond))
+}
+
+func TestSlowConsumerIsDisconnected(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) {
+		c.SendQueue = 8
+		c.SendBytes = 64 << 10
+	})
+	c := e.dialTCP()
+	c.send(hello(e.token("jo", "jphone", time.Hour)))
+	c.syncAll()
+	// The client stops reading; the server's socket buffers fill, then its
+	// queue: it must cut the link rather than grow.
+	big := make([]byte, 60<<10)
+	for i := 0; i < 200; i++ {
+		e.append("chat", "jo", func(ev *oplogpb.Event) { ev.Payload = big })
+		if st := e.srv.Stats(); st.Sessions == 0 {
+			break
+		}
+	}
+	waitFor(t, func() bool { return e.srv.Stats().Sessions == 0 })
+	// What the client still reads ends with the reason.
+	var g *gatewaypb.GoAway
+	for {
+		f, err := c.read(5 * time.Second)
+		if err != nil {
+			break
+		}
+		if x := f.GetGoaway(); x != nil {
+			g = x
+		}
+	}
+	if g == nil || g.Reason != gatewaypb.GoAway_REASON_SLOW_CONSUMER {
+		t.Fatalf("goaway %v, want SLOW_CONSUMER", g)
+	}
+}
+
+func TestInboundRateLimit(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) { c.InboundRate = 10 })
+	c := e.dialTCP()
+	c.send(hello(e.token("", "kim", time.Hour)))
+	c.syncAll()
+	for range 100 {
+		c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Ping{Ping: &gatewaypb.Ping{}}})
+	}
+	er, g := c.expectEnd()
+	if er == nil || er.Code != gatewaypb.Error_CODE_RATE_LIMITED || g == nil {
+		t.Fatalf("flood: error %v, goaway %v", er, g)
+	}
+}
+
+func TestMaxConnsAndDrain(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) { c.MaxConns = 2 })
+	a, b := e.dialTCP(), e.dialWS(wire.SubprotocolProto)
+	a.send(hello(e.token("", "la", time.Hour)))
+	b.send(hello(e.token("", "lb", time.Hour)))
+	a.syncAll()
+	b.syncAll()
+	over := e.dialTCP()
+	if er, _ := over.expectEnd(); er == nil || er.Code != gatewaypb.Error_CODE_TOO_MANY_CONNECTIONS {
+		t.Fatalf("third link: %v", er)
+	}
+	// Shutdown waits for the links' goodbyes, which the clients read.
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		shut <- e.srv.Shutdown(ctx)
+	}()
+	for _, c := range []*client{a, b} {
+		_, g := c.expectEnd()
+		if g == nil || g.Reason != gatewaypb.GoAway_REASON_SHUTDOWN || g.ReconnectAfterMs == 0 {
+			t.Fatalf("drain: goaway %v, want SHUTDOWN with a reconnect hint", g)
+		}
+	}
+	if err := <-shut; err != nil {
+		t.Fatal(err)
+	}
+	// A WebSocket upgrade during the drain is refused.
+	resp, err := http.Get("http" + strings.TrimPrefix(e.ws, "ws"))
+	if err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("upgrade while draining: %d", resp.StatusCode)
+		}
+	}
+}

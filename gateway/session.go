@@ -1,0 +1,836 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/gateway/wire"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+)
+
+// Limits on what a client may send.
+const (
+	maxPoints   = 1000 // sync points in one Hello or Ack
+	maxTopics   = 1000
+	maxHeldLive = 4096 // live entries held while a sync round runs
+)
+
+// session is one link past (or waiting for) Hello. Its goroutines:
+//   - the reader (run), for the whole life of the link;
+//   - a flusher, only while frames are queued (no idle writer);
+//   - a sync round, only while one runs;
+//   - the liveness timer's callback, briefly.
+//
+// Live entries arrive on the projection's goroutine (onLive) and are only
+// queued there.
+type session struct {
+	srv  *Server
+	link link
+	id   string
+	log  zerolog.Logger
+
+	// Set by hello, then read-only.
+	device, app string
+
+	lastRecv atomic.Int64 // unix nanos of the last frame read
+	probe    atomic.Uint64
+	probeAt  atomic.Int64 // unix nanos a probe went out; 0: none outstanding
+	timer    *time.Timer
+
+	tokens float64 // inbound rate limiter: the reader's own
+	tokenT time.Time
+
+	roundDone chan struct{} // closed when the running sync round ends
+
+	mu        sync.Mutex
+	user      string
+	attrs     oplog.Attrs
+	userWatch *oplog.Watch
+	devWatch  *oplog.Watch
+	queue     []*gatewaypb.Frame
+	queued    int // bytes, roughly
+	writing   bool
+	room      *sync.Cond // a sync round waits on it for queue space
+	closing   bool       // no more frames are queued
+	closed    bool
+	syncing   bool                       // a sync round runs: live entries are held
+	again     bool                       // another round after this one
+	held      []*oplogpb.Entry           // live entries held during a round
+	sent      map[string]oplog.SyncPoint // highest id sent per business
+	points    map[string]oplog.SyncPoint // the next round's starting points
+	resets    []string                   // businesses to report reset in the next Sync
+	closeOnce sync.Once
+}
+
+func newSession(s *Server, l link) *session {
+	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}}
+	ss.room = sync.NewCond(&ss.mu)
+	ss.log = s.log.With().Str("session", ss.id).Str("transport", l.transport()).Str("remote", l.remote()).Logger()
+	return ss
+}
+
+// run serves the link until it ends.
+func (ss *session) run() {
+	defer ss.finish()
+	if !ss.hello() {
+		return
+	}
+	ss.touch()
+	ss.mu.Lock()
+	if !ss.closed {
+		ss.timer = time.AfterFunc(ss.srv.cfg.Heartbeat, ss.checkLiveness)
+	}
+	ss.mu.Unlock()
+	for {
+		f, err := ss.link.read(time.Time{})
+		if err != nil {
+			ss.readFailed(err)
+			return
+		}
+		ss.touch()
+		if !ss.allow() {
+			ss.fail(gatewaypb.Error_CODE_RATE_LIMITED, gatewaypb.GoAway_REASON_PROTOCOL, "more than the allowed frames per second")
+			return
+		}
+		if !ss.handle(f) {
+			return
+		}
+	}
+}
+
+func (ss *session) touch() { ss.lastRecv.Store(time.Now().UnixNano()) }
+
+// readFailed logs why the reader stopped and closes the link.
+func (ss *session) readFailed(err error) {
+	switch {
+	case errors.Is(err, wire.ErrFrameTooLarge):
+		ss.fail(gatewaypb.Error_CODE_FRAME_TOO_LARGE, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
+	case errors.Is(err, wire.ErrBadFrame):
+		ss.fail(gatewaypb.Error_CODE_BAD_FRAME, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
+	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, errPeerClosed):
+		ss.log.Debug().Err(err).Msg("link closed")
+		ss.shut()
+	default:
+		ss.log.Debug().Err(err).Msg("link read failed")
+		ss.shut()
+	}
+}
+
+// hello waits for the client's Hello, authenticates it and starts the
+// session: welcome, watches, first sync round.
+func (ss *session) hello() bool {
+	cfg := &ss.srv.cfg
+	f, err := ss.link.read(time.Now().Add(cfg.HelloTimeout))
+	if err != nil {
+		if errors.Is(err, wire.ErrBadFrame) || errors.Is(err, wire.ErrFrameTooLarge) {
+			ss.readFailed(err)
+		} else {
+			ss.log.Debug().Err(err).Msg("no hello")
+			ss.shut()
+		}
+		return false
+	}
+	h := f.GetHello()
+	if h == nil {
+		ss.fail(gatewaypb.Error_CODE_BAD_FRAME, gatewaypb.GoAway_REASON_PROTOCOL, fmt.Sprintf("first frame must be hello, got type %d", wire.TypeOf(f)))
+		return false
+	}
+	if h.Version != wire.Version {
+		ss.fail(gatewaypb.Error_CODE_UNSUPPORTED_VERSION, gatewaypb.GoAway_REASON_PROTOCOL, fmt.Sprintf("protocol version %d; this server speaks %d", h.Version, wire.Version))
+		return false
+	}
+	claims, err := cfg.Tokens.Verify(h.Token, time.Now())
+	if err != nil {
+		code := gatewaypb.Error_CODE_UNAUTHENTICATED
+		if errors.Is(err, ErrTokenExpired) {
+			code = gatewaypb.Error_CODE_TOKEN_EXPIRED
+		}
+		ss.fail(code, gatewaypb.GoAway_REASON_AUTH, err.Error())
+		return false
+	}
+	points, err := syncPoints(h.Points)
+	if err == nil && len(h.Topics) > maxTopics {
+		err = fmt.Errorf("%d topic cursors, at most %d", len(h.Topics), maxTopics)
+	}
+	if err != nil {
+		ss.fail(gatewaypb.Error_CODE_INVALID, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
+		return false
+	}
+	ss.device, ss.app = claims.Device, claims.App
+	ss.log = ss.log.With().Str("device", claims.Device).Str("user", claims.User).Logger()
+	ss.mu.Lock()
+	ss.user = claims.User
+	ss.attrs = attrsOf(h.Attrs)
+	ss.points = points
+	ss.mu.Unlock()
+
+	if !ss.srv.register(ss) {
+		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "server shutting down")
+		return false
+	}
+	compress := !cfg.NoCompression && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
+	w := &gatewaypb.Welcome{
+		SessionId:        ss.id,
+		ServerTimeMs:     time.Now().UnixMilli(),
+		HeartbeatMs:      uint32(cfg.Heartbeat / time.Millisecond),
+		IdleTimeoutMs:    uint32(ss.idleTimeout() / time.Millisecond),
+		CompressMinBytes: uint32(ss.srv.codec.CompressMin()),
+		MaxFrameBytes:    uint32(ss.srv.codec.MaxFrame()),
+		User:             claims.User,
+		Device:           claims.Device,
+		Version:          wire.Version,
+	}
+	if compress {
+		w.Compression = gatewaypb.Compression_COMPRESSION_ZSTD
+	}
+	// Welcome goes out first and uncompressed, before anything is queued;
+	// every frame after it may be compressed.
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.WriteTimeout)
+	err = ss.link.write(ctx, []*gatewaypb.Frame{{Body: &gatewaypb.Frame_Welcome{Welcome: w}}})
+	cancel()
+	if err != nil {
+		ss.log.Debug().Err(err).Msg("welcome not written")
+		ss.shut()
+		return false
+	}
+	ss.link.setCompress(compress)
+	if err := ss.watch(claims.User); err != nil {
+		ss.log.Error().Err(err).Msg("watch failed")
+		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "cannot follow the inbox now")
+		return false
+	}
+	ss.log.Info().Str("app", claims.App).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
+	ss.startRound()
+	return true
+}
+
+// syncPoints converts and checks client sync points.
+func syncPoints(in []*gatewaypb.SyncPoint) (map[string]oplog.SyncPoint, error) {
+	if len(in) > maxPoints {
+		return nil, fmt.Errorf("%d sync points, at most %d", len(in), maxPoints)
+	}
+	out := make(map[string]oplog.SyncPoint, len(in))
+	for _, p := range in {
+		if !oplog.ValidBusiness(p.Business) {
+			return nil, fmt.Errorf("sync point of business %.40q: bad code", p.Business)
+		}
+		out[p.Business] = oplog.SyncPoint{ID: p.Id, Epoch: p.Epoch}
+	}
+	return out, nil
+}
+
+func attrsOf(a *gatewaypb.Attrs) oplog.Attrs {
+	if a == nil {
+		return oplog.Attrs{}
+	}
+	return oplog.Attrs{AppVersion: a.AppVersion, OS: a.Os, OSVersion: a.OsVersion, Model: a.Model,
+		Region: a.Region, Network: a.Network, Channel: a.Channel}
+}
+
+// watch follows the device's inbox and, if bound, the user's.
+func (ss *session) watch(user string) error {
+	in := ss.srv.cfg.Inbox
+	dw, err := in.Watch(oplogpb.Dimension_DIMENSION_DEVICE, ss.device, ss.onLive)
+	if err != nil {
+		return err
+	}
+	ss.mu.Lock()
+	ss.devWatch = dw
+	ss.mu.Unlock()
+	return ss.bindUser(user)
+}
+
+// bindUser follows user's inbox instead of the current user's ("" for
+// none).
+func (ss *session) bindUser(user string) error {
+	var uw *oplog.Watch
+	if user != "" {
+		var err error
+		if uw, err = ss.srv.cfg.Inbox.Watch(oplogpb.Dimension_DIMENSION_USER, user, ss.onLive); err != nil {
+			return err
+		}
+	}
+	ss.mu.Lock()
+	old := ss.userWatch
+	ss.user, ss.userWatch = user, uw
+	closed := ss.closed
+	ss.mu.Unlock()
+	if old != nil {
+		old.Stop()
+	}
+	if closed && uw != nil {
+		uw.Stop()
+	}
+	return nil
+}
+
+// handle acts on one client frame; false ends the session.
+func (ss *session) handle(f *gatewaypb.Frame) bool {
+	switch b := f.Body.(type) {
+	case *gatewaypb.Frame_Ping:
+		ss.enqueue(&gatewaypb.Frame{Body: &gatewaypb.Frame_Pong{Pong: &gatewaypb.Pong{
+			ClientTimeMs: b.Ping.ClientTimeMs, ServerTimeMs: time.Now().UnixMilli()}}})
+	case *gatewaypb.Frame_Probe:
+		ss.enqueue(&gatewaypb.Frame{Body: &gatewaypb.Frame_ProbeEcho{ProbeEcho: &gatewaypb.ProbeEcho{Seq: b.Probe.Seq}}})
+	case *gatewaypb.Frame_ProbeEcho:
+		if b.ProbeEcho.Seq == ss.probe.Load() {
+			ss.probeAt.Store(0)
+		}
+	case *gatewaypb.Frame_Pong:
+		// Answers a ping the server never sends; harmless.
+	case *gatewaypb.Frame_Ack:
+		return ss.ack(b.Ack)
+	case *gatewaypb.Frame_Event:
+		return ss.event(b.Event)
+	default:
+		ss.fail(gatewaypb.Error_CODE_BAD_FRAME, gatewaypb.GoAway_REASON_PROTOCOL, fmt.Sprintf("a client does not send frame type %d", wire.TypeOf(f)))
+		return false
+	}
+	return true
+}
+
+// ack records the client's sync points. A refused point gets a non-fatal
+// error: the client keeps its data, the server its older sync point.
+func (ss *session) ack(a *gatewaypb.Ack) bool {
+	points, err := syncPoints(a.Points)
+	if err != nil {
+		ss.fail(gatewaypb.Error_CODE_INVALID, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
+		return false
+	}
+	if len(points) == 0 {
+		return true
+	}
+	ss.mu.Lock()
+	user := ss.user
+	ss.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
+	defer cancel()
+	if err := ss.srv.cfg.Inbox.Ack(ctx, user, ss.device, points); err != nil {
+		code := gatewaypb.Error_CODE_INVALID
+		if errors.Is(err, oplog.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+			code = gatewaypb.Error_CODE_UNAVAILABLE
+		}
+		ss.log.Warn().Err(err).Msg("ack refused")
+		ss.enqueue(errorFrame(code, "ack not recorded: "+err.Error(), false))
+	}
+	return true
+}
+
+// event handles a client event: foreground, login and logout start a sync
+// round.
+func (ss *session) event(e *gatewaypb.ClientEvent) bool {
+	if e.Attrs != nil {
+		ss.mu.Lock()
+		ss.attrs = attrsOf(e.Attrs)
+		ss.mu.Unlock()
+	}
+	switch e.Type {
+	case gatewaypb.ClientEvent_TYPE_FOREGROUND:
+		ss.startRound()
+	case gatewaypb.ClientEvent_TYPE_BACKGROUND:
+	case gatewaypb.ClientEvent_TYPE_LOGIN:
+		c, err := ss.srv.cfg.Tokens.Verify(e.Token, time.Now())
+		switch {
+		case errors.Is(err, ErrTokenExpired):
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_TOKEN_EXPIRED, "login token: "+err.Error(), false))
+			return true
+		case err != nil:
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAUTHENTICATED, "login token: "+err.Error(), false))
+			return true
+		case c.Device != ss.device || c.App != ss.app || c.User == "":
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAUTHENTICATED, "login token must name this device and app, and a user", false))
+			return true
+		}
+		if err := ss.bindUser(c.User); err != nil {
+			ss.log.Error().Err(err).Msg("login: watch failed")
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAVAILABLE, "login not done; retry", false))
+			return true
+		}
+		ss.log.Info().Str("user", c.User).Msg("user bound")
+		ss.startRound()
+	case gatewaypb.ClientEvent_TYPE_LOGOUT:
+		if err := ss.bindUser(""); err != nil {
+			ss.log.Error().Err(err).Msg("logout failed")
+		}
+		ss.log.Info().Msg("user unbound")
+	default:
+		ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, fmt.Sprintf("unknown event type %d", e.Type), false))
+	}
+	return true
+}
+
+// allow is the inbound rate limit: a token bucket of InboundRate frames
+// per second, holding at most twice that.
+func (ss *session) allow() bool {
+	rate := float64(ss.srv.cfg.InboundRate)
+	now := time.Now()
+	if ss.tokenT.IsZero() {
+		ss.tokens = 2 * rate
+	} else {
+		ss.tokens = min(2*rate, ss.tokens+now.Sub(ss.tokenT).Seconds()*rate)
+	}
+	ss.tokenT = now
+	if ss.tokens < 1 {
+		return false
+	}
+	ss.tokens--
+	return true
+}
+
+func (ss *session) idleTimeout() time.Duration { return 3 * ss.srv.cfg.Heartbeat }
+
+// checkLiveness runs on the liveness timer: a link silent past the
+// heartbeat gets a probe; a probe unanswered past ProbeTimeout, or
+// silence past the idle timeout, closes it.
+func (ss *session) checkLiveness() {
+	cfg := &ss.srv.cfg
+	now := time.Now()
+	silent := now.Sub(time.Unix(0, ss.lastRecv.Load()))
+	if at := ss.probeAt.Load(); at != 0 && now.Sub(time.Unix(0, at)) >= cfg.ProbeTimeout {
+		ss.log.Info().Dur("silent", silent).Msg("probe unanswered: dead link")
+		ss.softClose(gatewaypb.GoAway_REASON_DEAD_LINK, "probe unanswered", 0)
+		return
+	}
+	if silent >= ss.idleTimeout() {
+		ss.log.Info().Dur("silent", silent).Msg("idle link")
+		ss.softClose(gatewaypb.GoAway_REASON_IDLE, "nothing heard within the idle timeout", 0)
+		return
+	}
+	next := cfg.Heartbeat + cfg.Heartbeat/2 - silent
+	if silent >= cfg.Heartbeat+cfg.Heartbeat/2 && ss.probeAt.Load() == 0 {
+		seq := ss.probe.Add(1)
+		ss.probeAt.Store(now.UnixNano())
+		ss.enqueue(&gatewaypb.Frame{Body: &gatewaypb.Frame_Probe{Probe: &gatewaypb.Probe{Seq: seq}}})
+		next = cfg.ProbeTimeout
+	}
+	if at := ss.probeAt.Load(); at != 0 {
+		next = min(next, cfg.ProbeTimeout-now.Sub(time.Unix(0, at)))
+	}
+	ss.mu.Lock()
+	if !ss.closed {
+		ss.timer.Reset(max(next, 10*time.Millisecond))
+	}
+	ss.mu.Unlock()
+}
+
+// onLive receives a live entry from the inbox (on the projection's
+// goroutine, or the transient dispatcher): it is filtered for this client
+// and queued, or held while a sync round runs. It never blocks.
+func (ss *session) onLive(e *oplogpb.Entry) {
+	now := time.Now()
+	if e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(now) {
+		return
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.closing || !oplog.Match(e.Conditions, ss.attrs) {
+		return
+	}
+	if e.Id == 0 { // transient: now or never, unordered with stored items
+		ss.enqueueLocked(liveFrame(e), true)
+		return
+	}
+	if ss.syncing {
+		if len(ss.held) >= maxHeldLive {
+			// Too much arrived during the round: drop what is held and
+			// read it from the inbox in another round (a gap on the live
+			// path triggers a backlog read).
+			ss.held = ss.held[:0]
+			ss.again = true
+			return
+		}
+		ss.held = append(ss.held, e)
+		return
+	}
+	ss.sendLiveLocked(e)
+}
+
+// sendLiveLocked queues a stored live entry unless the client has it.
+func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
+	last, ok := ss.sent[e.Business]
+	if ok && last.Epoch != e.Epoch && last.ID != 0 {
+		// The stream was recreated while the client was online: resync.
+		ss.again = true
+		ss.startRoundLocked()
+		return
+	}
+	if ok && e.Id <= last.ID {
+		return // sent already, by the backlog
+	}
+	ss.sent[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
+	ss.enqueueLocked(liveFrame(e), true)
+}
+
+func liveFrame(e *oplogpb.Entry) *gatewaypb.Frame {
+	return &gatewaypb.Frame{Body: &gatewaypb.Frame_Live{Live: &gatewaypb.Live{Items: []*gatewaypb.Item{itemOf(e)}}}}
+}
+
+func itemOf(e *oplogpb.Entry) *gatewaypb.Item {
+	it := &gatewaypb.Item{Id: e.Id, Epoch: e.Epoch, Business: e.Business, Kind: int32(e.Kind),
+		Payload: e.Payload, ContentType: e.ContentType, MessageId: e.MessageId}
+	if e.CreatedAt != nil {
+		it.CreatedMs = e.CreatedAt.AsTime().UnixMilli()
+	}
+	if e.ExpiresAt != nil {
+		it.ExpiresMs = e.ExpiresAt.AsTime().UnixMilli()
+	}
+	return it
+}
+
+// startRound starts a sync round, or asks the running one for another.
+func (ss *session) startRound() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.startRoundLocked()
+}
+
+func (ss *session) startRoundLocked() {
+	if ss.closing {
+		return
+	}
+	if ss.syncing {
+		ss.again = true
+		return
+	}
+	ss.syncing = true
+	ss.roundDone = make(chan struct{})
+	go ss.syncRounds(ss.roundDone)
+}
+
+// syncRounds sends the backlog after the session's points, then the live
+// entries held meanwhile, and repeats while another round was asked for.
+func (ss *session) syncRounds(done chan struct{}) {
+	defer close(done)
+	for {
+		if err := ss.syncRound(); err != nil {
+			if !ss.isClosing() {
+				ss.log.Error().Err(err).Msg("sync round failed")
+				ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "sync failed; reconnect")
+			}
+			return
+		}
+		ss.mu.Lock()
+		if ss.closing {
+			ss.mu.Unlock()
+			return
+		}
+		held := ss.held
+		ss.held = nil
+		if ss.again {
+			ss.again = false
+			ss.mu.Unlock()
+			continue // what was held is read again by the next round
+		}
+		for _, e := range held {
+			ss.sendLiveLocked(e)
+		}
+		if ss.again { // an epoch change among the held entries
+			ss.again = false
+			ss.mu.Unlock()
+			continue
+		}
+		ss.syncing = false
+		ss.mu.Unlock()
+		return
+	}
+}
+
+// syncRound reads the backlog in pages and queues it as Sync frames,
+// waiting for queue space rather than overflowing it.
+func (ss *session) syncRound() error {
+	cfg := &ss.srv.cfg
+	ss.mu.Lock()
+	user, attrs := ss.user, ss.attrs
+	points := make(map[string]oplog.SyncPoint, len(ss.points)+len(ss.sent))
+	for b, p := range ss.points {
+		points[b] = p
+	}
+	for b, p := range ss.sent {
+		if cur, ok := points[b]; !ok || cur.Epoch != p.Epoch || cur.ID < p.ID {
+			points[b] = p
+		}
+	}
+	ss.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for first := true; ; first = false {
+		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: user, Device: ss.device, Points: points, Attrs: attrs, Limit: 4 * cfg.SyncBatch})
+		if err != nil {
+			return err
+		}
+		var resets []string
+		if first {
+			resets = bl.Reset
+			for _, b := range resets {
+				// The client's point was of an old epoch: the business
+				// restarts from this epoch's beginning, reported once.
+				points[b] = oplog.SyncPoint{}
+			}
+		}
+		items := make([]*gatewaypb.Item, 0, len(bl.Entries))
+		for _, e := range bl.Entries {
+			items = append(items, itemOf(e))
+			points[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
+		}
+		// One page: at least one frame, the last with done set if it is
+		// the last page.
+		for {
+			n := min(len(items), cfg.SyncBatch)
+			last := n == len(items)
+			sync := &gatewaypb.Sync{Items: items[:n], Resets: resets, Done: last && !bl.More}
+			if !ss.enqueueWait(&gatewaypb.Frame{Body: &gatewaypb.Frame_Sync{Sync: sync}}, sync.Items) {
+				return nil // closing
+			}
+			items, resets = items[n:], nil
+			if last {
+				break
+			}
+		}
+		if !bl.More {
+			ss.mu.Lock()
+			ss.points = points
+			ss.mu.Unlock()
+			return nil
+		}
+	}
+}
+
+// enqueueWait queues a Sync frame once there is room, recording its items
+// as sent; false if the session is closing.
+func (ss *session) enqueueWait(f *gatewaypb.Frame, items []*gatewaypb.Item) bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	for !ss.closing && (len(ss.queue) >= ss.srv.cfg.SendQueue/2 || ss.queued >= ss.srv.cfg.SendBytes/2) {
+		ss.room.Wait()
+	}
+	if ss.closing {
+		return false
+	}
+	for _, it := range items {
+		ss.sent[it.Business] = oplog.SyncPoint{ID: it.Id, Epoch: it.Epoch}
+	}
+	ss.enqueueLocked(f, false)
+	return true
+}
+
+func (ss *session) isClosing() bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.closing
+}
+
+// enqueue queues a frame for the flusher.
+func (ss *session) enqueue(f *gatewaypb.Frame) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.enqueueLocked(f, false)
+}
+
+// enqueueLocked queues f and starts a flusher if none runs. A live frame
+// (bounded) over the queue's limits makes the client a slow consumer: it
+// is disconnected, and resyncs from its sync point when it returns.
+func (ss *session) enqueueLocked(f *gatewaypb.Frame, bounded bool) {
+	if ss.closing {
+		return
+	}
+	size := frameSize(f)
+	if bounded && (len(ss.queue) >= ss.srv.cfg.SendQueue || ss.queued+size > ss.srv.cfg.SendBytes) {
+		ss.closing = true
+		ss.queue = append(ss.queue[:0], errorFrame(gatewaypb.Error_CODE_SLOW_CONSUMER, "send queue full", true),
+			goAwayFrame(gatewaypb.GoAway_REASON_SLOW_CONSUMER, "send queue full; reconnect and resync", ss.srv.reconnectHint()))
+		ss.queued = 0
+		ss.room.Broadcast()
+		ss.log.Warn().Int("queued_frames", len(ss.queue)).Msg("slow consumer disconnected")
+		go ss.drainAndClose()
+		return
+	}
+	ss.queue = append(ss.queue, f)
+	ss.queued += size
+	if !ss.writing {
+		ss.writing = true
+		go ss.flush()
+	}
+}
+
+// frameSize estimates the bytes a frame takes in the queue.
+func frameSize(f *gatewaypb.Frame) int {
+	n := 64
+	switch b := f.Body.(type) {
+	case *gatewaypb.Frame_Live:
+		for _, it := range b.Live.Items {
+			n += 64 + len(it.Payload)
+		}
+	case *gatewaypb.Frame_Sync:
+		for _, it := range b.Sync.Items {
+			n += 64 + len(it.Payload)
+		}
+	}
+	return n
+}
+
+// maxLiveBatch is the most live items merged into one Live frame.
+const maxLiveBatch = 256
+
+// flush writes queued frames until the queue is empty, then exits: an idle
+// session has no writer goroutine. Consecutive Live frames go out as one.
+func (ss *session) flush() {
+	for {
+		ss.mu.Lock()
+		frames := ss.queue
+		ss.queue, ss.queued = nil, 0
+		if len(frames) == 0 {
+			ss.writing = false
+			ss.room.Broadcast()
+			ss.mu.Unlock()
+			return
+		}
+		ss.room.Broadcast()
+		ss.mu.Unlock()
+		frames = mergeLive(frames)
+		ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
+		err := ss.link.write(ctx, frames)
+		cancel()
+		if err != nil {
+			ss.log.Debug().Err(err).Msg("write failed")
+			ss.mu.Lock()
+			ss.writing = false
+			ss.closing = true
+			ss.queue = nil
+			ss.room.Broadcast()
+			ss.mu.Unlock()
+			ss.link.close()
+			return
+		}
+	}
+}
+
+// mergeLive merges runs of Live frames into frames of up to maxLiveBatch
+// items.
+func mergeLive(frames []*gatewaypb.Frame) []*gatewaypb.Frame {
+	out := frames[:0]
+	var cur *gatewaypb.Live
+	for _, f := range frames {
+		l := f.GetLive()
+		if l == nil {
+			out, cur = append(out, f), nil
+			continue
+		}
+		if cur != nil && len(cur.Items)+len(l.Items) <= maxLiveBatch {
+			cur.Items = append(cur.Items, l.Items...)
+			continue
+		}
+		out, cur = append(out, f), l
+	}
+	return out
+}
+
+// fail reports a fatal error to the client, says goodbye and closes.
+func (ss *session) fail(code gatewaypb.Error_Code, reason gatewaypb.GoAway_Reason, msg string) {
+	ss.log.Warn().Str("code", code.String()).Str("reason", msg).Msg("session refused")
+	ss.mu.Lock()
+	if ss.closing {
+		ss.mu.Unlock()
+		ss.shut()
+		return
+	}
+	ss.queue = append(ss.queue, errorFrame(code, msg, true), goAwayFrame(reason, msg, 0))
+	ss.closing = true
+	ss.room.Broadcast()
+	ss.mu.Unlock()
+	ss.drainAndClose()
+}
+
+// softClose stops new traffic, lets the frames already queued go out,
+// sends GoAway and closes the link: nothing queued is lost.
+func (ss *session) softClose(reason gatewaypb.GoAway_Reason, msg string, after time.Duration) {
+	ss.mu.Lock()
+	if ss.closing {
+		ss.mu.Unlock()
+		return
+	}
+	ss.queue = append(ss.queue, goAwayFrame(reason, msg, after))
+	ss.closing = true
+	ss.room.Broadcast()
+	ss.mu.Unlock()
+	ss.drainAndClose()
+}
+
+// drainAndClose writes what is queued (when no flusher runs) and closes.
+func (ss *session) drainAndClose() {
+	ss.stopWatches()
+	deadline := time.Now().Add(ss.srv.cfg.WriteTimeout)
+	for {
+		ss.mu.Lock()
+		writing := ss.writing
+		frames := ss.queue
+		if !writing {
+			ss.queue = nil
+		}
+		ss.mu.Unlock()
+		if !writing {
+			if len(frames) > 0 {
+				ctx, cancel := context.WithDeadline(context.Background(), deadline)
+				_ = ss.link.write(ctx, mergeLive(frames))
+				cancel()
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	ss.link.closeGracefully()
+	ss.shut()
+}
+
+func (ss *session) stopWatches() {
+	ss.mu.Lock()
+	uw, dw := ss.userWatch, ss.devWatch
+	ss.userWatch, ss.devWatch = nil, nil
+	ss.mu.Unlock()
+	if uw != nil {
+		uw.Stop()
+	}
+	if dw != nil {
+		dw.Stop()
+	}
+}
+
+// shut closes the link at once and releases the session.
+func (ss *session) shut() {
+	ss.closeOnce.Do(func() {
+		ss.mu.Lock()
+		ss.closing, ss.closed = true, true
+		ss.room.Broadcast()
+		if ss.timer != nil {
+			ss.timer.Stop()
+		}
+		ss.mu.Unlock()
+		ss.stopWatches()
+		ss.link.close()
+	})
+}
+
+// finish runs when the reader ends.
+func (ss *session) finish() {
+	ss.shut()
+	ss.mu.Lock()
+	done := ss.roundDone
+	ss.mu.Unlock()
+	if done != nil {
+		<-done
+	}
+	ss.srv.unregister(ss)
+	ss.log.Debug().Msg("session ended")
+}
