@@ -29,7 +29,7 @@ func startSluiced(t *testing.T) string {
 	data := filepath.Join(dir, "data")
 	admin := freeAddr(t)
 	var logs bytes.Buffer
-	cmd := exec.Command(bin, "--data", data, "--nats-listen", freeAddr(t), "--admin", admin, "--log-format", "json",
+	cmd := exec.Command(bin, "--data", data, "--nats-listen", freeAddr(t), "--admin", admin, "--ws-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0", "--log-format", "json",
 		"--businesses", "demo:user,settings:device")
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {

@@ -23,6 +23,7 @@ import (
 //	GET  /v1/projections                   applied stream sequence of each projection
 //	GET  /v1/digest?projection=            SHA-256 of a projection's state
 //	POST /v1/rebuild?projection=&from=     replay a projection; streams NDJSON progress, then the summary
+//	GET  /v1/gateway                       gateway load: links, sessions, draining
 //	GET  /v1/businesses                    registered businesses
 //	POST /v1/businesses                    register a business (protojson Business)
 func (m *Main) adminHandler() http.Handler {
@@ -48,7 +49,11 @@ func (m *Main) adminHandler() http.Handler {
 		for i := range epochs {
 			epochs[i] = m.lg.Epoch(uint32(i))
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"nats": ep.NATS, "shards": m.lg.Shards(), "epochs": epochs, "fsync": m.cfg.Fsync})
+		writeJSON(w, http.StatusOK, map[string]any{"nats": ep.NATS, "websocket": ep.WebSocket, "tcp": ep.TCP,
+			"shards": m.lg.Shards(), "epochs": epochs, "fsync": m.cfg.Fsync})
+	})
+	mux.HandleFunc("GET /v1/gateway", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, m.gateway.Stats())
 	})
 	mux.HandleFunc("GET /v1/backlog", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()

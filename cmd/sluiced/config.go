@@ -31,6 +31,20 @@ type Config struct {
 	Businesses      string        `json:"businesses"`
 	LogLevel        string        `json:"log_level"`
 	LogFormat       string        `json:"log_format"`
+
+	WSListen        string        `json:"ws_listen"`
+	TCPListen       string        `json:"tcp_listen"`
+	AdvertiseWS     string        `json:"advertise_ws,omitempty"`
+	AdvertiseTCP    string        `json:"advertise_tcp,omitempty"`
+	TLSCert         string        `json:"tls_cert,omitempty"`
+	TLSKey          string        `json:"tls_key,omitempty"`
+	TokenKey        string        `json:"token_key,omitempty"`
+	TokenPublicKeys string        `json:"token_public_keys,omitempty"`
+	WSOrigins       string        `json:"ws_origins,omitempty"`
+	Heartbeat       time.Duration `json:"heartbeat"`
+	MaxConns        int           `json:"max_conns"`
+	MaxFrame        int           `json:"max_frame"`
+	DrainTimeout    time.Duration `json:"drain_timeout"`
 }
 
 // Fsync modes.
@@ -56,6 +70,19 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.IntVar(&c.MaxPayload, "max-payload", 64<<10, "largest event payload in bytes")
 	fs.IntVar(&c.MaxTargets, "max-targets", 1000, "most targets in one event")
 	fs.StringVar(&c.Businesses, "businesses", "demo:user", "businesses to register at start if absent: code:user|device[:single], comma-separated")
+	fs.StringVar(&c.WSListen, "ws-listen", "127.0.0.1:7481", "gateway HTTP listen address: WebSocket at /v1/ws, dispatch at /v1/dispatch, the browser demo at /")
+	fs.StringVar(&c.TCPListen, "tcp-listen", "127.0.0.1:7482", "gateway TLV socket listen address")
+	fs.StringVar(&c.AdvertiseWS, "advertise-ws", "", "host:port clients reach the WebSocket listener at, for dispatch (default: the listener's address)")
+	fs.StringVar(&c.AdvertiseTCP, "advertise-tcp", "", "host:port clients reach the TLV listener at, for dispatch (default: the listener's address)")
+	fs.StringVar(&c.TLSCert, "tls-cert", "", "PEM certificate: both gateway listeners speak TLS 1.3 only (sluicectl cert makes a development one)")
+	fs.StringVar(&c.TLSKey, "tls-key", "", "PEM private key of --tls-cert")
+	fs.StringVar(&c.TokenKey, "token-key", "", "Ed25519 key that signs client tokens (default <data>/token.key, created if missing)")
+	fs.StringVar(&c.TokenPublicKeys, "token-public-keys", "", "further PEM public keys whose tokens are accepted (key rotation), comma-separated")
+	fs.StringVar(&c.WSOrigins, "ws-origins", "", "browser origins allowed to open WebSockets besides the server's own host, comma-separated patterns (e.g. app.example.com)")
+	fs.DurationVar(&c.Heartbeat, "heartbeat", 25*time.Second, "ping interval suggested to clients; silence of 1.5x gets a probe, 3x closes the link")
+	fs.IntVar(&c.MaxConns, "max-conns", 100_000, "most client links served at once")
+	fs.IntVar(&c.MaxFrame, "max-frame", 1<<20, "largest protocol frame in bytes, either way")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long clients' queues may take to drain after GoAway")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "auto (console on a terminal, JSON otherwise), console or json")
 	fs.Usage = func() {
@@ -112,6 +139,21 @@ func (c Config) validate() error {
 	}
 	if c.LogFormat != "auto" && c.LogFormat != "json" && c.LogFormat != "console" {
 		errs = append(errs, fmt.Errorf("--log-format %q: want auto, console or json", c.LogFormat))
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		errs = append(errs, errors.New("--tls-cert and --tls-key go together"))
+	}
+	if c.Heartbeat < 100*time.Millisecond {
+		errs = append(errs, errors.New("--heartbeat must be at least 100ms"))
+	}
+	if c.MaxConns < 1 {
+		errs = append(errs, errors.New("--max-conns must be positive"))
+	}
+	if c.MaxFrame < 4096 || c.MaxFrame > 64<<20 {
+		errs = append(errs, errors.New("--max-frame must be 4096 to 67108864"))
+	}
+	if c.DrainTimeout <= 0 {
+		errs = append(errs, errors.New("--drain-timeout must be positive"))
 	}
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("--data must not be empty"))

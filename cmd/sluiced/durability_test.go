@@ -737,6 +737,7 @@ func TestDurability(t *testing.T) {
 			"--data", filepath.Join(tmp, "data"),
 			"--nats-listen", net.JoinHostPort("127.0.0.1", strconv.Itoa(natsPort)),
 			"--admin", net.JoinHostPort("127.0.0.1", strconv.Itoa(adminPort)),
+			"--ws-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0",
 			"--log-format", "json",
 			"--businesses", durBusinessesArg,
 		},

@@ -1,6 +1,7 @@
 // Command sluiced runs the Sluice platform: with no flags, an embedded NATS
 // server with JetStream storing under ./sluice-data, the oplog streams, the
-// producer API, the inbox projection and the admin HTTP API on localhost.
+// producer API, the inbox projection, the client gateway (WebSocket and TLV
+// sockets) and the admin HTTP API, all on localhost.
 package main
 
 import (
@@ -24,6 +25,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"golang.org/x/sync/errgroup"
@@ -58,11 +60,12 @@ type Main struct {
 	cfg Config
 	log zerolog.Logger
 
-	ns    *server.Server
-	nc    *nats.Conn
-	lg    *oplog.Log
-	inbox *oplog.Inbox
-	admin *http.Server
+	ns      *server.Server
+	nc      *nats.Conn
+	lg      *oplog.Log
+	inbox   *oplog.Inbox
+	gateway *gateway.Server
+	admin   *http.Server
 
 	mu        sync.Mutex
 	ready     bool
@@ -73,9 +76,11 @@ type Main struct {
 // Endpoints are the addresses sluiced serves, written to
 // <data>/endpoints.json at start for tools (sluicectl) and tests.
 type Endpoints struct {
-	NATS  string `json:"nats"`
-	Admin string `json:"admin"`
-	PID   int    `json:"pid"`
+	NATS      string `json:"nats"`
+	Admin     string `json:"admin"`
+	WebSocket string `json:"websocket"` // ws:// or wss:// URL of /v1/ws
+	TCP       string `json:"tcp"`       // host:port of the TLV listener
+	PID       int    `json:"pid"`
 }
 
 // NewMain builds nothing yet; Run does.
@@ -131,23 +136,47 @@ func (m *Main) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	gw, err := m.startGateway(startCtx)
+	if err != nil {
+		return err
+	}
+	m.gateway = gw.srv
 	ln, err := net.Listen("tcp", m.cfg.AdminListen)
 	if err != nil {
+		_ = gw.tcp.Close()
+		_ = gw.ws.Close()
 		return fmt.Errorf("admin listener: %w", err)
 	}
 	m.admin = &http.Server{Handler: m.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
 	m.mu.Lock()
-	m.endpoints = Endpoints{NATS: natsURL, Admin: "http://" + ln.Addr().String(), PID: os.Getpid()}
+	m.endpoints = Endpoints{NATS: natsURL, Admin: "http://" + ln.Addr().String(), WebSocket: gw.wsURL,
+		TCP: gw.tcp.Addr().String(), PID: os.Getpid()}
 	m.mu.Unlock()
 	if err := writeEndpoints(m.cfg.DataDir, m.endpoints); err != nil {
 		_ = ln.Close()
+		_ = gw.tcp.Close()
+		_ = gw.ws.Close()
 		return err
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
+	// Shutdown drains the gateway first (clients get GoAway and their
+	// queued frames) while the core still runs, then stops the core.
+	coreCtx, stopCore := context.WithCancel(context.Background())
+	defer stopCore()
+	g, gctx := errgroup.WithContext(coreCtx)
+	drain := make(chan struct{})
+	g.Go(func() error {
+		select {
+		case <-ctx.Done():
+		case <-gctx.Done():
+		}
+		close(drain)
+		return nil
+	})
 	g.Go(func() error { return m.lg.Run(gctx) })
 	g.Go(func() error { return m.inbox.Run(gctx) })
 	g.Go(func() error { return svc.Run(gctx) })
+	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("admin: %w", err)
@@ -155,10 +184,12 @@ func (m *Main) Run(ctx context.Context) error {
 		return nil
 	})
 	g.Go(func() error {
-		<-gctx.Done()
+		<-drained // the core serves the clients' last acks
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		return m.admin.Shutdown(sctx)
+		err := m.admin.Shutdown(sctx)
+		stopCore()
+		return err
 	})
 	select {
 	case <-svc.Ready():
@@ -168,7 +199,8 @@ func (m *Main) Run(ctx context.Context) error {
 	m.mu.Lock()
 	m.ready = true
 	m.mu.Unlock()
-	m.log.Info().Str("nats", natsURL).Str("admin", m.endpoints.Admin).Msg("sluiced ready")
+	m.log.Info().Str("nats", natsURL).Str("admin", m.endpoints.Admin).Str("websocket", gw.wsURL).
+		Str("tcp", m.endpoints.TCP).Msg("sluiced ready")
 	return g.Wait()
 }
 

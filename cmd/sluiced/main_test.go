@@ -27,7 +27,7 @@ func TestMainWithExternalNATS(t *testing.T) {
 	}
 	admin := ln.Addr().String()
 	ln.Close()
-	cfg, err := parseConfig([]string{"--nats", ns.ClientURL(), "--data", t.TempDir(), "--admin", admin, "--businesses", "chat:user"}, func(string) string { return "" })
+	cfg, err := parseConfig([]string{"--nats", ns.ClientURL(), "--data", t.TempDir(), "--admin", admin, "--ws-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0", "--businesses", "chat:user"}, func(string) string { return "" })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestMainFailsCleanly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cfg, err := parseConfig([]string{"--data", t.TempDir(), "--nats-listen", "127.0.0.1:0", "--admin", ln.Addr().String()}, func(string) string { return "" })
+	cfg, err := parseConfig([]string{"--data", t.TempDir(), "--nats-listen", "127.0.0.1:0", "--admin", ln.Addr().String(), "--ws-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0"}, func(string) string { return "" })
 	if err != nil {
 		t.Fatal(err)
 	}

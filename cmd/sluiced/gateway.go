@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/sluicehq/sluice/gateway"
+	"golang.org/x/sync/errgroup"
+)
+
+// tokenKeyFile is where sluiced keeps the token signing key, under the data
+// directory (sluicectl token reads it there).
+const tokenKeyFile = "token.key"
+
+// gatewayParts is the gateway side of sluiced: the server, its two
+// listeners, the HTTP server of WebSocket and dispatch, and the dispatch
+// registry.
+type gatewayParts struct {
+	srv      *gateway.Server
+	registry *gateway.Registry
+	tcp      net.Listener
+	ws       net.Listener
+	http     *http.Server
+	wsURL    string
+}
+
+// startGateway builds the gateway and binds its listeners; serve runs it.
+func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
+	keys, err := m.tokenKeys()
+	if err != nil {
+		return nil, err
+	}
+	srv, err := gateway.NewServer(gateway.Config{
+		Inbox:     m.inbox,
+		Tokens:    gateway.NewVerifier(keys...),
+		MaxFrame:  m.cfg.MaxFrame,
+		Heartbeat: m.cfg.Heartbeat,
+		MaxConns:  m.cfg.MaxConns,
+		Logger:    &m.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	var tlsCfg *tls.Config
+	if m.cfg.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(m.cfg.TLSCert, m.cfg.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}
+	}
+	gp := &gatewayParts{srv: srv}
+	listen := func(addr, what string) (net.Listener, error) {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("%s listener: %w", what, err)
+		}
+		if tlsCfg != nil {
+			ln = tls.NewListener(ln, tlsCfg)
+		}
+		return ln, nil
+	}
+	if gp.tcp, err = listen(m.cfg.TCPListen, "TLV"); err != nil {
+		return nil, err
+	}
+	if gp.ws, err = listen(m.cfg.WSListen, "WebSocket"); err != nil {
+		_ = gp.tcp.Close()
+		return nil, err
+	}
+	scheme := "ws"
+	if tlsCfg != nil {
+		scheme = "wss"
+	}
+	gp.wsURL = scheme + "://" + advertised(m.cfg.AdvertiseWS, gp.ws.Addr()) + "/v1/ws"
+	var id [8]byte
+	_, _ = rand.Read(id[:])
+	gp.registry, err = gateway.OpenRegistry(ctx, gateway.RegistryConfig{
+		JetStream: m.lg.JetStream(),
+		Node: gateway.Node{
+			ID:        "node-" + hex.EncodeToString(id[:]),
+			WebSocket: gp.wsURL,
+			TCP:       advertised(m.cfg.AdvertiseTCP, gp.tcp.Addr()),
+			TLS:       tlsCfg != nil,
+		},
+		Replicas: m.cfg.Replicas,
+		Logger:   &m.log,
+	})
+	if err != nil {
+		_ = gp.tcp.Close()
+		_ = gp.ws.Close()
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/v1/ws", srv.WebSocketHandler(splitList(m.cfg.WSOrigins)))
+	mux.Handle("/v1/dispatch", gp.registry.Handler())
+	gp.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return gp, nil
+}
+
+// serve runs the gateway on g until drain is closed, then drains it:
+// the node leaves dispatch, every link gets GoAway and its queue, and the
+// listeners close. The returned channel closes when the drain is over.
+func (gp *gatewayParts) serve(ctx context.Context, g *errgroup.Group, drain <-chan struct{}, m *Main) <-chan struct{} {
+	drained := make(chan struct{})
+	g.Go(func() error { return gp.registry.Run(ctx) })
+	g.Go(func() error {
+		if err := gp.srv.ServeTCP(gp.tcp); err != nil {
+			return fmt.Errorf("gateway TLV: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		if err := gp.http.Serve(gp.ws); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("gateway WebSocket: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		defer close(drained)
+		<-drain
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := gp.registry.SetDraining(sctx); err != nil {
+			m.log.Warn().Err(err).Msg("dispatch: draining not announced")
+		}
+		cancel()
+		dctx, cancel := context.WithTimeout(context.Background(), m.cfg.DrainTimeout)
+		defer cancel()
+		err := gp.srv.Shutdown(dctx)
+		// Hijacked WebSocket connections are the gateway's; the HTTP
+		// server only has idle upgrades and dispatch requests left.
+		hctx, hcancel := context.WithTimeout(context.Background(), time.Second)
+		defer hcancel()
+		_ = gp.http.Shutdown(hctx)
+		if err != nil {
+			m.log.Warn().Err(err).Msg("gateway drain cut short")
+		}
+		return nil
+	})
+	return drained
+}
+
+// tokenKeys loads (or creates) the signing key under the data directory
+// and any further public keys accepted during a rotation.
+func (m *Main) tokenKeys() ([]ed25519.PublicKey, error) {
+	path := m.cfg.TokenKey
+	if path == "" {
+		path = filepath.Join(m.cfg.DataDir, tokenKeyFile)
+	}
+	priv, err := gateway.LoadOrCreateKey(path)
+	if err != nil {
+		return nil, fmt.Errorf("token key: %w", err)
+	}
+	keys := []ed25519.PublicKey{priv.Public().(ed25519.PublicKey)}
+	for _, p := range splitList(m.cfg.TokenPublicKeys) {
+		k, err := gateway.LoadPublicKey(p)
+		if err != nil {
+			return nil, fmt.Errorf("--token-public-keys: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+// advertised is the address to announce: the flag if set, else the
+// listener's own.
+func advertised(flag string, addr net.Addr) string {
+	if flag != "" {
+		return flag
+	}
+	return addr.String()
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
+}
