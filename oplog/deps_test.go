@@ -25,7 +25,7 @@ var allowed = map[string][]string{
 var owners = map[string]func(pkg string) bool{
 	"github.com/nats-io/nats-server/v2": func(p string) bool { return strings.HasPrefix(p, "cmd/") || strings.HasSuffix(p, "test") },
 	"github.com/coder/websocket": func(p string) bool {
-		return p == "gateway" || strings.HasPrefix(p, "gateway/") || strings.HasPrefix(p, "cmd/")
+		return p == "gateway" || strings.HasPrefix(p, "gateway/") || p == "client" || strings.HasPrefix(p, "cmd/")
 	},
 	"github.com/dgraph-io/badger/v4": func(p string) bool { return p == "oplog" || p == "topics" || p == "analytics" || p == "delivery" },
 }

@@ -26,8 +26,8 @@ import (
 // contain '/', so prefixes never collide.
 //
 //	i/<shard>/<u|d>/<target>/<id:8 bytes BE>  Entry (id, epoch, shard not stored)
-//	s/<device>/<business>                      sync point: id, epoch (8+8 bytes BE)
-//	w/<user>/<business>                        single-device watermark: id, epoch
+//	s/<device>/<business>                      sync point: id, epoch (8+8 bytes BE), user
+//	w/<user>/<business>                        single-device watermark: id, epoch, user
 //	a/<stream>                                 applied stream sequence (8 bytes BE)
 func inboxPrefix(shard uint32, dim oplogpb.Dimension, target string) []byte {
 	return []byte("i/" + strconv.FormatUint(uint64(shard), 10) + "/" + dimToken(dim) + "/" + target + "/")
@@ -37,10 +37,26 @@ func syncKey(device, business string) []byte { return []byte("s/" + device + "/"
 func markKey(user, business string) []byte   { return []byte("w/" + user + "/" + business) }
 
 // SyncPoint is the highest id a device has received of one business, with
-// the epoch that id belongs to.
+// the epoch that id belongs to. A recorded sync point also names the user
+// the device was bound to when it acked: ids of a user-dimension business
+// are only meaningful for that user.
 type SyncPoint struct {
 	ID    uint64 `json:"id"`
 	Epoch uint64 `json:"epoch"`
+	User  string `json:"user,omitempty"`
+}
+
+// pointValue encodes a recorded sync point: id, epoch (8 bytes BE each),
+// then the user.
+func pointValue(id, epoch uint64, user string) []byte {
+	return append(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, id), epoch), user...)
+}
+
+func decodePoint(v []byte) SyncPoint {
+	if len(v) < 16 {
+		return SyncPoint{}
+	}
+	return SyncPoint{ID: binary.BigEndian.Uint64(v), Epoch: binary.BigEndian.Uint64(v[8:]), User: string(v[16:])}
 }
 
 // InboxConfig configures an Inbox. A zero field takes the default.
@@ -221,7 +237,7 @@ func (in *Inbox) applyAck(txn *badger.Txn, r *record) error {
 		in.log.Error().Uint64("seq", seq).Str("stream", StreamAcks).Msg("unreadable ack skipped")
 		return nil
 	}
-	val := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, a.Id), a.Epoch)
+	val := pointValue(a.Id, a.Epoch, a.User)
 	if err := txn.Set(syncKey(a.Device, a.Business), val); err != nil {
 		return err
 	}
@@ -248,9 +264,7 @@ func getPoint(txn *badger.Txn, key []byte) (SyncPoint, error) {
 	}
 	var sp SyncPoint
 	err = it.Value(func(v []byte) error {
-		if len(v) == 16 {
-			sp = SyncPoint{ID: binary.BigEndian.Uint64(v), Epoch: binary.BigEndian.Uint64(v[8:])}
-		}
+		sp = decodePoint(v)
 		return nil
 	})
 	return sp, err
@@ -282,7 +296,8 @@ func (in *Inbox) Ack(ctx context.Context, user, device string, points map[string
 	if err != nil {
 		return err
 	}
-	var futs []jetstream.PubAckFuture
+	// Check every point before recording any: an ack is all or nothing.
+	var acks []*oplogpb.Ack
 	for code, sp := range points {
 		b, ok := in.lg.Business(code)
 		if !ok {
@@ -295,14 +310,20 @@ func (in *Inbox) Ack(ctx context.Context, user, device string, points map[string
 		if sp.Epoch != in.lg.Epoch(shard) {
 			return fmt.Errorf("ack of %q: epoch %d, stream has %d: %w", code, sp.Epoch, in.lg.Epoch(shard), ErrEpochMismatch)
 		}
-		if cur := current[code]; cur.Epoch == sp.Epoch && cur.ID >= sp.ID {
+		cur := current[code]
+		sameInbox := businessDim(b) == oplogpb.Dimension_DIMENSION_DEVICE || cur.User == user
+		if sameInbox && cur.Epoch == sp.Epoch && cur.ID >= sp.ID {
 			continue
 		}
-		data, err := proto.Marshal(&oplogpb.Ack{User: user, Device: device, Business: code, Id: sp.ID, Epoch: sp.Epoch, At: timestamppb.Now()})
+		acks = append(acks, &oplogpb.Ack{User: user, Device: device, Business: code, Id: sp.ID, Epoch: sp.Epoch, At: timestamppb.Now()})
+	}
+	var futs []jetstream.PubAckFuture
+	for _, a := range acks {
+		data, err := proto.Marshal(a)
 		if err != nil {
 			return fmt.Errorf("oplog: marshal ack: %w", err)
 		}
-		fut, err := in.lg.JetStream().PublishAsync(SubjectAck(device, code, user), data)
+		fut, err := in.lg.JetStream().PublishAsync(SubjectAck(device, a.Business, user), data)
 		if err != nil {
 			return fmt.Errorf("ack: %v: %w", err, ErrUnavailable)
 		}
@@ -338,8 +359,8 @@ func (in *Inbox) SyncPoints(ctx context.Context, device string) (map[string]Sync
 			if err != nil {
 				return err
 			}
-			if len(v) == 16 {
-				out[string(it.Item().Key()[len(prefix):])] = SyncPoint{ID: binary.BigEndian.Uint64(v), Epoch: binary.BigEndian.Uint64(v[8:])}
+			if len(v) >= 16 {
+				out[string(it.Item().Key()[len(prefix):])] = decodePoint(v)
 			}
 		}
 		return nil
@@ -422,6 +443,11 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 		sp, given := req.Points[b.Code]
 		if !given {
 			sp = stored[b.Code]
+			if dim == oplogpb.Dimension_DIMENSION_USER && sp.User != req.User {
+				// Acked while another user was bound to the device: that
+				// user's ids say nothing about this one's inbox.
+				sp = SyncPoint{}
+			}
 		}
 		if sp.Epoch != epoch {
 			if given && sp.ID != 0 {

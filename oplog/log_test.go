@@ -222,7 +222,7 @@ func TestSingleDeviceMode(t *testing.T) {
 		t.Fatalf("phone backlog %v", got)
 	}
 	sp, err := e.in.SyncPoints(ctx(t), "phone")
-	if err != nil || sp["coupons"] != (oplog.SyncPoint{ID: c1, Epoch: epoch}) {
+	if err != nil || sp["coupons"] != (oplog.SyncPoint{ID: c1, Epoch: epoch, User: "alice"}) {
 		t.Fatalf("sync points %v, %v", sp, err)
 	}
 	// Acks move forward only; an old epoch is refused.
@@ -300,5 +300,41 @@ func TestSourceOfTruthRefusesDeleteAndPurge(t *testing.T) {
 	}
 	if b := mustBacklog(t, e.in, oplog.BacklogRequest{User: "alice", Device: "d"}); len(b.Entries) != 1 {
 		t.Fatalf("backlog has %d entries after refused delete, want 1", len(b.Entries))
+	}
+}
+
+// TestDeviceSwitchesUsers: a device's recorded sync point of a user
+// business belongs to the user it was acked under; another user signed in
+// on the device starts from their own inbox, and can ack lower ids.
+func TestDeviceSwitchesUsers(t *testing.T) {
+	e := newEnv(t)
+	epoch := e.l.Epoch(0)
+	b1 := mustAppend(t, e.l, syncEvent("chat", "bob"))[0].Id
+	a1 := mustAppend(t, e.l, syncEvent("chat", "ann"))[0].Id
+	if err := e.in.Ack(ctx(t), "ann", "shared", map[string]oplog.SyncPoint{"chat": {ID: a1, Epoch: epoch}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := ids(mustBacklog(t, e.in, oplog.BacklogRequest{User: "ann", Device: "shared"})); len(got) != 0 {
+		t.Fatalf("ann's backlog after her ack: %v", got)
+	}
+	// Bob's entry is older than Ann's ack, and still his to receive.
+	if got := ids(mustBacklog(t, e.in, oplog.BacklogRequest{User: "bob", Device: "shared"})); !equalIDs(got, []uint64{b1}) {
+		t.Fatalf("bob's backlog on ann's device: %v, want [%d]", got, b1)
+	}
+	if err := e.in.Ack(ctx(t), "bob", "shared", map[string]oplog.SyncPoint{"chat": {ID: b1, Epoch: epoch}}); err != nil {
+		t.Fatal(err)
+	}
+	sp, err := e.in.SyncPoints(ctx(t), "shared")
+	if err != nil || sp["chat"] != (oplog.SyncPoint{ID: b1, Epoch: epoch, User: "bob"}) {
+		t.Fatalf("after bob's ack: %v, %v", sp, err)
+	}
+	// An ack naming an unknown business records nothing, not even the
+	// valid points beside it.
+	err = e.in.Ack(ctx(t), "bob", "shared", map[string]oplog.SyncPoint{"chat": {ID: b1 + 5, Epoch: epoch}, "nope": {ID: 1, Epoch: epoch}})
+	if !errors.Is(err, oplog.ErrUnknownBusiness) {
+		t.Fatalf("ack with an unknown business: %v", err)
+	}
+	if sp, _ := e.in.SyncPoints(ctx(t), "shared"); sp["chat"].ID != b1 {
+		t.Fatalf("a refused ack recorded %v", sp["chat"])
 	}
 }
