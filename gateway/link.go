@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,6 +26,8 @@ type link interface {
 	write(ctx context.Context, frames []*gatewaypb.Frame) error
 	// setCompress allows zstd on frames written from now on.
 	setCompress(bool)
+	// canCompress reports whether the transport can carry zstd frames.
+	canCompress() bool
 	// close ends the link at once; graceful closes after a goodbye.
 	close()
 	closeGracefully()
@@ -84,6 +87,7 @@ func (l *tcpLink) write(ctx context.Context, frames []*gatewaypb.Frame) error {
 }
 
 func (l *tcpLink) setCompress(on bool) { l.compress.Store(on) }
+func (l *tcpLink) canCompress() bool   { return true }
 func (l *tcpLink) close()              { l.once.Do(func() { _ = l.c.Close() }) }
 func (l *tcpLink) closeGracefully()    { l.close() }
 func (l *tcpLink) transport() string   { return "tcp" }
@@ -112,7 +116,9 @@ func acceptWebSocket(s *Server, w http.ResponseWriter, r *http.Request, origins 
 		return nil, err
 	}
 	c.SetReadLimit(int64(s.codec.MaxFrame()))
-	return &wsLink{codec: s.codec, c: c, json: c.Subprotocol() == wire.SubprotocolJSON, addr: r.RemoteAddr}, nil
+	// The library matches sub-protocols without regard to case.
+	json := strings.EqualFold(c.Subprotocol(), wire.SubprotocolJSON)
+	return &wsLink{codec: s.codec, c: c, json: json, addr: r.RemoteAddr}, nil
 }
 
 func (l *wsLink) read(deadline time.Time) (*gatewaypb.Frame, error) {
@@ -170,6 +176,7 @@ func (l *wsLink) write(ctx context.Context, frames []*gatewaypb.Frame) error {
 }
 
 func (l *wsLink) setCompress(on bool) { l.compress.Store(on && !l.json) }
+func (l *wsLink) canCompress() bool   { return !l.json }
 func (l *wsLink) close()              { l.once.Do(func() { _ = l.c.CloseNow() }) }
 func (l *wsLink) closeGracefully() {
 	l.once.Do(func() { _ = l.c.Close(websocket.StatusNormalClosure, "") })

@@ -110,7 +110,7 @@ type Server struct {
 
 	mu        sync.Mutex
 	sessions  map[*session]struct{}
-	byDevice  map[string]*session // the newest session of each device
+	byDevice  map[string]*session // the newest session of each app/device
 	listeners map[net.Listener]struct{}
 	done      chan struct{} // closed by Shutdown
 	wg        sync.WaitGroup
@@ -204,8 +204,9 @@ func (s *Server) register(ss *session) (ok bool) {
 		return false
 	}
 	s.sessions[ss] = struct{}{}
-	old := s.byDevice[ss.device]
-	s.byDevice[ss.device] = ss
+	key := ss.app + "/" + ss.device
+	old := s.byDevice[key]
+	s.byDevice[key] = ss
 	s.mu.Unlock()
 	if old != nil {
 		old.log.Info().Str("by", ss.id).Msg("session replaced by a newer link")
@@ -218,8 +219,8 @@ func (s *Server) unregister(ss *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.sessions, ss)
-	if s.byDevice[ss.device] == ss {
-		delete(s.byDevice, ss.device)
+	if key := ss.app + "/" + ss.device; s.byDevice[key] == ss {
+		delete(s.byDevice, key)
 	}
 }
 

@@ -560,3 +560,59 @@ func TestMaxConnsAndDrain(t *testing.T) {
 		}
 	}
 }
+
+// TestUserSwitchResetsUserBusinesses: a login as another user on the same
+// link restarts the user businesses (reported in resets) from the new
+// user's inbox, whatever ids the previous user had.
+func TestUserSwitchResetsUserBusinesses(t *testing.T) {
+	e := newEnv(t, nil)
+	old := e.append("chat", "nina") // lower id than what oscar acks below
+	o1 := e.append("chat", "oscar")
+	c := e.dialTCP()
+	epoch := e.l.Epoch(0)
+	c.send(hello(e.token("oscar", "shared", time.Hour), &gatewaypb.SyncPoint{Business: "chat", Id: o1, Epoch: epoch}))
+	if _, items, _ := c.syncAll(); len(items) != 0 {
+		t.Fatalf("oscar up to date, got %v", ids(items))
+	}
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: e.token("nina", "shared", time.Hour)}}})
+	var items []*gatewaypb.Item
+	var resets []string
+	for done := false; !done; {
+		f := c.must(5 * time.Second)
+		s := f.GetSync()
+		if s == nil {
+			t.Fatalf("login did not start a sync round: got %v", f)
+		}
+		items, resets, done = append(items, s.Items...), append(resets, s.Resets...), s.Done
+	}
+	if len(resets) != 1 || resets[0] != "chat" || len(items) != 1 || items[0].Id != old {
+		t.Fatalf("after switching to nina: resets %v, items %v; want [chat] and [%d]", resets, ids(items), old)
+	}
+}
+
+// TestLargeRoundsSplitByBytes: a backlog whose items exceed a frame is
+// sent in several frames, each within the limit.
+func TestLargeRoundsSplitByBytes(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) { c.MaxFrame = 64 << 10 })
+	big := make([]byte, 8<<10)
+	var want []uint64
+	for range 20 {
+		want = append(want, e.append("chat", "pam", func(ev *oplogpb.Event) { ev.Payload = big }))
+	}
+	c := e.dialTCP()
+	c.send(hello(e.token("pam", "pdev", time.Hour)))
+	c.must(5 * time.Second) // welcome
+	var got []uint64
+	frames := 0
+	for done := false; !done; {
+		s := c.must(5 * time.Second).GetSync()
+		if s == nil {
+			t.Fatal("expected sync frames")
+		}
+		frames++
+		got, done = append(got, ids(s.Items)...), s.Done
+	}
+	if len(got) != len(want) || got[0] != want[0] || got[len(got)-1] != want[len(want)-1] || frames < 4 {
+		t.Fatalf("got %d items in %d frames, want %d items in at least 4 frames", len(got), frames, len(want))
+	}
+}

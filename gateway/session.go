@@ -178,12 +178,12 @@ func (ss *session) hello() bool {
 		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "server shutting down")
 		return false
 	}
-	compress := !cfg.NoCompression && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
+	compress := !cfg.NoCompression && ss.link.canCompress() && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
 	w := &gatewaypb.Welcome{
 		SessionId:        ss.id,
 		ServerTimeMs:     time.Now().UnixMilli(),
 		HeartbeatMs:      uint32(cfg.Heartbeat / time.Millisecond),
-		IdleTimeoutMs:    uint32(ss.idleTimeout() / time.Millisecond),
+		IdleTimeoutMs:    uint32(ss.deadAfter() / time.Millisecond),
 		CompressMinBytes: uint32(ss.srv.codec.CompressMin()),
 		MaxFrameBytes:    uint32(ss.srv.codec.MaxFrame()),
 		User:             claims.User,
@@ -262,6 +262,23 @@ func (ss *session) bindUser(user string) error {
 	}
 	ss.mu.Lock()
 	old := ss.userWatch
+	if user != ss.user {
+		// Ids of user businesses belong to one user: what was sent or
+		// presented for the previous one says nothing about this one. The
+		// next round starts these businesses over and tells the client.
+		for _, b := range ss.srv.cfg.Inbox.Log().Businesses() {
+			if b.Dimension == oplogpb.Dimension_DIMENSION_DEVICE {
+				continue
+			}
+			_, sent := ss.sent[b.Code]
+			_, presented := ss.points[b.Code]
+			if ss.user != "" || sent || presented {
+				delete(ss.sent, b.Code)
+				ss.points[b.Code] = oplog.SyncPoint{}
+				ss.resets = append(ss.resets, b.Code)
+			}
+		}
+	}
 	ss.user, ss.userWatch = user, uw
 	closed := ss.closed
 	ss.mu.Unlock()
@@ -326,8 +343,9 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 	return true
 }
 
-// event handles a client event: foreground, login and logout start a sync
-// round.
+// event handles a client event: foreground and login start a sync round;
+// logout unbinds the user; attrs, with any type (or none), replace the
+// session's attributes.
 func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 	if e.Attrs != nil {
 		ss.mu.Lock()
@@ -335,6 +353,10 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 		ss.mu.Unlock()
 	}
 	switch e.Type {
+	case gatewaypb.ClientEvent_TYPE_UNSPECIFIED:
+		if e.Attrs == nil {
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, "event without a type or attrs", false))
+		}
 	case gatewaypb.ClientEvent_TYPE_FOREGROUND:
 		ss.startRound()
 	case gatewaypb.ClientEvent_TYPE_BACKGROUND:
@@ -387,11 +409,15 @@ func (ss *session) allow() bool {
 	return true
 }
 
-func (ss *session) idleTimeout() time.Duration { return 3 * ss.srv.cfg.Heartbeat }
+// deadAfter is the longest a silent link lives: a probe after a heartbeat
+// and a half of silence, then the probe timeout.
+func (ss *session) deadAfter() time.Duration {
+	return ss.srv.cfg.Heartbeat + ss.srv.cfg.Heartbeat/2 + ss.srv.cfg.ProbeTimeout
+}
 
-// checkLiveness runs on the liveness timer: a link silent past the
-// heartbeat gets a probe; a probe unanswered past ProbeTimeout, or
-// silence past the idle timeout, closes it.
+// checkLiveness runs on the liveness timer: a link silent past a
+// heartbeat and a half gets a probe; a probe unanswered past ProbeTimeout
+// closes it as dead.
 func (ss *session) checkLiveness() {
 	cfg := &ss.srv.cfg
 	now := time.Now()
@@ -399,11 +425,6 @@ func (ss *session) checkLiveness() {
 	if at := ss.probeAt.Load(); at != 0 && now.Sub(time.Unix(0, at)) >= cfg.ProbeTimeout {
 		ss.log.Info().Dur("silent", silent).Msg("probe unanswered: dead link")
 		ss.softClose(gatewaypb.GoAway_REASON_DEAD_LINK, "probe unanswered", 0)
-		return
-	}
-	if silent >= ss.idleTimeout() {
-		ss.log.Info().Dur("silent", silent).Msg("idle link")
-		ss.softClose(gatewaypb.GoAway_REASON_IDLE, "nothing heard within the idle timeout", 0)
 		return
 	}
 	next := cfg.Heartbeat + cfg.Heartbeat/2 - silent
@@ -466,6 +487,9 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	}
 	if ok && e.Id <= last.ID {
 		return // sent already, by the backlog
+	}
+	if p, ok := ss.points[e.Business]; ok && p.Epoch == e.Epoch && e.Id <= p.ID {
+		return // the client had it before this link
 	}
 	ss.sent[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
 	ss.enqueueLocked(liveFrame(e), true)
@@ -551,6 +575,8 @@ func (ss *session) syncRound() error {
 	cfg := &ss.srv.cfg
 	ss.mu.Lock()
 	user, attrs := ss.user, ss.attrs
+	pending := ss.resets
+	ss.resets = nil
 	points := make(map[string]oplog.SyncPoint, len(ss.points)+len(ss.sent))
 	for b, p := range ss.points {
 		points[b] = p
@@ -570,8 +596,10 @@ func (ss *session) syncRound() error {
 		}
 		var resets []string
 		if first {
-			resets = bl.Reset
-			for _, b := range resets {
+			resets = append(pending, bl.Reset...)
+			slices.Sort(resets)
+			resets = slices.Compact(resets)
+			for _, b := range bl.Reset {
 				// The client's point was of an old epoch: the business
 				// restarts from this epoch's beginning, reported once.
 				points[b] = oplog.SyncPoint{}
@@ -585,7 +613,7 @@ func (ss *session) syncRound() error {
 		// One page: at least one frame, the last with done set if it is
 		// the last page.
 		for {
-			n := min(len(items), cfg.SyncBatch)
+			n := ss.batchLen(items)
 			last := n == len(items)
 			sync := &gatewaypb.Sync{Items: items[:n], Resets: resets, Done: last && !bl.More}
 			if !ss.enqueueWait(&gatewaypb.Frame{Body: &gatewaypb.Frame_Sync{Sync: sync}}, sync.Items) {
@@ -603,6 +631,24 @@ func (ss *session) syncRound() error {
 			return nil
 		}
 	}
+}
+
+// batchLen is how many of items go in one frame: at most SyncBatch, and
+// at most half the frame limit of payload (at least one item).
+func (ss *session) batchLen(items []*gatewaypb.Item) int {
+	limit := ss.srv.codec.MaxFrame() / 2
+	size := 0
+	for i, it := range items {
+		size += itemSize(it)
+		if i > 0 && (i == ss.srv.cfg.SyncBatch || size > limit) {
+			return i
+		}
+	}
+	return len(items)
+}
+
+func itemSize(it *gatewaypb.Item) int {
+	return 64 + len(it.Payload) + len(it.Business) + len(it.ContentType) + len(it.MessageId)
 }
 
 // enqueueWait queues a Sync frame once there is room, recording its items
@@ -668,11 +714,11 @@ func frameSize(f *gatewaypb.Frame) int {
 	switch b := f.Body.(type) {
 	case *gatewaypb.Frame_Live:
 		for _, it := range b.Live.Items {
-			n += 64 + len(it.Payload)
+			n += itemSize(it)
 		}
 	case *gatewaypb.Frame_Sync:
 		for _, it := range b.Sync.Items {
-			n += 64 + len(it.Payload)
+			n += itemSize(it)
 		}
 	}
 	return n
@@ -696,7 +742,7 @@ func (ss *session) flush() {
 		}
 		ss.room.Broadcast()
 		ss.mu.Unlock()
-		frames = mergeLive(frames)
+		frames = mergeLive(frames, ss.srv.codec.MaxFrame()/2)
 		ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
 		err := ss.link.write(ctx, frames)
 		cancel()
@@ -715,35 +761,51 @@ func (ss *session) flush() {
 }
 
 // mergeLive merges runs of Live frames into frames of up to maxLiveBatch
-// items.
-func mergeLive(frames []*gatewaypb.Frame) []*gatewaypb.Frame {
+// items and maxBytes of items.
+func mergeLive(frames []*gatewaypb.Frame, maxBytes int) []*gatewaypb.Frame {
 	out := frames[:0]
 	var cur *gatewaypb.Live
+	size := 0
 	for _, f := range frames {
 		l := f.GetLive()
 		if l == nil {
 			out, cur = append(out, f), nil
 			continue
 		}
-		if cur != nil && len(cur.Items)+len(l.Items) <= maxLiveBatch {
+		n := 0
+		for _, it := range l.Items {
+			n += itemSize(it)
+		}
+		if cur != nil && len(cur.Items)+len(l.Items) <= maxLiveBatch && size+n <= maxBytes {
 			cur.Items = append(cur.Items, l.Items...)
+			size += n
 			continue
 		}
-		out, cur = append(out, f), l
+		// Merging appends to the first frame's item slice: copy it so the
+		// frame's owner (a watcher's entry) is never written to.
+		first := &gatewaypb.Live{Items: slices.Clone(l.Items)}
+		out, cur, size = append(out, &gatewaypb.Frame{Body: &gatewaypb.Frame_Live{Live: first}}), first, n
 	}
 	return out
 }
 
-// fail reports a fatal error to the client, says goodbye and closes.
+// fail reports a fatal error to the client, says goodbye and closes. A
+// failure on the server's side (the client is not at fault) comes with a
+// spread reconnect hint, so that an outage does not bring every client
+// back in the same instant.
 func (ss *session) fail(code gatewaypb.Error_Code, reason gatewaypb.GoAway_Reason, msg string) {
 	ss.log.Warn().Str("code", code.String()).Str("reason", msg).Msg("session refused")
+	var hint time.Duration
+	if code == gatewaypb.Error_CODE_UNAVAILABLE || code == gatewaypb.Error_CODE_INTERNAL {
+		hint = ss.srv.reconnectHint()
+	}
 	ss.mu.Lock()
 	if ss.closing {
 		ss.mu.Unlock()
 		ss.shut()
 		return
 	}
-	ss.queue = append(ss.queue, errorFrame(code, msg, true), goAwayFrame(reason, msg, 0))
+	ss.queue = append(ss.queue, errorFrame(code, msg, true), goAwayFrame(reason, msg, hint))
 	ss.closing = true
 	ss.room.Broadcast()
 	ss.mu.Unlock()
@@ -780,7 +842,7 @@ func (ss *session) drainAndClose() {
 		if !writing {
 			if len(frames) > 0 {
 				ctx, cancel := context.WithDeadline(context.Background(), deadline)
-				_ = ss.link.write(ctx, mergeLive(frames))
+				_ = ss.link.write(ctx, mergeLive(frames, ss.srv.codec.MaxFrame()/2))
 				cancel()
 			}
 			break

@@ -153,6 +153,9 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 	return in, nil
 }
 
+// Log is the oplog the inbox projects.
+func (in *Inbox) Log() *Log { return in.lg }
+
 // Run applies the streams to the projection until ctx ends.
 func (in *Inbox) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)

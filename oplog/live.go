@@ -85,7 +85,9 @@ func newLive(shards int) *live {
 // misses nothing; it may see an entry twice and dedupes by id.
 //
 // Watch leaves out only entries expired already; the caller matches
-// conditions (Match) and single-device marks against its client. fn runs on
+// conditions (Match) against its client. (Single-device marks need no
+// check here: no device can have acked an entry that is only now being
+// delivered.) fn runs on
 // the projection's goroutine (stored entries) or the transient dispatcher,
 // possibly concurrently; it must be quick and must not block (it holds up
 // the projection). The entry is shared with the target's other watchers: do

@@ -169,10 +169,12 @@ func (c *Codec) AppendTLV(dst []byte, f *gatewaypb.Frame, compress bool) ([]byte
 	if err != nil {
 		return dst, fmt.Errorf("wire: marshal %T: %w", body, err)
 	}
-	value, zipped := c.compress(value, compress)
+	// The limit holds before compression too: the receiver decompresses
+	// no further than it.
 	if len(value) > c.maxFrame {
 		return dst, fmt.Errorf("wire: %T of %d bytes: %w", body, len(value), ErrFrameTooLarge)
 	}
+	value, zipped := c.compress(value, compress)
 	if zipped {
 		typ |= FlagZstd
 	}
@@ -244,10 +246,10 @@ func (c *Codec) EncodeBinary(f *gatewaypb.Frame, compress bool) ([]byte, error) 
 	if err != nil {
 		return nil, fmt.Errorf("wire: marshal frame: %w", err)
 	}
-	b, _ = c.compress(b, compress)
 	if len(b) > c.maxFrame {
 		return nil, fmt.Errorf("wire: frame of %d bytes: %w", len(b), ErrFrameTooLarge)
 	}
+	b, _ = c.compress(b, compress)
 	return b, nil
 }
 
