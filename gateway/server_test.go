@@ -570,7 +570,9 @@ func TestUserSwitchResetsUserBusinesses(t *testing.T) {
 	o1 := e.append("chat", "oscar")
 	c := e.dialTCP()
 	epoch := e.l.Epoch(0)
-	c.send(hello(e.token("oscar", "shared", time.Hour), &gatewaypb.SyncPoint{Business: "chat", Id: o1, Epoch: epoch}))
+	h := hello(e.token("oscar", "shared", time.Hour), &gatewaypb.SyncPoint{Business: "chat", Id: o1, Epoch: epoch})
+	h.GetHello().PointsUser = "oscar"
+	c.send(h)
 	if _, items, _ := c.syncAll(); len(items) != 0 {
 		t.Fatalf("oscar up to date, got %v", ids(items))
 	}
@@ -614,5 +616,25 @@ func TestLargeRoundsSplitByBytes(t *testing.T) {
 	}
 	if len(got) != len(want) || got[0] != want[0] || got[len(got)-1] != want[len(want)-1] || frames < 4 {
 		t.Fatalf("got %d items in %d frames, want %d items in at least 4 frames", len(got), frames, len(want))
+	}
+}
+
+// TestHelloPointsOfAnotherUser: points presented as another user's are
+// ignored for user businesses (and reported reset); device businesses
+// keep theirs.
+func TestHelloPointsOfAnotherUser(t *testing.T) {
+	e := newEnv(t, nil)
+	epoch := e.l.Epoch(0)
+	r1 := e.append("chat", "rita")
+	q1 := e.append("chat", "quinn") // above rita's entry
+	d1 := e.append("config", "qdev")
+	c := e.dialTCP()
+	h := hello(e.token("rita", "qdev", time.Hour), &gatewaypb.SyncPoint{Business: "chat", Id: q1, Epoch: epoch},
+		&gatewaypb.SyncPoint{Business: "config", Id: d1, Epoch: epoch})
+	h.GetHello().PointsUser = "quinn"
+	c.send(h)
+	_, items, resets := c.syncAll()
+	if len(resets) != 1 || resets[0] != "chat" || len(items) != 1 || items[0].Id != r1 {
+		t.Fatalf("resets %v, items %v; want [chat] and rita's %d only", resets, ids(items), r1)
 	}
 }

@@ -168,10 +168,24 @@ func (ss *session) hello() bool {
 	}
 	ss.device, ss.app = claims.Device, claims.App
 	ss.log = ss.log.With().Str("device", claims.Device).Str("user", claims.User).Logger()
+	var resets []string
+	if h.PointsUser != claims.User {
+		// Points earned under another user say nothing about this one's
+		// inboxes: those businesses start over, and the client is told.
+		for _, b := range cfg.Inbox.Log().Businesses() {
+			if p, ok := points[b.Code]; ok && b.Dimension != oplogpb.Dimension_DIMENSION_DEVICE {
+				points[b.Code] = oplog.SyncPoint{}
+				if p.ID != 0 {
+					resets = append(resets, b.Code)
+				}
+			}
+		}
+	}
 	ss.mu.Lock()
 	ss.user = claims.User
 	ss.attrs = attrsOf(h.Attrs)
 	ss.points = points
+	ss.resets = resets
 	ss.mu.Unlock()
 
 	if !ss.srv.register(ss) {

@@ -746,14 +746,19 @@ func (x *TopicCursor) GetEpoch() uint64 {
 
 // Hello is the client's first frame.
 type Hello struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // protocol version: 1
-	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`      // signed, expiring; names device, app and maybe user
-	Attrs         *Attrs                 `protobuf:"bytes,3,opt,name=attrs,proto3" json:"attrs,omitempty"`
-	Points        []*SyncPoint           `protobuf:"bytes,4,rep,name=points,proto3" json:"points,omitempty"` // what the client already has
-	Topics        []*TopicCursor         `protobuf:"bytes,5,rep,name=topics,proto3" json:"topics,omitempty"`
-	Compression   []Compression          `protobuf:"varint,6,rep,packed,name=compression,proto3,enum=sluice.gateway.v1.Compression" json:"compression,omitempty"` // what the client can decompress
-	SessionId     string                 `protobuf:"bytes,7,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`                               // the previous session's id, on reconnect (for logs)
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Version     uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // protocol version: 1
+	Token       string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`      // signed, expiring; names device, app and maybe user
+	Attrs       *Attrs                 `protobuf:"bytes,3,opt,name=attrs,proto3" json:"attrs,omitempty"`
+	Points      []*SyncPoint           `protobuf:"bytes,4,rep,name=points,proto3" json:"points,omitempty"` // what the client already has
+	Topics      []*TopicCursor         `protobuf:"bytes,5,rep,name=topics,proto3" json:"topics,omitempty"`
+	Compression []Compression          `protobuf:"varint,6,rep,packed,name=compression,proto3,enum=sluice.gateway.v1.Compression" json:"compression,omitempty"` // what the client can decompress
+	SessionId   string                 `protobuf:"bytes,7,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`                               // the previous session's id, on reconnect (for logs)
+	// The user bound when the client received its points ("" for none). Ids
+	// of a user-dimension business belong to one user: if this is not the
+	// token's user, the server ignores those points and lists the businesses
+	// in the first round's resets.
+	PointsUser    string `protobuf:"bytes,8,opt,name=points_user,json=pointsUser,proto3" json:"points_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -833,6 +838,13 @@ func (x *Hello) GetCompression() []Compression {
 func (x *Hello) GetSessionId() string {
 	if x != nil {
 		return x.SessionId
+	}
+	return ""
+}
+
+func (x *Hello) GetPointsUser() string {
+	if x != nil {
+		return x.PointsUser
 	}
 	return ""
 }
@@ -1631,7 +1643,7 @@ const file_gateway_proto_rawDesc = "" +
 	"\vTopicCursor\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xb6\x02\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xd7\x02\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
@@ -1640,7 +1652,9 @@ const file_gateway_proto_rawDesc = "" +
 	"\x06topics\x18\x05 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\x12@\n" +
 	"\vcompression\x18\x06 \x03(\x0e2\x1e.sluice.gateway.v1.CompressionR\vcompression\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\a \x01(\tR\tsessionId\"\xf7\x02\n" +
+	"session_id\x18\a \x01(\tR\tsessionId\x12\x1f\n" +
+	"\vpoints_user\x18\b \x01(\tR\n" +
+	"pointsUser\"\xf7\x02\n" +
 	"\aWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12$\n" +

@@ -1,0 +1,411 @@
+package client
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/gateway/wire"
+)
+
+// maxPoints is the most sync points the server takes in one Hello or Ack.
+const maxPoints = 1000
+
+// run is the state of one Run across its links. Only Run's goroutine
+// touches it: it delivers items, so handlers never run concurrently.
+type run struct {
+	c   *Client
+	log zerolog.Logger
+
+	points  map[string]SyncPoint // processed, by business
+	owner   string               // the user bound when the points were earned
+	dirty   bool                 // points (or owner) differ from the file
+	unacked map[string]bool      // businesses whose point the server was not sent yet
+	session string               // the last Welcome's session id, for the next Hello
+
+	timer        *time.Timer // persist-and-ack timer, running while armed
+	armed        bool
+	persistErrAt time.Time // when a failed persist was last logged
+}
+
+// linkResult is how one connection attempt ended, and what Run does next.
+type linkResult struct {
+	reason  string        // for the log
+	err     error         // Run returns it
+	rotate  bool          // try the next URL
+	healthy bool          // the session completed a sync round or lasted: reset the backoff
+	after   time.Duration // the server's reconnect hint
+	again   bool          // connect again at once (the Hello's points were void)
+}
+
+func newRun(c *Client) *run {
+	c.mu.Lock()
+	points, owner := maps.Clone(c.persisted), c.persistedUser
+	c.mu.Unlock()
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	return &run{c: c, log: c.log, points: points, owner: owner, unacked: map[string]bool{}, timer: t}
+}
+
+// runLink makes one connection and serves it until it ends.
+func (r *run) runLink(ctx context.Context, ep endpoint) linkResult {
+	token, err := r.c.cfg.Token(ctx)
+	if err != nil {
+		r.c.count(func(s *Stats) { s.DialFailures++ })
+		return linkResult{reason: "token: " + err.Error()}
+	}
+	l, res := r.open(ctx, ep, token)
+	if l == nil {
+		if !res.again {
+			r.c.count(func(s *Stats) { s.DialFailures++ })
+		}
+		return res
+	}
+	r.c.setLink(l)
+	defer r.c.clearLink(l)
+	l.log.Info().Str("user", l.welcome.User).Bool("zstd", l.welcome.Compression == gatewaypb.Compression_COMPRESSION_ZSTD).Msg("connected")
+	return r.serve(ctx, l)
+}
+
+// open dials ep, says Hello and waits for Welcome. Until then the dial
+// timeout bounds every step.
+func (r *run) open(ctx context.Context, ep endpoint, token string) (*link, linkResult) {
+	c := r.c
+	dctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+	defer cancel()
+	cn, err := c.dial(dctx, ep, c.codec)
+	if err != nil {
+		return nil, linkResult{reason: "dial: " + err.Error(), rotate: true}
+	}
+	stop := context.AfterFunc(dctx, func() { cn.close(false) })
+	fail := func(res linkResult) (*link, linkResult) {
+		stop()
+		cn.close(false)
+		return nil, res
+	}
+	if err := cn.write(dctx, r.hello(ep, token)); err != nil {
+		return fail(linkResult{reason: "hello: " + err.Error(), rotate: true})
+	}
+	deadline, _ := dctx.Deadline()
+	var end linkEnd
+	for {
+		f, err := cn.read(deadline)
+		if err != nil {
+			end.err = err
+			res := r.classify(end)
+			res.rotate = res.rotate || end.fatal == nil
+			return fail(res)
+		}
+		switch b := f.Body.(type) {
+		case *gatewaypb.Frame_Welcome:
+			if !stop() { // the dial timeout or ctx fired: cn is closed
+				return fail(linkResult{reason: "welcome too late", rotate: true})
+			}
+			if r.switchUser(b.Welcome.User) {
+				cn.close(false)
+				return nil, linkResult{reason: "bound user changed: hello again without sync points", again: true}
+			}
+			return r.newLink(cn, ep, b.Welcome)
+		case *gatewaypb.Frame_Error:
+			e := b.Error
+			c.count(func(s *Stats) { s.LastError = &ServerError{Code: e.Code, Message: e.Message, Fatal: e.Fatal} })
+			if e.Fatal {
+				end.fatal = e
+			}
+		case *gatewaypb.Frame_Goaway:
+			end.goAway = b.Goaway
+			return fail(r.classify(end))
+		}
+	}
+}
+
+// switchUser records the user a Welcome binds. When the client holds
+// points earned under another user, the Hello that presented them asked
+// for the wrong part of the new user's inbox: the points are dropped, and
+// switchUser reports that the client must say Hello again without them.
+// The client does not know which businesses are the user's, so it drops
+// all: the server resumes each from its recorded sync point (device
+// businesses as acked, user ones as acked under this user).
+func (r *run) switchUser(user string) (again bool) {
+	if user == r.owner {
+		return false
+	}
+	again = len(r.points) > 0
+	if again {
+		r.log.Info().Str("user", user).Str("previous", r.owner).Int("points", len(r.points)).Msg("bound user changed: sync points dropped")
+	}
+	r.owner = user
+	clear(r.points)
+	clear(r.unacked)
+	r.dirty = true
+	r.flush(context.Background(), nil)
+	return again
+}
+
+// hello is the Hello frame for ep: the token, the attributes, the sync
+// points, the compression the client takes, the previous session.
+func (r *run) hello(ep endpoint, token string) *gatewaypb.Frame {
+	h := &gatewaypb.Hello{Version: wire.Version, Token: token, Attrs: r.c.attrs, SessionId: r.session, PointsUser: r.owner}
+	for _, biz := range slices.Sorted(maps.Keys(r.points)) {
+		if len(h.Points) == maxPoints {
+			// Omitted businesses resume from the device's recorded points.
+			r.log.Warn().Int("points", len(r.points)).Msg("too many sync points for one hello")
+			break
+		}
+		p := r.points[biz]
+		h.Points = append(h.Points, &gatewaypb.SyncPoint{Business: biz, Id: p.ID, Epoch: p.Epoch})
+	}
+	if !r.c.cfg.NoCompression && !(ep.ws && r.c.cfg.JSON) {
+		h.Compression = []gatewaypb.Compression{gatewaypb.Compression_COMPRESSION_ZSTD}
+	}
+	return &gatewaypb.Frame{Body: &gatewaypb.Frame_Hello{Hello: h}}
+}
+
+// newLink applies Welcome to cn and wraps it in a link, not yet started.
+func (r *run) newLink(cn conn, ep endpoint, w *gatewaypb.Welcome) (*link, linkResult) {
+	c := r.c
+	codec, err := c.codecFor(int(w.MaxFrameBytes), int(w.CompressMinBytes))
+	if err != nil {
+		cn.close(false)
+		return nil, linkResult{reason: "welcome: " + err.Error()}
+	}
+	compress := w.Compression == gatewaypb.Compression_COMPRESSION_ZSTD && !c.cfg.NoCompression && !(ep.ws && c.cfg.JSON)
+	cn.configure(codec, compress)
+	hb := time.Duration(w.HeartbeatMs) * time.Millisecond
+	if hb <= 0 {
+		hb = DefaultHeartbeat
+	}
+	r.session = w.SessionId
+	return &link{
+		c: c, conn: cn, ep: ep, welcome: w, hb: hb,
+		offset: time.UnixMilli(w.ServerTimeMs).Sub(time.Now()),
+		log:    r.log.With().Str("url", ep.raw).Str("session", w.SessionId).Logger(),
+		frames: make(chan *gatewaypb.Frame, frameQueue),
+		done:   make(chan struct{}),
+	}, linkResult{}
+}
+
+// classify maps how a link ended to what Run does next.
+func (r *run) classify(e linkEnd) linkResult {
+	var res linkResult
+	if f := e.fatal; f != nil {
+		se := &ServerError{Code: f.Code, Message: f.Message, Fatal: true}
+		switch f.Code {
+		case gatewaypb.Error_CODE_UNAUTHENTICATED, gatewaypb.Error_CODE_UNSUPPORTED_VERSION:
+			return linkResult{reason: se.Error(), err: se}
+		case gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.Error_CODE_TOO_MANY_CONNECTIONS:
+			res.rotate = true
+		}
+		res.reason = se.Error()
+	}
+	if g := e.goAway; g != nil {
+		r.c.count(func(s *Stats) { s.LastGoAway, s.LastGoAwayMessage = g.Reason, g.Message })
+		res.after = time.Duration(g.ReconnectAfterMs) * time.Millisecond
+		if res.reason == "" {
+			res.reason = "goaway " + g.Reason.String() + ": " + g.Message
+		}
+		switch g.Reason {
+		case gatewaypb.GoAway_REASON_REPLACED:
+			res.err = fmt.Errorf("client: %s: %w", g.Message, ErrReplaced)
+		case gatewaypb.GoAway_REASON_SLOW_CONSUMER, gatewaypb.GoAway_REASON_IDLE,
+			gatewaypb.GoAway_REASON_DEAD_LINK, gatewaypb.GoAway_REASON_AUTH:
+			// Same node; AUTH (an expired token) asks Config.Token again.
+		case gatewaypb.GoAway_REASON_PROTOCOL:
+			// A client bug: retrying soon would repeat it.
+			res.after = max(res.after, r.c.cfg.MaxBackoff/2)
+		default: // SHUTDOWN, unspecified or unknown: elsewhere
+			res.rotate = true
+		}
+		return res
+	}
+	if res.reason == "" && e.err != nil {
+		res.reason = e.err.Error()
+	}
+	return res
+}
+
+// serve delivers the link's items until it ends, ctx ends or a handler
+// fails.
+func (r *run) serve(ctx context.Context, l *link) linkResult {
+	started := time.Now()
+	roundDone := false
+	l.start()
+	if len(r.unacked) > 0 {
+		r.arm() // acks the previous link could not send
+	}
+	for {
+		if ctx.Err() != nil {
+			// Last acks, bounded: the server may be gone.
+			fctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+			r.flush(fctx, l)
+			cancel()
+			l.stop(true)
+			return linkResult{reason: "stopped"}
+		}
+		select {
+		case <-ctx.Done():
+		case <-r.timer.C:
+			r.armed = false
+			r.flush(context.Background(), l)
+		case f, ok := <-l.frames:
+			if !ok {
+				l.stop(false)
+				r.flush(context.Background(), nil)
+				res := r.classify(l.end)
+				res.healthy = roundDone || time.Since(started) > healthySession
+				return res
+			}
+			done, err := r.handle(ctx, l, f)
+			if err != nil {
+				r.flush(context.Background(), l)
+				l.stop(true)
+				return linkResult{reason: err.Error()} // not healthy: the backoff grows
+			}
+			roundDone = roundDone || done
+		}
+	}
+}
+
+// handle delivers one Sync or Live frame; done reports the end of a sync
+// round, err a handler's failure.
+func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done bool, err error) {
+	switch b := f.Body.(type) {
+	case *gatewaypb.Frame_Sync:
+		for _, biz := range b.Sync.Resets {
+			if err := r.reset(ctx, biz); err != nil || ctx.Err() != nil {
+				return false, err
+			}
+		}
+		if err := r.deliver(ctx, l, b.Sync.Items); err != nil || ctx.Err() != nil {
+			return false, err
+		}
+		if b.Sync.Done {
+			r.c.count(func(s *Stats) { s.Rounds++ })
+			r.flush(context.Background(), l)
+			return true, nil
+		}
+	case *gatewaypb.Frame_Live:
+		return false, r.deliver(ctx, l, b.Live.Items)
+	}
+	return false, nil
+}
+
+// reset forgets a business whose stream the server recreated, after the
+// app dropped its state.
+func (r *run) reset(ctx context.Context, biz string) error {
+	if h := r.c.resetHandler(); h != nil {
+		if err := h(ctx, biz); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			r.c.count(func(s *Stats) { s.HandlerErrors++ })
+			return fmt.Errorf("reset handler of %s failed: %v", biz, err)
+		}
+	}
+	r.log.Info().Str("business", biz).Msg("business reset by the server")
+	delete(r.points, biz)
+	delete(r.unacked, biz)
+	r.dirty = true
+	r.arm()
+	r.c.count(func(s *Stats) { s.Resets++ })
+	return nil
+}
+
+// deliver passes items to their handlers in order, dropping duplicates
+// and expired items, and advances the sync points.
+func (r *run) deliver(ctx context.Context, l *link, items []*Item) error {
+	for _, it := range items {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if it.Id != 0 {
+			if p, ok := r.points[it.Business]; ok && p.Epoch == it.Epoch && it.Id <= p.ID {
+				r.c.count(func(s *Stats) { s.Duplicates++ })
+				continue
+			}
+		}
+		switch h := r.c.handler(it.Business); {
+		case it.ExpiresMs != 0 && it.ExpiresMs <= time.Now().Add(l.offset).UnixMilli():
+			r.c.count(func(s *Stats) { s.Expired++ })
+		case h == nil:
+			r.log.Debug().Str("business", it.Business).Uint64("id", it.Id).Msg("no handler: item dropped")
+			r.c.count(func(s *Stats) { s.Unhandled++ })
+		default:
+			if err := h(ctx, it); err != nil {
+				if ctx.Err() != nil {
+					return nil // stopping, not failing: the item comes again
+				}
+				r.c.count(func(s *Stats) { s.HandlerErrors++ })
+				if it.Id == 0 { // transient: it cannot come again
+					r.log.Warn().Err(err).Str("business", it.Business).Msg("handler failed on a transient item")
+					continue
+				}
+				// Run logs it as the reason the link ended.
+				return fmt.Errorf("handler of %s failed at id %d: %v", it.Business, it.Id, err)
+			}
+			r.c.count(func(s *Stats) { s.Delivered++ })
+		}
+		if it.Id != 0 {
+			r.points[it.Business] = SyncPoint{ID: it.Id, Epoch: it.Epoch}
+			r.unacked[it.Business] = true
+			r.dirty = true
+			r.arm()
+		}
+	}
+	return nil
+}
+
+// arm starts the persist-and-ack timer unless it runs.
+func (r *run) arm() {
+	if !r.armed {
+		r.timer.Reset(r.c.cfg.AckInterval)
+		r.armed = true
+	}
+}
+
+// flush persists the sync points if they changed, then acks on l (if not
+// nil), within ctx, those the server was not sent. Points reach the disk
+// before the server hears of them.
+func (r *run) flush(ctx context.Context, l *link) {
+	if r.armed {
+		r.timer.Stop()
+		r.armed = false
+	}
+	if r.dirty {
+		if err := savePoints(r.c.cfg.StateDir, r.owner, r.points); err != nil {
+			if time.Since(r.persistErrAt) >= time.Minute {
+				r.log.Error().Err(err).Msg("sync points not persisted; acks wait")
+				r.persistErrAt = time.Now()
+			}
+			r.arm() // try again
+			return
+		}
+		r.dirty = false
+		r.c.setPersisted(r.owner, maps.Clone(r.points))
+	}
+	if l == nil || len(r.unacked) == 0 {
+		return
+	}
+	points := make([]*gatewaypb.SyncPoint, 0, len(r.unacked))
+	for biz := range r.unacked {
+		p := r.points[biz]
+		points = append(points, &gatewaypb.SyncPoint{Business: biz, Id: p.ID, Epoch: p.Epoch})
+	}
+	slices.SortFunc(points, func(a, b *gatewaypb.SyncPoint) int { return cmp.Compare(a.Business, b.Business) })
+	for chunk := range slices.Chunk(points, maxPoints) {
+		ack := &gatewaypb.Frame{Body: &gatewaypb.Frame_Ack{Ack: &gatewaypb.Ack{Points: chunk}}}
+		if err := l.send(ctx, ack); err != nil {
+			l.log.Debug().Err(err).Msg("ack not sent")
+			return // the next link sends them
+		}
+		r.c.count(func(s *Stats) { s.Acks++ })
+		for _, p := range chunk {
+			delete(r.unacked, p.Business)
+		}
+	}
+}
