@@ -1,0 +1,416 @@
+package client
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/gateway/wire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Item is one oplog entry as the app sees it.
+type Item = gatewaypb.Item
+
+// Handler processes the items of one business. It runs on the goroutine
+// that called Run, one item at a time. A nil return means the item is
+// processed: the client may ack it. An error stops the client from acking
+// past the item: the client closes the link and reconnects with backoff,
+// and the server sends the item again.
+type Handler func(ctx context.Context, it *Item) error
+
+// ResetHandler is told that the server recreated the stream of a business:
+// the app must drop what it holds of it, and takes the items that follow
+// as new. An error is handled as a Handler's: the reset comes again after
+// a reconnect.
+type ResetHandler func(ctx context.Context, business string) error
+
+// Defaults of Config.
+const (
+	DefaultMinBackoff  = 100 * time.Millisecond
+	DefaultMaxBackoff  = 30 * time.Second
+	DefaultAckInterval = 100 * time.Millisecond
+	DefaultDialTimeout = 10 * time.Second
+	// DefaultHeartbeat is the ping interval when Welcome names none.
+	DefaultHeartbeat = 25 * time.Second
+	// MinAckInterval keeps a busy client well under the server's inbound
+	// rate limit (50 frames per second): at most 20 acks a second.
+	MinAckInterval = 50 * time.Millisecond
+)
+
+// healthySession is how long a session must last to reset the backoff
+// (a completed sync round does too).
+const healthySession = 30 * time.Second
+
+// sdkName goes in Attrs.sdk when the app sets none.
+const sdkName = "sluice-go/1"
+
+// Config configures a Client. A zero field takes the default in its
+// comment.
+type Config struct {
+	// URL is the gateway: "ws://host:port/v1/ws", "wss://…",
+	// "tcp://host:port" (TLV frames) or "tls://host:port" (TLV over TLS).
+	URL string
+	// URLs are more addresses, tried in order after URL (e.g. the nodes
+	// /v1/dispatch returned); the client moves to the next one when a
+	// connection fails or a node drains. If set, URL may be empty.
+	URLs []string
+	// Token returns the token to present, at each connection: tokens
+	// expire, so return a fresh one when the last one is near its end. The
+	// token names the device and the user; after Login or Logout it must
+	// name the new user (or none), as the next connection binds that one.
+	// Required.
+	Token func(ctx context.Context) (string, error)
+	// Attrs describe the client; entries with conditions are sent only to
+	// clients whose attributes match. Default: none, with sdk set.
+	Attrs *gatewaypb.Attrs
+	// StateDir is where the sync points persist (one small file, replaced
+	// atomically). One Client at a time per directory. Required.
+	StateDir string
+	// TLS configures wss:// and tls:// connections. MinVersion is raised to
+	// TLS 1.3, the only version the gateway speaks. Default: system roots.
+	TLS *tls.Config
+	// JSON uses the sluice.v1.json sub-protocol on WebSocket (text frames,
+	// for debugging). It has no effect on TCP.
+	JSON bool
+	// NoCompression declines zstd: frames either way are then never
+	// compressed.
+	NoCompression bool
+	// MinBackoff and MaxBackoff bound the full-jitter backoff between
+	// connection attempts: attempt n waits a random time in
+	// [0, min(MaxBackoff, MinBackoff·2ⁿ)] (and at least the server's
+	// reconnect hint). Defaults 100 ms and 30 s.
+	MinBackoff, MaxBackoff time.Duration
+	// AckInterval is the most time between processing an item and
+	// persisting and acking its sync point; the end of a sync round is
+	// persisted and acked at once. Default 100 ms; at least MinAckInterval.
+	AckInterval time.Duration
+	// DialTimeout bounds a connection attempt: dial, TLS, WebSocket upgrade,
+	// Hello and Welcome. Default 10 s.
+	DialTimeout time.Duration
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+}
+
+// Client syncs one device with a Sluice gateway: see the package doc. Its
+// methods are safe for concurrent use.
+type Client struct {
+	cfg       Config
+	endpoints []endpoint
+	tls       *tls.Config
+	attrs     *gatewaypb.Attrs
+	codec     *wire.Codec // frames before Welcome
+	log       zerolog.Logger
+	noPings   bool // tests: leave link health to the server's probes
+
+	running atomic.Bool
+
+	mu            sync.Mutex
+	handlers      map[string]Handler
+	fallback      Handler
+	onReset       ResetHandler
+	cur           *link                // the link up now, if any
+	persisted     map[string]SyncPoint // the points in StateDir
+	persistedUser string               // the user they were earned under
+	linkCodec     *wire.Codec          // frames after Welcome, by its limits
+	stats         Stats
+}
+
+// Stats are counters and the state of a Client, as Client.Stats returns
+// them: a copy.
+type Stats struct {
+	Connected bool   // a link is up (past Welcome)
+	URL       string // of the current or last link
+	SessionID string // of the current or last link
+
+	Connects     int64 // links that reached Welcome
+	Reconnects   int64 // Connects after the first
+	DialFailures int64 // attempts that ended before Welcome
+
+	Rounds        int64 // sync rounds completed (Sync frames with done)
+	Delivered     int64 // items a handler accepted
+	Duplicates    int64 // items at or below the sync point, dropped
+	Unhandled     int64 // items of businesses without a handler: acked and dropped
+	Expired       int64 // items past their expires_ms (server clock): acked and dropped
+	HandlerErrors int64 // handler (or reset handler) failures
+	Resets        int64 // businesses the server reset (stream recreated)
+	Acks          int64 // Ack frames sent
+	ProbesEchoed  int64 // server probes answered
+
+	RTT               time.Duration           // round trip of the last Ping
+	LastGoAway        gatewaypb.GoAway_Reason // reason of the last GoAway
+	LastGoAwayMessage string
+	LastError         *ServerError // the last Error frame, fatal or not
+}
+
+// New checks cfg, creates StateDir if needed and loads the sync points
+// persisted there. It starts nothing: see Run.
+func New(cfg Config) (*Client, error) {
+	if cfg.Token == nil {
+		return nil, errors.New("client: Config.Token is required")
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("client: Config.StateDir is required")
+	}
+	urls := cfg.URLs
+	if cfg.URL != "" {
+		urls = append([]string{cfg.URL}, urls...)
+	}
+	if len(urls) == 0 {
+		return nil, errors.New("client: Config.URL or URLs is required")
+	}
+	c := &Client{handlers: map[string]Handler{}, log: zerolog.Nop()}
+	for _, u := range urls {
+		e, err := parseEndpoint(u)
+		if err != nil {
+			return nil, err
+		}
+		c.endpoints = append(c.endpoints, e)
+	}
+	def := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&cfg.MinBackoff, DefaultMinBackoff)
+	def(&cfg.MaxBackoff, DefaultMaxBackoff)
+	def(&cfg.AckInterval, DefaultAckInterval)
+	def(&cfg.DialTimeout, DefaultDialTimeout)
+	cfg.AckInterval = max(cfg.AckInterval, MinAckInterval)
+	if cfg.MaxBackoff < cfg.MinBackoff {
+		return nil, fmt.Errorf("client: MaxBackoff %v below MinBackoff %v", cfg.MaxBackoff, cfg.MinBackoff)
+	}
+	c.tls = &tls.Config{}
+	if cfg.TLS != nil {
+		c.tls = cfg.TLS.Clone()
+	}
+	c.tls.MinVersion = max(c.tls.MinVersion, tls.VersionTLS13)
+	c.attrs = &gatewaypb.Attrs{}
+	if cfg.Attrs != nil {
+		c.attrs = proto.Clone(cfg.Attrs).(*gatewaypb.Attrs)
+	}
+	if c.attrs.Sdk == "" {
+		c.attrs.Sdk = sdkName
+	}
+	if cfg.Logger != nil {
+		c.log = cfg.Logger.With().Str("component", "client").Logger()
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("client: state dir: %w", err)
+	}
+	state, err := loadPoints(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	c.persisted, c.persistedUser = state.Points, state.User
+	if c.codec, err = wire.NewCodec(wire.Options{}); err != nil {
+		return nil, err
+	}
+	c.cfg = cfg
+	return c, nil
+}
+
+// Handle sets the handler of one business's items, replacing any. Set
+// handlers before Run; one set later applies to the items that follow.
+func (c *Client) Handle(business string, h Handler) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.handlers[business] = h
+}
+
+// HandleDefault sets the handler of the items of businesses without one.
+// Without it such items are acked and dropped (logged at debug level).
+func (c *Client) HandleDefault(h Handler) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.fallback = h
+}
+
+// HandleReset sets the function told when the server resets a business
+// (its stream was recreated). Without it the client only forgets the
+// business's sync point.
+func (c *Client) HandleReset(h ResetHandler) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.onReset = h
+}
+
+func (c *Client) handler(business string) Handler {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if h, ok := c.handlers[business]; ok {
+		return h
+	}
+	return c.fallback
+}
+
+func (c *Client) resetHandler() ResetHandler {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.onReset
+}
+
+// Run connects, syncs and delivers items to the handlers, reconnecting
+// with backoff, until ctx ends; it then persists the sync points, closes
+// the link and returns nil, with none of its goroutines left. It returns
+// early with a *ServerError wrapping ErrUnauthenticated or
+// ErrUnsupportedVersion when the server refuses the client in a way a
+// retry cannot cure, or an error wrapping ErrReplaced when another link
+// of the device took over. Run again to resume.
+func (c *Client) Run(ctx context.Context) error {
+	if !c.running.CompareAndSwap(false, true) {
+		return ErrRunning
+	}
+	defer c.running.Store(false)
+	r := newRun(c)
+	defer r.timer.Stop()
+	attempt, next := 0, 0
+	for {
+		ep := c.endpoints[next%len(c.endpoints)]
+		res := r.runLink(ctx, ep)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if res.err != nil {
+			return res.err
+		}
+		if res.healthy {
+			attempt = 0
+		}
+		if res.rotate {
+			next++
+		}
+		if res.again {
+			continue
+		}
+		wait := max(res.after, backoff(attempt, c.cfg.MinBackoff, c.cfg.MaxBackoff))
+		attempt = min(attempt+1, 62)
+		c.log.Info().Str("url", ep.raw).Str("reason", res.reason).Dur("retry_in", wait).Msg("link ended")
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Login binds the user named by token (a token for this device, app and
+// that user) on the current link; the server then syncs the user's
+// backlog. It does not wait for the server: a refused token comes back as
+// Stats.LastError. Config.Token must return tokens for the user from now
+// on, for the next connections.
+func (c *Client) Login(ctx context.Context, token string) error {
+	return c.event(ctx, &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: token})
+}
+
+// Logout unbinds the user on the current link: the user's items stop.
+// Config.Token must return tokens without a user from now on.
+func (c *Client) Logout(ctx context.Context) error {
+	return c.event(ctx, &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGOUT})
+}
+
+// Foreground tells the server the app came to the foreground; it runs a
+// sync round.
+func (c *Client) Foreground(ctx context.Context) error {
+	return c.event(ctx, &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_FOREGROUND})
+}
+
+// Background tells the server the app went to the background.
+func (c *Client) Background(ctx context.Context) error {
+	return c.event(ctx, &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_BACKGROUND})
+}
+
+// event sends e on the current link.
+func (c *Client) event(ctx context.Context, e *gatewaypb.ClientEvent) error {
+	c.mu.Lock()
+	l := c.cur
+	c.mu.Unlock()
+	if l == nil {
+		return ErrNotConnected
+	}
+	return l.send(ctx, &gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: e}})
+}
+
+// Points returns a copy of the sync points persisted in StateDir, by
+// business.
+func (c *Client) Points() map[string]SyncPoint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.persisted)
+}
+
+// Stats returns the client's counters now.
+func (c *Client) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stats
+}
+
+// count updates the stats under the lock.
+func (c *Client) count(f func(*Stats)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f(&c.stats)
+}
+
+func (c *Client) setPersisted(user string, points map[string]SyncPoint) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.persisted, c.persistedUser = points, user
+}
+
+// setLink makes l the current link.
+func (c *Client) setLink(l *link) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cur = l
+	c.stats.Connected = true
+	c.stats.URL, c.stats.SessionID = l.ep.raw, l.welcome.SessionId
+	c.stats.Connects++
+	if c.stats.Connects > 1 {
+		c.stats.Reconnects++
+	}
+}
+
+// clearLink forgets l, the link that ended.
+func (c *Client) clearLink(l *link) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cur == l {
+		c.cur = nil
+		c.stats.Connected = false
+	}
+}
+
+// codecFor returns a codec of the limits a Welcome announced, reusing the
+// last one when they are the same.
+func (c *Client) codecFor(maxFrame, compressMin int) (*wire.Codec, error) {
+	if maxFrame <= 0 {
+		maxFrame = wire.DefaultMaxFrame
+	}
+	maxFrame = min(maxFrame, 64<<20)
+	if compressMin <= 0 {
+		compressMin = wire.DefaultCompressMin
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if lc := c.linkCodec; lc != nil && lc.MaxFrame() == maxFrame && lc.CompressMin() == compressMin {
+		return lc, nil
+	}
+	codec, err := wire.NewCodec(wire.Options{MaxFrame: maxFrame, CompressMin: compressMin})
+	if err != nil {
+		return nil, err
+	}
+	c.linkCodec = codec
+	return codec, nil
+}

@@ -1,0 +1,89 @@
+// Package client is the Go SDK of the Sluice client protocol
+// (gateway/PROTOCOL.md): it keeps one device in sync with a gateway over
+// WebSocket (ws://, wss://) or TLV-framed TCP (tcp://, tls://), and hands
+// the app each item once, in order, per business.
+//
+// It imports only gateway/gatewaypb (the schema) and gateway/wire (the
+// codec) of this module, never the server; deps_test.go checks it. It is
+// the one package besides gateway and cmd that uses coder/websocket, to
+// dial what the gateway serves (oplog/deps_test.go lists it as an owner).
+//
+// # Use
+//
+// New a Client with a Config (URL, a Token func, a StateDir), register a
+// Handler per business with Handle (and optionally HandleDefault and
+// HandleReset), then call Run, which blocks until its context ends. Login,
+// Logout, Foreground and Background send app events on the current link.
+//
+// # Delivery
+//
+// The client keeps a sync point (id and epoch) per business, persisted in
+// StateDir, and presents them in each Hello; the server sends what
+// follows them (a sync round of Sync frames), then live items. Items are
+// handed to the handlers one at a time, in arrival order, on Run's
+// goroutine: handlers never run concurrently. Per business ids only grow,
+// so an item at or below the business's sync point of the same epoch is a
+// duplicate and dropped (Stats.Duplicates). Transient items (id 0) are
+// delivered as they come and touch no sync point. An item whose
+// expires_ms has passed by the server's clock is dropped but passes the
+// sync point (Stats.Expired). A business the server resets (its stream
+// was recreated) goes to the ResetHandler and loses its sync point before
+// the round's items are delivered.
+//
+// When a handler returns nil the business's sync point advances in
+// memory. Points are written to StateDir (temporary file, fsync, rename)
+// and then acked to the server, at most AckInterval after an item and at
+// once at the end of every sync round: never acked before persisted. When
+// a handler fails, nothing past the item is acked: the client persists
+// what came before, closes the link and reconnects with backoff, and the
+// server sends the item again. Delivery is at least once: an item
+// processed but not yet persisted when the process dies comes again
+// after the restart; short of that, each item reaches its handler once.
+//
+// # Links and reconnection
+//
+// Run makes one link at a time. It pings every Welcome.heartbeat_ms and
+// answers the server's probes at once from its reader, whatever the
+// handlers are doing; it takes a link it has heard nothing on for three
+// heartbeats for dead. After a link ends it waits a full-jitter backoff,
+// uniform in [0, min(MaxBackoff, MinBackoff·2ⁿ)] for the n-th attempt in
+// a row (n resets after a session that completed a sync round or lasted
+// 30 s), and at least the GoAway's reconnect hint, then connects again,
+// to the next URL of the list when the last dial failed or the node is
+// draining (GoAway SHUTDOWN). It calls Config.Token at each attempt, so
+// an expired token (TOKEN_EXPIRED) is replaced. It stops, returning an
+// error, when the server refuses the token as invalid (ErrUnauthenticated),
+// speaks another protocol version (ErrUnsupportedVersion) or replaced the
+// link with a newer one of the same device (ErrReplaced).
+//
+// # Slow handlers
+//
+// The reader hands Sync and Live frames to the handler loop through a
+// small queue and blocks when it is full, so a client never buffers more
+// than a few frames. The server paces a sync round by the client's
+// reading, but live items it cannot queue make the client a slow
+// consumer: the server closes the link (GoAway SLOW_CONSUMER) and the
+// client resyncs from its sync points after reconnecting. Keep handlers
+// quick; hand long work to a queue of the app's own.
+//
+// # Users
+//
+// The token names the device and maybe a user. Ids of a user's businesses
+// mean nothing for another user, so the state file records the user the
+// sync points were earned under. On a link, Login and Logout switch the
+// user and the server resets the user's businesses in the next round
+// (HandleReset is told). When a link opens with a token for another user
+// than the stored points', the client drops all its points (it cannot
+// tell which businesses are the user's) and says Hello again without
+// them: the server then resumes each business from the sync point it
+// recorded, device businesses as last acked and the user's as acked under
+// that user, so little or nothing comes twice. Dropping the app's own
+// data of the previous user is the app's business.
+//
+// # Concurrency
+//
+// A Client's methods are safe for concurrent use; one Run runs at a time
+// (ErrRunning). Run owns every goroutine it starts, a reader and a pinger
+// per link, and returns after they exit. Client.mu (handlers, stats, the
+// current link) and a link's write lock are never held together.
+package client

@@ -1,0 +1,101 @@
+package client
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// SyncPoint is the highest id of one business the client has processed,
+// with the epoch of the oplog shard that id belongs to. Ids are comparable
+// only within one epoch.
+type SyncPoint struct {
+	ID    uint64 `json:"id"`
+	Epoch uint64 `json:"epoch"`
+}
+
+// stateFile is the name of the sync point file in Config.StateDir.
+const stateFile = "points.json"
+
+// stateVersion is the version of the file's format.
+const stateVersion = 1
+
+// stateDoc is the file's content: the sync points, and the user bound
+// when they were earned (ids of a user's businesses mean nothing for
+// another user).
+type stateDoc struct {
+	Version int                  `json:"version"`
+	User    string               `json:"user"`
+	Points  map[string]SyncPoint `json:"points"`
+}
+
+// loadPoints reads the state persisted in dir: none if there is no file
+// yet. It removes temporary files a crash may have left.
+func loadPoints(dir string) (stateDoc, error) {
+	if tmps, err := filepath.Glob(filepath.Join(dir, stateFile+".tmp-*")); err == nil {
+		for _, t := range tmps {
+			_ = os.Remove(t)
+		}
+	}
+	path := filepath.Join(dir, stateFile)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return stateDoc{Version: stateVersion, Points: map[string]SyncPoint{}}, nil
+	}
+	if err != nil {
+		return stateDoc{}, fmt.Errorf("client: read state: %w", err)
+	}
+	var doc stateDoc
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return stateDoc{}, fmt.Errorf("client: %s: %v: %w", path, err, ErrBadState)
+	}
+	if doc.Version != stateVersion {
+		return stateDoc{}, fmt.Errorf("client: %s: format version %d, want %d: %w", path, doc.Version, stateVersion, ErrBadState)
+	}
+	if doc.Points == nil {
+		doc.Points = map[string]SyncPoint{}
+	}
+	return doc, nil
+}
+
+// savePoints replaces the state file in dir atomically: it writes a
+// temporary file, syncs it, renames it over the old one and syncs the
+// directory, so a crash leaves either the old state or the new one.
+func savePoints(dir, user string, points map[string]SyncPoint) (err error) {
+	b, err := json.Marshal(stateDoc{Version: stateVersion, User: user, Points: points})
+	if err != nil {
+		return fmt.Errorf("client: encode state: %w", err)
+	}
+	f, err := os.CreateTemp(dir, stateFile+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("client: write state: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(f.Name())
+		}
+	}()
+	if _, err = f.Write(b); err != nil {
+		return fmt.Errorf("client: write state: %w", err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("client: sync state: %w", err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("client: close state: %w", err)
+	}
+	if err = os.Rename(f.Name(), filepath.Join(dir, stateFile)); err != nil {
+		return fmt.Errorf("client: rename state: %w", err)
+	}
+	// Make the rename durable. Best effort: some systems cannot sync a
+	// directory, and the data itself is already on disk.
+	if d, derr := os.Open(dir); derr == nil {
+		_ = d.Sync()
+		_ = d.Close()
+	}
+	return nil
+}
