@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/gateway"
+	"github.com/sluicehq/sluice/gateway/web"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -103,6 +104,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/v1/ws", srv.WebSocketHandler(splitList(m.cfg.WSOrigins)))
 	mux.Handle("/v1/dispatch", gp.registry.Handler())
+	mux.Handle("/", web.Handler()) // the browser client and its demo page
 	gp.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return gp, nil
 }

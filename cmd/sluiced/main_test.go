@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -73,6 +75,20 @@ func TestMainWithExternalNATS(t *testing.T) {
 	r := new(oplogpb.AppendReply)
 	if err := proto.Unmarshal(resp.Data, r); err != nil || r.Error != nil || r.Results[0].Id != 1 {
 		t.Fatalf("reply %v, %v", r, err)
+	}
+	// The gateway's HTTP listener serves the browser client, its demo page
+	// and dispatch, which lists this node.
+	base := "http" + strings.TrimSuffix(strings.TrimPrefix(ep.WebSocket, "ws"), "/v1/ws")
+	for path, want := range map[string]string{"/": "<html", "/sluice.js": "Sluice", "/v1/dispatch?device=phone": ep.TCP} {
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), want) {
+			t.Fatalf("GET %s: %d %.200s; want 200 with %q", path, resp.StatusCode, b, want)
+		}
 	}
 }
 

@@ -327,4 +327,3 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 		t.Fatalf("%s: not within %v", what, d)
 	}
 }
-
