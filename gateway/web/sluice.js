@@ -19,7 +19,17 @@
  * that throws (or rejects) makes the client drop the link and reconnect
  * with backoff: the item and those after it come again from the gateway.
  * Transient items (id "0") are delivered once, without a point, and a
- * failure of their handler is only reported.
+ * failure of their handler is only reported. An item whose expiresMs has
+ * passed by the gateway's clock is not delivered, but its point advances.
+ *
+ * Users: ids of a user's businesses mean nothing for another user, so the
+ * saved points record the user they were earned under (Hello.pointsUser).
+ * When a link's Welcome names another user, the client drops all its
+ * points and says Hello again without them: the gateway then resumes each
+ * business from the point it recorded from acks (user businesses as acked
+ * under that user). login and logout switch the user on the link; the
+ * gateway resets the user's businesses in the next round (opts.onReset is
+ * told), and opts.token must return tokens for the new user from then on.
  *
  * Ids and epochs are unsigned 64-bit integers: the client compares them as
  * BigInt and hands them to handlers as decimal strings.
@@ -35,6 +45,7 @@
   var ERROR_CODES = ["CODE_UNSPECIFIED", "CODE_BAD_FRAME", "CODE_FRAME_TOO_LARGE", "CODE_UNAUTHENTICATED",
     "CODE_TOKEN_EXPIRED", "CODE_UNSUPPORTED_VERSION", "CODE_INVALID", "CODE_RATE_LIMITED",
     "CODE_SLOW_CONSUMER", "CODE_UNAVAILABLE", "CODE_INTERNAL", "CODE_TOO_MANY_CONNECTIONS"];
+  var STATE_VERSION = 1; // format of the saved points
   var GOAWAY_REASONS = ["REASON_UNSPECIFIED", "REASON_SHUTDOWN", "REASON_REPLACED", "REASON_SLOW_CONSUMER",
     "REASON_IDLE", "REASON_DEAD_LINK", "REASON_PROTOCOL", "REASON_AUTH"];
   var ATTRS = ["appVersion", "os", "osVersion", "model", "region", "network", "channel", "sdk"];
@@ -140,6 +151,7 @@
       this._handlers = new Map();
       this._default = null;
       this._points = new Map(); // business -> {id, epoch} (BigInt)
+      this._owner = ""; // the user bound when the points were earned
       this._dirty = new Set(); // businesses whose point is not acknowledged yet
       this._unsaved = false;
       this._running = false;
@@ -153,10 +165,11 @@
       this._pumping = false;
       this._state = "closed";
       this._sessionId = "";
+      this._clockOffset = 0; // the gateway's clock minus ours, ms
       this._pagehide = () => this._flushAck();
       this._s = {
         connects: 0, welcomes: 0, delivered: 0, duplicates: 0, transient: 0, resets: 0,
-        acks: 0, pings: 0, pongs: 0, probes: 0, rttMs: 0, framesIn: 0, framesOut: 0, errors: 0,
+        expired: 0, acks: 0, pings: 0, pongs: 0, probes: 0, rttMs: 0, framesIn: 0, framesOut: 0, errors: 0,
       };
       this._load();
     }
@@ -230,6 +243,7 @@
       var s = Object.assign({}, this._s);
       s.state = this._state;
       s.sessionId = this._sessionId;
+      s.user = this._owner;
       s.protocol = this._link && this._link.ws ? this._link.ws.protocol : "";
       s.queued = this._queue.length;
       s.unacked = this._dirty.size;
@@ -261,7 +275,7 @@
       }
       this._s.connects++;
       var link = {
-        ws: ws, token: String(token || ""), welcomed: false, down: false, failed: false,
+        ws: ws, token: String(token || ""), welcomed: false, down: false, failed: false, user: "",
         heartbeatMs: 0, lastRecv: Date.now(), timer: null, beat: null, goAway: null, fatal: null,
       };
       this._link = link;
@@ -283,7 +297,7 @@
       this._points.forEach(function (p, b) {
         if (points.length < MAX_POINTS) points.push({ business: b, id: p.id.toString(), epoch: p.epoch.toString() });
       });
-      var hello = { version: VERSION, token: link.token, attrs: this._attrs(), points: points };
+      var hello = { version: VERSION, token: link.token, attrs: this._attrs(), points: points, pointsUser: this._owner };
       if (this._sessionId) hello.sessionId = this._sessionId;
       this._send(link, { hello: hello });
     }
@@ -294,6 +308,7 @@
         var k = ATTRS[i];
         if (a[k] !== undefined && a[k] !== null && a[k] !== "") out[k] = String(a[k]);
       }
+      if (!out.sdk) out.sdk = "sluice-js/" + VERSION;
       return out;
     }
 
@@ -321,8 +336,13 @@
         this._enqueue(link, { live: f.live });
       } else if (f.pong) {
         this._s.pongs++;
-        var sent = Number(f.pong.clientTimeMs || 0);
-        if (sent) this._s.rttMs = Date.now() - sent;
+        var sent = Number(f.pong.clientTimeMs || 0), now = Date.now();
+        if (sent) {
+          this._s.rttMs = now - sent;
+          if (f.pong.serverTimeMs) this._clockOffset = Number(f.pong.serverTimeMs) - (sent + now) / 2;
+        }
+      } else if (f.ping) {
+        this._send(link, { pong: { clientTimeMs: f.ping.clientTimeMs || "0", serverTimeMs: String(Date.now()) } });
       } else if (f.goaway) {
         link.goAway = {
           reason: enumName(f.goaway.reason, GOAWAY_REASONS),
@@ -341,9 +361,26 @@
       clearTimeout(link.timer);
       link.timer = null;
       link.welcomed = true;
+      link.user = w.user || "";
       link.heartbeatMs = Number(w.heartbeatMs || 0) || 25000;
       this._sessionId = w.sessionId || "";
+      if (w.serverTimeMs) this._clockOffset = Number(w.serverTimeMs) - Date.now();
       this._s.welcomes++;
+      if (link.user !== this._owner) {
+        // Points of another user: drop them all (which businesses are the
+        // user's is the gateway's knowledge) and say Hello again without
+        // them, to resume from the points the gateway recorded.
+        var again = this._points.size > 0;
+        this._owner = link.user;
+        this._points.clear();
+        this._dirty.clear();
+        this._unsaved = true;
+        this._save();
+        if (again) {
+          this._drop(link, "bound user changed", 0);
+          return;
+        }
+      }
       link.beat = setInterval(() => this._beat(link), link.heartbeatMs);
       this._setState("syncing", { sessionId: this._sessionId, user: w.user || "", device: w.device || "" });
       if (this._dirty.size) this._flushAck(); // handled while disconnected
@@ -372,16 +409,17 @@
       return this._send(l, { event: e });
     }
 
-    // _drop closes a link the client gave up on.
-    _drop(link, why) {
+    // _drop closes a link the client gave up on; delay, if given, replaces
+    // the backoff before the next link.
+    _drop(link, why, delay) {
       if (link.down) return;
       try { link.ws.close(1000, why.slice(0, 100)); } catch (e) { /* closed already */ }
-      this._down(link, why);
+      this._down(link, why, delay);
     }
 
     // _down runs once per link when it ends: it decides whether and when
     // to reconnect.
-    _down(link, why) {
+    _down(link, why, delay) {
       if (link.down) return;
       link.down = true;
       clearTimeout(link.timer);
@@ -398,17 +436,26 @@
         this._halt("error", e);
         return;
       }
-      this._retry(g, g ? g.reason : e ? e.code : why);
+      this._retry(g, g ? g.reason : e ? e.code : why, delay);
     }
 
     // _retry reconnects after a full-jitter exponential backoff, and at
-    // least the GoAway's reconnect hint. TOKEN_EXPIRED needs nothing more:
+    // least the GoAway's reconnect hint; after a protocol error (a client
+    // bug) the backoff is long. TOKEN_EXPIRED needs nothing more:
     // opts.token is called again.
-    _retry(g, reason) {
+    _retry(g, reason, delay) {
       var n = Math.max(this._attempt, this._failures);
       this._attempt++;
-      var cap = Math.min(this._o.maxBackoff, this._o.minBackoff * Math.pow(2, Math.min(n, 30)));
-      var delay = Math.floor(Math.random() * cap) + (g ? g.reconnectAfterMs : 0);
+      if (delay === undefined) {
+        var cap = Math.min(this._o.maxBackoff, this._o.minBackoff * Math.pow(2, Math.min(n, 30)));
+        if (g && g.reason === "REASON_PROTOCOL") {
+          cap = this._o.maxBackoff;
+          delay = cap / 2 + Math.floor(Math.random() * cap / 2);
+        } else {
+          delay = Math.floor(Math.random() * cap);
+        }
+        delay += g ? g.reconnectAfterMs : 0;
+      }
       this._setState("connecting", { attempt: this._attempt, delayMs: delay, reason: reason });
       var gen = this._gen;
       this._retryTimer = setTimeout(() => this._connect(gen), delay);
@@ -480,6 +527,7 @@
     }
 
     async _syncFrame(link, s) {
+      if (link.failed || link.user !== this._owner) return;
       if (!s.done && this._state === "live" && this._link === link) this._setState("syncing", { sessionId: this._sessionId });
       var resets = s.resets || [];
       for (var i = 0; i < resets.length; i++) {
@@ -509,10 +557,13 @@
     }
 
     // _items delivers items in order; false if a handler failed (the link
-    // is then dropped).
+    // is then dropped) or the client stopped.
     async _items(link, raw) {
+      var gen = this._gen;
       for (var i = 0; i < raw.length; i++) {
-        if (link.failed || !this._running) return false;
+        // Items of a link that failed, or of another user than the points'
+        // (an older link's), are not delivered; nor any after stop.
+        if (link.failed || link.user !== this._owner || gen !== this._gen) return false;
         var d;
         try {
           d = decodeItem(raw[i]);
@@ -539,7 +590,9 @@
           this._s.duplicates++;
           continue;
         }
-        if (fn) {
+        if (it.expiresMs && it.expiresMs <= Date.now() + this._clockOffset) {
+          this._s.expired++;
+        } else if (fn) {
           try {
             await fn(it);
           } catch (e) {
@@ -577,13 +630,16 @@
     }
 
     // _flushAck saves the points, then acknowledges those that advanced,
-    // if a link is up (else the next Welcome does).
+    // if a link is up (else the next Welcome does). A failed save is
+    // reported, and the ack still goes out: the gateway's recorded points
+    // then serve the next Hello's omissions.
     _flushAck() {
       if (this._ackTimer !== null) {
         clearTimeout(this._ackTimer);
         this._ackTimer = null;
       }
-      if (!this._save() || !this._dirty.size) return;
+      this._save();
+      if (!this._dirty.size) return;
       var l = this._link;
       if (!l || !l.welcomed || l.down) return;
       var points = [];
@@ -601,7 +657,8 @@
     _save() {
       if (!this._unsaved) return true;
       try {
-        this._o.storage.setItem(this._o.storageKey, JSON.stringify(this.points()));
+        this._o.storage.setItem(this._o.storageKey,
+          JSON.stringify({ version: STATE_VERSION, user: this._owner, points: this.points() }));
         this._unsaved = false;
         return true;
       } catch (e) {
@@ -620,12 +677,17 @@
       }
       if (!raw) return;
       try {
-        var o = JSON.parse(raw);
+        var doc = JSON.parse(raw);
+        if (!doc || doc.version !== STATE_VERSION || typeof doc.points !== "object") {
+          throw new Error("not version " + STATE_VERSION + " sync points");
+        }
+        var o = doc.points || {};
         for (var b in o) {
           if (Object.prototype.hasOwnProperty.call(o, b) && o[b]) {
             this._points.set(b, { id: u64(o[b].id), epoch: u64(o[b].epoch) });
           }
         }
+        this._owner = typeof doc.user === "string" ? doc.user : "";
       } catch (e) {
         // Unreadable: start from the gateway's recorded points.
         this._points.clear();

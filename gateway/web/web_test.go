@@ -86,8 +86,9 @@ var (
 // done the next step. The first load reports "backlog" and "live", then
 // reloads itself; the second reports "connected", "after-reload", "flaky"
 // (a handler that failed once), "edges" (replaced by another client,
-// refused token), "dedupe" (a link lost in the middle of a backlog) and
-// "probe" (a client whose pings are lost answers the gateway's probes).
+// refused token), "dedupe" (a link lost in the middle of a backlog),
+// "probe" (a client whose pings are lost answers the gateway's probes) and
+// "switch" (points saved under another user are dropped).
 const testPage = `<!doctype html>
 <html><head><meta charset="utf-8"><title>sluice.js test</title></head><body>
 <script src="/sluice.js"></script>
@@ -186,7 +187,7 @@ const testPage = `<!doctype html>
       sockets.push(ws);
       return ws;
     };
-    const saved = {"sluice.points": JSON.stringify({chat: {id: next.from, epoch: next.epoch}})};
+    const saved = {"sluice.points": JSON.stringify({version: 1, user: next.user, points: {chat: {id: next.from, epoch: next.epoch}}})};
     // Its ack timer never fires: the acks go out at the end of each round.
     const c4 = new Sluice.Client({token: token, minBackoff: 10, ackInterval: 60000,
       storage: {getItem: (k) => saved[k] || null, setItem: (k, v) => { saved[k] = v; }},
@@ -224,6 +225,24 @@ const testPage = `<!doctype html>
     c5.stop();
     window.WebSocket = NativeWebSocket;
     await post({phase: "probe", otherConnects: st5.connects, stats: st5, dropped: dropped});
+
+    // Points saved under another user: the client drops them all and says
+    // Hello again without them; the gateway resumes from what it recorded
+    // for this user, so nothing old comes.
+    const bobs = {"sluice.points": JSON.stringify({version: 1, user: "bob",
+      points: {chat: {id: "1", epoch: next.epoch}, config: {id: "1", epoch: next.epoch}}})};
+    const switched = [];
+    const c6 = new Sluice.Client({token: token, minBackoff: 10,
+      storage: {getItem: (k) => bobs[k] || null, setItem: (k, v) => { bobs[k] = v; }},
+      onError: (e) => fail("c6: " + e.code + ": " + e.message)});
+    c6.handleDefault((it) => { switched.push(it.id); });
+    c6.start();
+    await until(() => c6.state === "live");
+    await sleep(300);
+    const st6 = c6.stats();
+    c6.stop();
+    await post({phase: "switch", otherItems: switched, otherConnects: st6.connects, stats: st6,
+      points: c6.points(), saved: JSON.parse(bobs["sluice.points"])});
   } catch (e) {
     fail(e && e.stack || e);
   }
@@ -251,16 +270,22 @@ type pageReport struct {
 	} `json:"authError"`
 	AuthConnects int `json:"authConnects"`
 	Stats        struct {
-		Delivered  int `json:"delivered"`
-		Duplicates int `json:"duplicates"`
-		Transient  int `json:"transient"`
-		Acks       int `json:"acks"`
-		Unacked    int `json:"unacked"`
-		Pings      int `json:"pings"`
-		Pongs      int `json:"pongs"`
-		Probes     int `json:"probes"`
+		Delivered  int    `json:"delivered"`
+		Duplicates int    `json:"duplicates"`
+		Transient  int    `json:"transient"`
+		Acks       int    `json:"acks"`
+		Unacked    int    `json:"unacked"`
+		Pings      int    `json:"pings"`
+		Pongs      int    `json:"pongs"`
+		Probes     int    `json:"probes"`
+		User       string `json:"user"`
 	} `json:"stats"`
 	Dropped int `json:"dropped"`
+	Saved   struct {
+		Version int                  `json:"version"`
+		User    string               `json:"user"`
+		Points  map[string]pagePoint `json:"points"`
+	} `json:"saved"`
 }
 
 type pageItem struct {
@@ -291,8 +316,10 @@ type appended struct {
 
 // TestBrowserClient runs sluice.js in headless Chromium against a real
 // gateway: backlog, live items and a transient one, acks recorded by the
-// server, and a reload that resumes from the saved points without
-// redelivering anything.
+// server, a reload that resumes from the saved points without
+// redelivering anything; then a failing handler, a replaced link, a
+// forged token, a link lost mid-backlog, lost pings and points of another
+// user (see testPage).
 func TestBrowserClient(t *testing.T) {
 	chromium := findChromium(t)
 	begin := time.Now()
@@ -382,7 +409,7 @@ func TestBrowserClient(t *testing.T) {
 	}
 	envReady := time.Since(begin)
 
-	b := startBrowser(t, ctx, chromium, hs.URL+"/test.html?token="+url.QueryEscape(token))
+	b := startBrowser(ctx, t, chromium, hs.URL+"/test.html?token="+url.QueryEscape(token))
 	browserStart := time.Now()
 	// next answers the previous report (see answer), then waits for the
 	// page's report of phase.
@@ -556,7 +583,7 @@ func TestBrowserClient(t *testing.T) {
 	// The chat backlog after the first chat item, with the link lost in
 	// the middle: every item once, in order.
 	wantChat := []string{backlog[2], live[0], fresh, flaky, follower}
-	answer(map[string]any{"from": backlog[0], "epoch": epoch, "count": len(wantChat)})
+	answer(map[string]any{"from": backlog[0], "epoch": epoch, "count": len(wantChat), "user": user})
 	r = next("dedupe")
 	if !slices.Equal(r.OtherItems, wantChat) || r.OtherConnects != 2 {
 		t.Errorf("dedupe: handled %v in %d links, want %v in 2", r.OtherItems, r.OtherConnects, wantChat)
@@ -572,6 +599,15 @@ func TestBrowserClient(t *testing.T) {
 			r.OtherConnects, r.Dropped, r.Stats.Probes)
 	}
 	t.Logf("probe: %d pings lost, %d probes answered", r.Dropped, r.Stats.Probes)
+
+	r = next("switch")
+	if len(r.OtherItems) != 0 || r.OtherConnects != 2 || len(r.Points) != 0 || r.Stats.User != user {
+		t.Errorf("switch: items %v in %d connects, points %v, user %q; want none in 2, none, %q",
+			r.OtherItems, r.OtherConnects, r.Points, r.Stats.User, user)
+	}
+	if r.Saved.Version != 1 || r.Saved.User != user || len(r.Saved.Points) != 0 {
+		t.Errorf("switch: saved %+v, want version 1, user %q, no points", r.Saved, user)
+	}
 
 	// Every link spoke the JSON sub-protocol, and the gateway accepted
 	// every ack.
@@ -593,9 +629,10 @@ func TestBrowserClient(t *testing.T) {
 		}
 	}
 	// First load, reload, reconnect after the flaky handler, other client,
-	// two links of the dedupe client, the probed client.
-	if sessions != 7 || refused != 1 {
-		t.Errorf("%d sessions started and %d refused, want 7 and 1 (the forged token)", sessions, refused)
+	// two links of the dedupe client, the probed client, two links of the
+	// user switch.
+	if sessions != 9 || refused != 1 {
+		t.Errorf("%d sessions started and %d refused, want 9 and 1 (the forged token)", sessions, refused)
 	}
 	answer(struct{}{})
 	t.Logf("env ready in %v; browser phases in %v; total %v", envReady.Round(time.Millisecond),
@@ -630,7 +667,7 @@ type browser struct {
 // startBrowser opens url in headless Chromium, in a profile of its own.
 // At the end of the test the browser and every process it started are
 // stopped and waited for.
-func startBrowser(t *testing.T, ctx context.Context, chromium, url string) *browser {
+func startBrowser(ctx context.Context, t *testing.T, chromium, url string) *browser {
 	t.Helper()
 	dir := t.TempDir()
 	out, err := os.Create(dir + "/chromium.log")
