@@ -1,7 +1,8 @@
 // Command sluice-bench measures Sluice against the engine it is built on,
 // on this machine, in one run. Each subcommand is one benchmark:
 //
-//	sluice-bench oplog [flags]   producer path vs raw JetStream publish
+//	sluice-bench oplog [flags]     producer path vs raw JetStream publish
+//	sluice-bench gateway [flags]   gateway memory, fan-out, latency, catch-up vs baselines
 //
 // Every benchmark starts its own embedded NATS servers on temporary
 // directories (loopback or in-process only), is bounded in time and count,
@@ -36,6 +37,22 @@
 //
 // -cpuprofile writes one CPU profile per timed throughput phase; the
 // server is embedded, so the profile covers server, Sluice and producers.
+//
+// # gateway
+//
+// Measures the four goals of the gateway, each next to a baseline
+// measured in the same run (-scenario selects them): idle memory per
+// connection at 10,000 WebSocket and 10,000 TLV connections against
+// naive one-reader-one-writer servers; one message to 10,000 online
+// clients, stored and transient, against a server writing from memory;
+// publish-to-client latency for 1,000 clients at 5,000 events/s against
+// raw JetStream publish and consume on the same server; and 1,000 clients
+// reconnecting at once to catch up 50 entries each, against the same
+// bytes sent from memory. Every server under test runs in a child process
+// (this binary, re-executed with the hidden subcommand gateway-server;
+// see gateway_server.go) so its memory is measured apart from the
+// clients, which run in this process on loopback. Children run in their
+// own process group and die with this process.
 package main
 
 import (
@@ -65,7 +82,7 @@ func main() {
 }
 
 // errUsage marks a command line that names no known benchmark.
-var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog")
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway")
 
 // run runs the benchmark named by args[0] with the rest of args as its flags.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -75,6 +92,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "oplog":
 		return runOplog(ctx, args[1:], stdout, stderr)
+	case "gateway":
+		return runGateway(ctx, args[1:], stdout, stderr)
+	case childCommand: // the gateway benchmark's server, run as a child
+		return runGatewayServer(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprintln(stdout, errUsage.Error())
 		fmt.Fprintln(stdout, "run 'sluice-bench <benchmark> -h' for the flags of one benchmark")
