@@ -150,6 +150,10 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 		_ = db.Close()
 		return nil, err
 	}
+	if err := in.subscribeTransient(); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
 	return in, nil
 }
 
@@ -190,6 +194,9 @@ func (in *Inbox) Close() error {
 	in.closeOnce.Do(func() {
 		for _, w := range in.live.all() {
 			w.Stop()
+		}
+		if err := in.live.sub.Unsubscribe(); err != nil && in.lg.nc.IsConnected() {
+			in.log.Warn().Err(err).Msg("live subscription not removed")
 		}
 		in.closeErr = in.db.Close()
 	})

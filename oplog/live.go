@@ -26,14 +26,17 @@ import (
 // Nats-Last-Sequence): 14% of the producer path's CPU at 1,000,000 users.
 //
 // Transient entries are never stored; the Log publishes them on the
-// target's live subject (SubjectLive), and an Inbox with watchers of a
-// target holds one core NATS subscription to that target's live subjects.
-// All those subscriptions share one channel and one dispatching goroutine.
+// target's live subject (SubjectLive). An Inbox holds one core NATS
+// subscription to every live subject and hands each transient entry to
+// the watchers of its target, if any. One subscription per node rather
+// than one per watched target: per-target subscriptions cost each
+// connection about 2 KiB (client and server side) and a SUB at every
+// connect, measured with 10,000 links (README, Performance); the price is
+// that with several nodes each receives every transient entry.
 
-// transientQueue is the capacity of the channel all transient
-// subscriptions share; beyond it NATS drops them (slow consumer), which is
-// what transient means.
-const transientQueue = 8192
+// transientQueue is the capacity of the transient channel; beyond it NATS
+// drops entries (slow consumer), which is what transient means.
+const transientQueue = 1 << 16
 
 // Watch is a registration made by Inbox.Watch; Stop ends it.
 type Watch struct {
@@ -49,10 +52,9 @@ type liveKey struct {
 	target string
 }
 
-// liveTarget is the watchers of one target and its transient subscription.
+// liveTarget is the watchers of one target.
 type liveTarget struct {
 	watches []*Watch
-	sub     *nats.Subscription
 }
 
 // live is an Inbox's registry of watchers.
@@ -62,6 +64,7 @@ type live struct {
 	n       atomic.Int64 // len(targets), read without the lock on the apply path
 
 	transient chan *nats.Msg
+	sub       *nats.Subscription // to every live subject
 	// delivered is, per shard, the highest stored sequence handed to
 	// watchers; entries re-applied by a rebuild are not delivered again.
 	// Each element is touched only by its shard's projector goroutine.
@@ -87,11 +90,10 @@ func newLive(shards int) *live {
 // Watch leaves out only entries expired already; the caller matches
 // conditions (Match) against its client. (Single-device marks need no
 // check here: no device can have acked an entry that is only now being
-// delivered.) fn runs on
-// the projection's goroutine (stored entries) or the transient dispatcher,
-// possibly concurrently; it must be quick and must not block (it holds up
-// the projection). The entry is shared with the target's other watchers: do
-// not modify it.
+// delivered.) fn runs on the projection's goroutine (stored entries) or
+// the transient dispatcher, possibly concurrently; it must be quick and
+// must not block (it holds up the projection). The entry is shared with
+// the target's other watchers: do not modify it.
 func (in *Inbox) Watch(dim oplogpb.Dimension, target string, fn func(*oplogpb.Entry)) (*Watch, error) {
 	if err := checkID("target", target); err != nil {
 		return nil, err
@@ -102,75 +104,46 @@ func (in *Inbox) Watch(dim oplogpb.Dimension, target string, fn func(*oplogpb.En
 	key := liveKey{shard: ShardOf(target, in.lg.Shards()), dim: dim, target: target}
 	w := &Watch{in: in, key: key, fn: fn}
 	lv := in.live
-	if lv.join(w) {
-		return w, nil
-	}
-	// First watch of the target: subscribe without holding the lock, then
-	// join; a concurrent first watch may have won meanwhile.
-	sub, err := in.lg.nc.ChanSubscribe(SubjectLiveTarget(key.shard, dim, target), lv.transient)
-	if err != nil {
-		return nil, fmt.Errorf("oplog: watch %s: subscribe: %w", target, err)
-	}
-	lv.mu.Lock()
-	t := lv.targets[key]
-	if t == nil {
-		t = &liveTarget{sub: sub}
-		lv.targets[key] = t
-		lv.n.Store(int64(len(lv.targets)))
-		sub = nil
-	}
-	t.watches = append(t.watches, w)
-	lv.mu.Unlock()
-	if sub != nil {
-		in.unsubscribe(sub, target)
-	}
-	return w, nil
-}
-
-// join adds w to the watches of a target already watched.
-func (lv *live) join(w *Watch) bool {
 	lv.mu.Lock()
 	defer lv.mu.Unlock()
-	t := lv.targets[w.key]
+	t := lv.targets[key]
 	if t == nil {
-		return false
+		t = &liveTarget{}
+		lv.targets[key] = t
+		lv.n.Store(int64(len(lv.targets)))
 	}
 	t.watches = append(t.watches, w)
-	return true
+	return w, nil
 }
 
 // Stop ends the watch; fn is not called after Stop returns, except by a
 // delivery already under way. Idempotent.
 func (w *Watch) Stop() {
 	w.once.Do(func() {
-		if sub := w.in.live.leave(w); sub != nil {
-			w.in.unsubscribe(sub, w.key.target)
+		lv := w.in.live
+		lv.mu.Lock()
+		defer lv.mu.Unlock()
+		t := lv.targets[w.key]
+		if t == nil {
+			return
+		}
+		t.watches = slices.DeleteFunc(t.watches, func(x *Watch) bool { return x == w })
+		if len(t.watches) == 0 {
+			delete(lv.targets, w.key)
+			lv.n.Store(int64(len(lv.targets)))
 		}
 	})
 }
 
-// leave removes w; it returns the target's subscription if w was its last
-// watch.
-func (lv *live) leave(w *Watch) *nats.Subscription {
-	lv.mu.Lock()
-	defer lv.mu.Unlock()
-	t := lv.targets[w.key]
-	if t == nil {
-		return nil
+// subscribe starts receiving transient entries (OpenInbox calls it, so
+// that a watch made before Run misses none published after it).
+func (in *Inbox) subscribeTransient() error {
+	sub, err := in.lg.nc.ChanSubscribe("sluice.live.>", in.live.transient)
+	if err != nil {
+		return fmt.Errorf("oplog: subscribe to live subjects: %w", err)
 	}
-	t.watches = slices.DeleteFunc(t.watches, func(x *Watch) bool { return x == w })
-	if len(t.watches) > 0 {
-		return nil
-	}
-	delete(lv.targets, w.key)
-	lv.n.Store(int64(len(lv.targets)))
-	return t.sub
-}
-
-func (in *Inbox) unsubscribe(sub *nats.Subscription, target string) {
-	if err := sub.Unsubscribe(); err != nil && in.lg.nc.IsConnected() {
-		in.log.Warn().Err(err).Str("target", target).Msg("live subscription not removed")
-	}
+	in.live.sub = sub
+	return nil
 }
 
 // watchers returns a copy of the watches of key, or nil.
