@@ -107,6 +107,7 @@ type Server struct {
 
 	conns    atomic.Int64 // links accepted and not yet closed
 	draining atomic.Bool
+	slow     atomic.Int64 // links cut as slow consumers
 
 	mu        sync.Mutex
 	sessions  map[*session]struct{}
@@ -141,16 +142,17 @@ func NewServer(cfg Config) (*Server, error) {
 
 // Stats is a snapshot of the server's load.
 type Stats struct {
-	Conns    int64 `json:"conns"`    // links open, including those not past Hello
-	Sessions int   `json:"sessions"` // links past Hello
-	Draining bool  `json:"draining"`
+	Conns         int64 `json:"conns"`          // links open, including those not past Hello
+	Sessions      int   `json:"sessions"`       // links past Hello
+	Draining      bool  `json:"draining"`       //
+	SlowConsumers int64 `json:"slow_consumers"` // links cut because their send queue overflowed, since start
 }
 
 // Stats returns the server's load now.
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Conns: s.conns.Load(), Sessions: len(s.sessions), Draining: s.draining.Load()}
+	return Stats{Conns: s.conns.Load(), Sessions: len(s.sessions), Draining: s.draining.Load(), SlowConsumers: s.slow.Load()}
 }
 
 // admit counts a new link, or refuses it when the server is full or
@@ -209,7 +211,7 @@ func (s *Server) register(ss *session) (ok bool) {
 	s.byDevice[key] = ss
 	s.mu.Unlock()
 	if old != nil {
-		old.log.Info().Str("by", ss.id).Msg("session replaced by a newer link")
+		old.logAt(zerolog.InfoLevel).Str("by", ss.id).Msg("session replaced by a newer link")
 		go old.softClose(gatewaypb.GoAway_REASON_REPLACED, "the device opened a newer link", 0)
 	}
 	return true
@@ -328,9 +330,14 @@ func (s *Server) WebSocketHandler(originPatterns []string) http.Handler {
 			s.log.Warn().Err(err).Str("remote", r.RemoteAddr).Msg("websocket upgrade refused")
 			return
 		}
+		// The session gets a goroutine of its own and the handler returns:
+		// the link is hijacked, and net/http's goroutine (with its grown
+		// stack) and request need not live as long as it.
 		s.wg.Add(1)
-		defer s.wg.Done()
-		s.serve(l)
+		go func() {
+			defer s.wg.Done()
+			s.serve(l)
+		}()
 	})
 }
 

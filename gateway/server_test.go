@@ -494,19 +494,23 @@ func TestSlowConsumerIsDisconnected(t *testing.T) {
 		}
 	}
 	waitFor(t, func() bool { return e.srv.Stats().Sessions == 0 })
-	// What the client still reads ends with the reason.
-	var g *gatewaypb.GoAway
+	if st := e.srv.Stats(); st.SlowConsumers != 1 {
+		t.Fatalf("stats %+v, want one slow consumer", st)
+	}
+	// The client reads what its buffers hold, then the end of the link.
+	// The GoAway is best effort: a socket full enough to overflow the queue
+	// may have no room left for it.
 	for {
 		f, err := c.read(5 * time.Second)
 		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) && !strings.Contains(err.Error(), "reset") {
+				t.Fatalf("the link did not end: %v", err)
+			}
 			break
 		}
-		if x := f.GetGoaway(); x != nil {
-			g = x
+		if g := f.GetGoaway(); g != nil && g.Reason != gatewaypb.GoAway_REASON_SLOW_CONSUMER {
+			t.Fatalf("goaway %v, want SLOW_CONSUMER", g)
 		}
-	}
-	if g == nil || g.Reason != gatewaypb.GoAway_REASON_SLOW_CONSUMER {
-		t.Fatalf("goaway %v, want SLOW_CONSUMER", g)
 	}
 }
 

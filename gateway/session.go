@@ -37,7 +37,6 @@ type session struct {
 	srv  *Server
 	link link
 	id   string
-	log  zerolog.Logger
 
 	// Set by hello, then read-only.
 	device, app string
@@ -75,8 +74,22 @@ type session struct {
 func newSession(s *Server, l link) *session {
 	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}}
 	ss.room = sync.NewCond(&ss.mu)
-	ss.log = s.log.With().Str("session", ss.id).Str("transport", l.transport()).Str("remote", l.remote()).Logger()
 	return ss
+}
+
+// logAt starts a log event at level l carrying the session's fields. The
+// session keeps no logger of its own: a per-link logger context would cost
+// every idle link half a kilobyte for lines that are rarely written.
+func (ss *session) logAt(l zerolog.Level) *zerolog.Event {
+	e := ss.srv.log.WithLevel(l)
+	if e == nil {
+		return nil // level disabled; zerolog's methods accept a nil event
+	}
+	e = e.Str("session", ss.id).Str("transport", ss.link.transport()).Str("remote", ss.link.remote())
+	if ss.device != "" {
+		e = e.Str("device", ss.device).Str("app", ss.app)
+	}
+	return e
 }
 
 // run serves the link until it ends.
@@ -118,10 +131,10 @@ func (ss *session) readFailed(err error) {
 	case errors.Is(err, wire.ErrBadFrame):
 		ss.fail(gatewaypb.Error_CODE_BAD_FRAME, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, errPeerClosed):
-		ss.log.Debug().Err(err).Msg("link closed")
+		ss.logAt(zerolog.DebugLevel).Err(err).Msg("link closed")
 		ss.shut()
 	default:
-		ss.log.Debug().Err(err).Msg("link read failed")
+		ss.logAt(zerolog.DebugLevel).Err(err).Msg("link read failed")
 		ss.shut()
 	}
 }
@@ -135,7 +148,7 @@ func (ss *session) hello() bool {
 		if errors.Is(err, wire.ErrBadFrame) || errors.Is(err, wire.ErrFrameTooLarge) {
 			ss.readFailed(err)
 		} else {
-			ss.log.Debug().Err(err).Msg("no hello")
+			ss.logAt(zerolog.DebugLevel).Err(err).Msg("no hello")
 			ss.shut()
 		}
 		return false
@@ -167,7 +180,6 @@ func (ss *session) hello() bool {
 		return false
 	}
 	ss.device, ss.app = claims.Device, claims.App
-	ss.log = ss.log.With().Str("device", claims.Device).Str("user", claims.User).Logger()
 	var resets []string
 	if h.PointsUser != claims.User {
 		// Points earned under another user say nothing about this one's
@@ -213,17 +225,17 @@ func (ss *session) hello() bool {
 	err = ss.link.write(ctx, []*gatewaypb.Frame{{Body: &gatewaypb.Frame_Welcome{Welcome: w}}})
 	cancel()
 	if err != nil {
-		ss.log.Debug().Err(err).Msg("welcome not written")
+		ss.logAt(zerolog.DebugLevel).Err(err).Msg("welcome not written")
 		ss.shut()
 		return false
 	}
 	ss.link.setCompress(compress)
 	if err := ss.watch(claims.User); err != nil {
-		ss.log.Error().Err(err).Msg("watch failed")
+		ss.logAt(zerolog.ErrorLevel).Err(err).Msg("watch failed")
 		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "cannot follow the inbox now")
 		return false
 	}
-	ss.log.Info().Str("app", claims.App).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
+	ss.logAt(zerolog.InfoLevel).Str("user", claims.User).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
 	ss.startRound()
 	return true
 }
@@ -351,7 +363,7 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 		if errors.Is(err, oplog.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 			code = gatewaypb.Error_CODE_UNAVAILABLE
 		}
-		ss.log.Warn().Err(err).Msg("ack refused")
+		ss.logAt(zerolog.WarnLevel).Err(err).Msg("ack refused")
 		ss.enqueue(errorFrame(code, "ack not recorded: "+err.Error(), false))
 	}
 	return true
@@ -388,17 +400,17 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 			return true
 		}
 		if err := ss.bindUser(c.User); err != nil {
-			ss.log.Error().Err(err).Msg("login: watch failed")
+			ss.logAt(zerolog.ErrorLevel).Err(err).Msg("login: watch failed")
 			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAVAILABLE, "login not done; retry", false))
 			return true
 		}
-		ss.log.Info().Str("user", c.User).Msg("user bound")
+		ss.logAt(zerolog.InfoLevel).Str("user", c.User).Msg("user bound")
 		ss.startRound()
 	case gatewaypb.ClientEvent_TYPE_LOGOUT:
 		if err := ss.bindUser(""); err != nil {
-			ss.log.Error().Err(err).Msg("logout failed")
+			ss.logAt(zerolog.ErrorLevel).Err(err).Msg("logout failed")
 		}
-		ss.log.Info().Msg("user unbound")
+		ss.logAt(zerolog.InfoLevel).Msg("user unbound")
 	default:
 		ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, fmt.Sprintf("unknown event type %d", e.Type), false))
 	}
@@ -437,7 +449,7 @@ func (ss *session) checkLiveness() {
 	now := time.Now()
 	silent := now.Sub(time.Unix(0, ss.lastRecv.Load()))
 	if at := ss.probeAt.Load(); at != 0 && now.Sub(time.Unix(0, at)) >= cfg.ProbeTimeout {
-		ss.log.Info().Dur("silent", silent).Msg("probe unanswered: dead link")
+		ss.logAt(zerolog.InfoLevel).Dur("silent", silent).Msg("probe unanswered: dead link")
 		ss.softClose(gatewaypb.GoAway_REASON_DEAD_LINK, "probe unanswered", 0)
 		return
 	}
@@ -552,7 +564,7 @@ func (ss *session) syncRounds(done chan struct{}) {
 	for {
 		if err := ss.syncRound(); err != nil {
 			if !ss.isClosing() {
-				ss.log.Error().Err(err).Msg("sync round failed")
+				ss.logAt(zerolog.ErrorLevel).Err(err).Msg("sync round failed")
 				ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "sync failed; reconnect")
 			}
 			return
@@ -710,8 +722,11 @@ func (ss *session) enqueueLocked(f *gatewaypb.Frame, bounded bool) {
 			goAwayFrame(gatewaypb.GoAway_REASON_SLOW_CONSUMER, "send queue full; reconnect and resync", ss.srv.reconnectHint()))
 		ss.queued = 0
 		ss.room.Broadcast()
-		ss.log.Warn().Int("queued_frames", len(ss.queue)).Msg("slow consumer disconnected")
-		go ss.drainAndClose()
+		ss.srv.slow.Add(1)
+		ss.logAt(zerolog.WarnLevel).Msg("slow consumer disconnected")
+		// Its socket may be full: give the goodbye a moment, not the
+		// whole write timeout.
+		go ss.drainAndClose(slowConsumerGrace)
 		return
 	}
 	ss.queue = append(ss.queue, f)
@@ -761,7 +776,7 @@ func (ss *session) flush() {
 		err := ss.link.write(ctx, frames)
 		cancel()
 		if err != nil {
-			ss.log.Debug().Err(err).Msg("write failed")
+			ss.logAt(zerolog.DebugLevel).Err(err).Msg("write failed")
 			ss.mu.Lock()
 			ss.writing = false
 			ss.closing = true
@@ -808,7 +823,7 @@ func mergeLive(frames []*gatewaypb.Frame, maxBytes int) []*gatewaypb.Frame {
 // spread reconnect hint, so that an outage does not bring every client
 // back in the same instant.
 func (ss *session) fail(code gatewaypb.Error_Code, reason gatewaypb.GoAway_Reason, msg string) {
-	ss.log.Warn().Str("code", code.String()).Str("reason", msg).Msg("session refused")
+	ss.logAt(zerolog.WarnLevel).Str("code", code.String()).Str("reason", msg).Msg("session refused")
 	var hint time.Duration
 	if code == gatewaypb.Error_CODE_UNAVAILABLE || code == gatewaypb.Error_CODE_INTERNAL {
 		hint = ss.srv.reconnectHint()
@@ -823,7 +838,7 @@ func (ss *session) fail(code gatewaypb.Error_Code, reason gatewaypb.GoAway_Reaso
 	ss.closing = true
 	ss.room.Broadcast()
 	ss.mu.Unlock()
-	ss.drainAndClose()
+	ss.drainAndClose(ss.srv.cfg.WriteTimeout)
 }
 
 // softClose stops new traffic, lets the frames already queued go out,
@@ -838,13 +853,18 @@ func (ss *session) softClose(reason gatewaypb.GoAway_Reason, msg string, after t
 	ss.closing = true
 	ss.room.Broadcast()
 	ss.mu.Unlock()
-	ss.drainAndClose()
+	ss.drainAndClose(ss.srv.cfg.WriteTimeout)
 }
 
-// drainAndClose writes what is queued (when no flusher runs) and closes.
-func (ss *session) drainAndClose() {
+// slowConsumerGrace is how long a slow consumer's link may take to take
+// its Error and GoAway before it is closed.
+const slowConsumerGrace = 500 * time.Millisecond
+
+// drainAndClose writes what is queued (when no flusher runs) and closes,
+// waiting at most timeout.
+func (ss *session) drainAndClose(timeout time.Duration) {
 	ss.stopWatches()
-	deadline := time.Now().Add(ss.srv.cfg.WriteTimeout)
+	deadline := time.Now().Add(timeout)
 	for {
 		ss.mu.Lock()
 		writing := ss.writing
@@ -862,7 +882,10 @@ func (ss *session) drainAndClose() {
 			break
 		}
 		if time.Now().After(deadline) {
-			break
+			// The flusher is stuck in a write: a graceful close would
+			// wait behind it.
+			ss.shut()
+			return
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -908,5 +931,5 @@ func (ss *session) finish() {
 		<-done
 	}
 	ss.srv.unregister(ss)
-	ss.log.Debug().Msg("session ended")
+	ss.logAt(zerolog.DebugLevel).Msg("session ended")
 }
