@@ -1,9 +1,12 @@
 package gateway
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -105,7 +108,7 @@ type wsLink struct {
 }
 
 func acceptWebSocket(s *Server, w http.ResponseWriter, r *http.Request, origins []string) (*wsLink, error) {
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	c, err := websocket.Accept(smallBuffers{w}, r, &websocket.AcceptOptions{
 		Subprotocols:   []string{wire.SubprotocolProto, wire.SubprotocolJSON},
 		OriginPatterns: origins,
 		// Frames are compressed with zstd above a threshold, by agreement
@@ -188,6 +191,43 @@ func (l *wsLink) transport() string {
 	return "ws"
 }
 func (l *wsLink) remote() string { return l.addr }
+
+// smallBuffers hands coder/websocket, on Hijack, a reader and a writer
+// with small buffers in place of net/http's 4 KiB ones, which it would keep
+// for the life of the link: 8 KiB of every idle WebSocket. Larger reads and
+// writes bypass a bufio buffer anyway.
+type smallBuffers struct{ http.ResponseWriter }
+
+const (
+	wsReadBuffer  = 512
+	wsWriteBuffer = 1024
+)
+
+func (w smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	hj, ok := w.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, errors.New("http.ResponseWriter does not implement http.Hijacker")
+	}
+	c, brw, err := hj.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Bytes the client sent after its upgrade request (or the byte
+	// net/http's background read took) are already in net/http's reader.
+	// They must be buffered in ours too: coder/websocket keeps what the
+	// reader has buffered and re-points it at the connection.
+	n := brw.Reader.Buffered()
+	if n == 0 {
+		return c, bufio.NewReadWriter(bufio.NewReaderSize(c, wsReadBuffer), bufio.NewWriterSize(c, wsWriteBuffer)), nil
+	}
+	b, _ := brw.Reader.Peek(n)
+	r := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(b)), c), max(wsReadBuffer, n))
+	if _, err := r.Peek(n); err != nil {
+		_ = c.Close()
+		return nil, nil, fmt.Errorf("hijack: %w", err)
+	}
+	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(c, wsWriteBuffer)), nil
+}
 
 var (
 	errPeerClosed = errors.New("closed by peer")

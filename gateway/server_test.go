@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/ed25519"
 	"errors"
@@ -640,5 +641,70 @@ func TestHelloPointsOfAnotherUser(t *testing.T) {
 	_, items, resets := c.syncAll()
 	if len(resets) != 1 || resets[0] != "chat" || len(items) != 1 || items[0].Id != r1 {
 		t.Fatalf("resets %v, items %v; want [chat] and rita's %d only", resets, ids(items), r1)
+	}
+}
+
+// TestWebSocketPipelinedHello: a client that sends its Hello right behind
+// its upgrade request, before the 101 answer, is served: the bytes net/http
+// read ahead are kept.
+func TestWebSocketPipelinedHello(t *testing.T) {
+	e := newEnv(t, nil)
+	id := e.append("chat", "vera")
+	hostport := strings.TrimSuffix(strings.TrimPrefix(e.ws, "ws://"), "/")
+	c, err := net.Dial("tcp", hostport)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	frame, _ := e.codec.EncodeBinary(hello(e.token("vera", "vdev", time.Hour)), false)
+	// A masked client frame: FIN+binary, mask bit, length, key, payload.
+	msg := []byte{0x82}
+	switch n := len(frame); {
+	case n < 126:
+		msg = append(msg, 0x80|byte(n))
+	default:
+		msg = append(msg, 0x80|126, byte(n>>8), byte(n))
+	}
+	key := []byte{1, 2, 3, 4}
+	msg = append(msg, key...)
+	for i, b := range frame {
+		msg = append(msg, b^key[i%4])
+	}
+	req := "GET / HTTP/1.1\r\nHost: " + hostport + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: sluice.v1.proto\r\n\r\n"
+	if _, err := c.Write(append([]byte(req), msg...)); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	// Server frames are unmasked: read Welcome and the first Sync.
+	var got []*gatewaypb.Frame
+	for len(got) < 2 {
+		h := make([]byte, 2)
+		if _, err := io.ReadFull(br, h); err != nil {
+			t.Fatalf("frame header: %v (got %d frames)", err, len(got))
+		}
+		n := int(h[1] & 0x7f)
+		if n == 126 {
+			ext := make([]byte, 2)
+			io.ReadFull(br, ext)
+			n = int(ext[0])<<8 | int(ext[1])
+		}
+		body := make([]byte, n)
+		if _, err := io.ReadFull(br, body); err != nil {
+			t.Fatal(err)
+		}
+		f, err := e.codec.DecodeBinary(body)
+		if err != nil {
+			t.Fatalf("frame %d: %v", len(got), err)
+		}
+		got = append(got, f)
+	}
+	if got[0].GetWelcome() == nil || len(got[1].GetSync().GetItems()) != 1 || got[1].GetSync().Items[0].Id != id {
+		t.Fatalf("got %v", got)
 	}
 }
