@@ -95,7 +95,12 @@ func (ss *session) logAt(l zerolog.Level) *zerolog.Event {
 // run serves the link until it ends.
 func (ss *session) run() {
 	defer ss.finish()
-	if !ss.hello() {
+	// Hello runs on a goroutine of its own: token verification, watches
+	// and protobuf decoding grow a stack to 8 KiB, and the reader's stack,
+	// which an idle link keeps, should stay the size an idle read needs.
+	helloed := make(chan bool)
+	go func() { helloed <- ss.hello() }()
+	if !<-helloed {
 		return
 	}
 	ss.touch()
