@@ -71,6 +71,12 @@ type projector struct {
 	applied atomic.Uint64
 	resets  chan resetRequest
 
+	// With a sole writer (this process), known is the highest sequence the
+	// stream holds as far as this process knows: readers wait for it
+	// rather than ask the stream.
+	sole  bool
+	known atomic.Uint64
+
 	mu     sync.Mutex
 	notify chan struct{} // closed and replaced whenever applied advances
 
@@ -141,6 +147,30 @@ func newProjector(name string, prefixes [][]byte, db *badger.DB, js jetstream.Je
 
 func (p *projector) progressKey() []byte { return []byte("a/" + p.name) }
 
+// soleWriter declares this process the stream's only writer: readers wait
+// for what it stored. The stream's last sequence now is the start.
+func (p *projector) soleWriter() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	last, err := p.lastSeq(ctx)
+	if err != nil {
+		return err
+	}
+	p.sole = true
+	p.stored(last)
+	return nil
+}
+
+// stored records that the stream holds seq.
+func (p *projector) stored(seq uint64) {
+	for {
+		k := p.known.Load()
+		if seq <= k || p.known.CompareAndSwap(k, seq) {
+			return
+		}
+	}
+}
+
 func (p *projector) loadApplied() (uint64, error) {
 	var seq uint64
 	err := p.db.View(func(txn *badger.Txn) error {
@@ -206,9 +236,12 @@ func (p *projector) lastSeq(ctx context.Context) (uint64, error) {
 // catchUp blocks until the projection has applied everything the stream
 // held when it was called.
 func (p *projector) catchUp(ctx context.Context) error {
-	last, err := p.lastSeq(ctx)
-	if err != nil {
-		return err
+	last := p.known.Load()
+	if !p.sole {
+		var err error
+		if last, err = p.lastSeq(ctx); err != nil {
+			return err
+		}
 	}
 	if p.applied.Load() >= last {
 		return nil
@@ -355,6 +388,7 @@ func (p *projector) consume(ctx context.Context, forever bool) error {
 		return fmt.Errorf("stream: %w", err)
 	}
 	target := stream.CachedInfo().State.LastSeq
+	p.stored(target)
 	if !forever && p.applied.Load() >= target {
 		return nil
 	}

@@ -177,3 +177,44 @@ func TestExpiredTailDoesNotStallReaders(t *testing.T) {
 		t.Fatalf("backlog %v, want only %d", got, keep)
 	}
 }
+
+// TestSoleWriter: an inbox told its process writes every entry waits for
+// what was stored before it opened and for every append and ack of its own
+// process, without asking the streams how far they go.
+func TestSoleWriter(t *testing.T) {
+	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
+	l := oplogtest.MustOpenLog(t, nc, oplog.Config{}, chat)
+	before := mustAppend(t, l, syncEvent("chat", "gwen"))[0].Id
+	if _, err := oplog.OpenInbox(oplog.InboxConfig{Log: l, Dir: t.TempDir(), SoleWriter: true}); err == nil {
+		t.Fatal("SoleWriter without LocalFeed was accepted")
+	}
+	in, err := oplog.OpenInbox(oplog.InboxConfig{Log: l, Dir: t.TempDir(), LocalFeed: true, SoleWriter: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, cancel := contextWithCancel()
+	done := make(chan error, 1)
+	go func() { done <- in.Run(c) }()
+	defer func() {
+		cancel()
+		<-done
+		_ = in.Close()
+	}()
+	epoch := l.Epoch(0)
+	for i := range 200 {
+		id := mustAppend(t, l, syncEvent("chat", "gwen"))[0].Id
+		// Each read right after an append sees it, and everything before.
+		b := mustBacklog(t, in, oplog.BacklogRequest{User: "gwen", Device: "g", Limit: 1000})
+		if len(b.Entries) != i+2 || b.Entries[0].Id != before || b.Entries[len(b.Entries)-1].Id != id {
+			t.Fatalf("append %d: backlog of %d entries ending at %v, want %d ending at %d", i, len(b.Entries), ids(b)[max(len(b.Entries)-1, 0):], i+2, id)
+		}
+		if i%50 == 0 {
+			if err := in.Ack(ctx(t), "gwen", "h", map[string]oplog.SyncPoint{"chat": {ID: id, Epoch: epoch}}); err != nil {
+				t.Fatal(err)
+			}
+			if sp, err := in.SyncPoints(ctx(t), "h"); err != nil || sp["chat"].ID != id {
+				t.Fatalf("sync points right after the ack: %v, %v; want %d", sp, err, id)
+			}
+		}
+	}
+}

@@ -150,6 +150,7 @@ func (w *writer) offer(msgs []*nats.Msg, res []*pubResult) {
 	for i, m := range msgs {
 		if r := res[i]; r.err == nil && !r.dup && r.seq > 0 {
 			recs = append(recs, record{seq: r.seq, subject: m.Subject, data: m.Data, ttl: m.Header.Get(jetstream.MsgTTLHeader), stored: now})
+			p.stored(r.seq) // even if the feed drops the record
 		}
 	}
 	p.offer(recs)

@@ -28,7 +28,7 @@ func (w *gwReport) header() {
 	}
 	w.printf("files:     open-file limit %d (hard %d); clients dial from %s\n", c.files[0], c.files[1], sourceRange(c))
 	w.printf("servers:   one child process per measurement (this binary re-executed as `sluice-bench %s`), on loopback, GOMAXPROCS %d\n", childCommand, runtime.GOMAXPROCS(0))
-	w.printf("sluice:    embedded NATS + JetStream (fsync always) + oplog.Log (atomic batch %d) + Inbox (LocalFeed) + Service + gateway.Server (defaults, heartbeat %v): TLV listener and WebSocket at /v1/ws\n", c.atomicBatch, c.heartbeat)
+	w.printf("sluice:    embedded NATS + JetStream (fsync always) + oplog.Log (atomic batch %d) + Inbox (LocalFeed, SoleWriter) + Service + gateway.Server (defaults, heartbeat %v): TLV listener and WebSocket at /v1/ws\n", c.atomicBatch, c.heartbeat)
 	w.printf("clients:   in this process; each sends Hello with a token for its own user and device and reads Welcome and its first sync round; payload %d B; no compression\n", c.payload)
 	w.printf("cpu:       per timed phase: server = the child process, clients+producers = this process, others = the rest of the machine\n")
 	w.printf("           (other processes, kernel threads such as the file system journal, interrupts such as loopback packet delivery)\n")

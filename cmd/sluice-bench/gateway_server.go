@@ -398,7 +398,7 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 			return nil, fmt.Errorf("register business %s: %w", b.Code, err)
 		}
 	}
-	s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(c.dir, "inbox"), Logger: &log, LocalFeed: true})
+	s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(c.dir, "inbox"), Logger: &log, LocalFeed: true, SoleWriter: true})
 	if err != nil {
 		return nil, fmt.Errorf("open inbox: %w", err)
 	}

@@ -142,7 +142,7 @@ func startStack(ctx context.Context, dir, transport string, syncAlways, service 
 			return nil, nil, fmt.Errorf("register business: %w", err)
 		}
 	}
-	if s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(dir, "inbox"), Logger: &log, LocalFeed: true}); err != nil {
+	if s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(dir, "inbox"), Logger: &log, LocalFeed: true, SoleWriter: true}); err != nil {
 		return nil, nil, fmt.Errorf("open inbox: %w", err)
 	}
 	var svc *oplog.Service

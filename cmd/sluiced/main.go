@@ -128,6 +128,10 @@ func (m *Main) Run(ctx context.Context) error {
 		// The embedded server has no other writer: project our own appends
 		// from memory rather than reading each back through NATS.
 		LocalFeed: m.cfg.NATSURL == "",
+		// Producers reach the embedded server through the producer API, so
+		// this process writes every entry: readers need not ask the
+		// stream how far it goes.
+		SoleWriter: m.cfg.NATSURL == "",
 	})
 	if err != nil {
 		return err
