@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
@@ -44,12 +46,46 @@ type link interface {
 type tcpLink struct {
 	codec    *wire.Codec
 	c        net.Conn
+	raw      syscall.RawConn // plain TCP only: lets the poller read it
 	hdr      [wire.HeaderSize]byte
+	pending  []byte // polled links: bytes of a frame not yet complete
 	compress atomic.Bool
 	once     sync.Once
 }
 
-func newTCPLink(s *Server, c net.Conn) *tcpLink { return &tcpLink{codec: s.codec, c: c} }
+func newTCPLink(s *Server, c net.Conn) *tcpLink {
+	l := &tcpLink{codec: s.codec, c: c}
+	if tc, ok := c.(*net.TCPConn); ok {
+		if raw, err := tc.SyscallConn(); err == nil {
+			l.raw = raw
+		}
+	}
+	return l
+}
+
+// nextFrame takes the next complete frame out of the bytes a polled link
+// has read; nil if none is complete yet. A declared length over the frame
+// limit is refused before the rest arrives.
+func (l *tcpLink) nextFrame() (*gatewaypb.Frame, error) {
+	if len(l.pending) < wire.HeaderSize {
+		return nil, nil
+	}
+	n := binary.BigEndian.Uint32(l.pending[1:wire.HeaderSize])
+	if int64(n) > int64(l.codec.MaxFrame()) {
+		return nil, fmt.Errorf("wire: frame of %d bytes over %d: %w", n, l.codec.MaxFrame(), wire.ErrFrameTooLarge)
+	}
+	end := wire.HeaderSize + int(n)
+	if len(l.pending) < end {
+		return nil, nil
+	}
+	f, err := l.codec.DecodeTLV(l.pending[0], l.pending[wire.HeaderSize:end])
+	if rest := l.pending[end:]; len(rest) == 0 {
+		l.pending = nil // an idle link holds no buffer
+	} else {
+		l.pending = append([]byte(nil), rest...)
+	}
+	return f, err
+}
 
 func (l *tcpLink) read(deadline time.Time) (*gatewaypb.Frame, error) {
 	if err := l.c.SetReadDeadline(deadline); err != nil {

@@ -64,6 +64,9 @@ type Config struct {
 	InboundRate int
 	// SyncBatch is the most items per Sync frame.
 	SyncBatch int
+	// NoPoller keeps a reader goroutine on every link. By default idle
+	// plain-TCP links on Linux have none: epoll watches them.
+	NoPoller bool
 	// DrainHint is the spread of the reconnect hints sent on shutdown, so
 	// that clients do not all come back in the same millisecond.
 	DrainHint time.Duration
@@ -109,6 +112,8 @@ type Server struct {
 	draining atomic.Bool
 	slow     atomic.Int64 // links cut as slow consumers
 
+	poller *poller // nil: every link keeps a reader goroutine
+
 	mu        sync.Mutex
 	sessions  map[*session]struct{}
 	byDevice  map[string]*session // the newest session of each app/device
@@ -136,6 +141,11 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	if cfg.Logger != nil {
 		s.log = cfg.Logger.With().Str("component", "gateway").Logger()
+	}
+	if !cfg.NoPoller {
+		if s.poller, err = newPoller(); err != nil {
+			s.log.Warn().Err(err).Msg("no poller: every link keeps a reader goroutine")
+		}
 	}
 	return s, nil
 }
@@ -190,12 +200,9 @@ func (s *Server) reconnectHint() time.Duration {
 	return d/4 + time.Duration(n%uint64(max(d*3/4, 1)))
 }
 
-// serve runs one link to its end.
-func (s *Server) serve(l link) {
-	defer s.conns.Add(-1)
-	ss := newSession(s, l)
-	ss.run()
-}
+// serve runs one link to its end; the session's finish releases the
+// link's place in s.conns and s.wg.
+func (s *Server) serve(l link) { newSession(s, l).run() }
 
 // register adds a session past Hello. A previous session of the same
 // device is replaced: it is drained and closed (soft close).
@@ -256,13 +263,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.wg.Wait()
 		close(finished)
 	}()
+	defer func() {
+		if s.poller != nil {
+			s.poller.close()
+		}
+	}()
 	select {
 	case <-finished:
 		return nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		for ss := range s.sessions {
-			ss.link.close()
+			ss.shut() // a polled link has no reader to notice a bare close
 		}
 		s.mu.Unlock()
 		<-finished
@@ -308,10 +320,7 @@ func (s *Server) ServeTCP(ln net.Listener) error {
 			continue
 		}
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			s.serve(l)
-		}()
+		go s.serve(l)
 	}
 }
 
@@ -334,10 +343,7 @@ func (s *Server) WebSocketHandler(originPatterns []string) http.Handler {
 		// the link is hijacked, and net/http's goroutine (with its grown
 		// stack) and request need not live as long as it.
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			s.serve(l)
-		}()
+		go s.serve(l)
 	})
 }
 

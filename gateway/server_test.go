@@ -708,3 +708,34 @@ func TestWebSocketPipelinedHello(t *testing.T) {
 		t.Fatalf("got %v", got)
 	}
 }
+
+// TestTCPFramesSplitAndBatched: frames cut anywhere across writes, and
+// several frames in one write, are read the same, with the poller (idle
+// links without a goroutine) and without.
+func TestTCPFramesSplitAndBatched(t *testing.T) {
+	for _, noPoller := range []bool{false, true} {
+		e := newEnv(t, func(c *gateway.Config) { c.NoPoller = noPoller })
+		c := e.dialTCP()
+		c.send(hello(e.token("", "split", time.Hour)))
+		c.syncAll()
+		var stream []byte
+		for i := range 5 {
+			stream, _ = e.codec.AppendTLV(stream, &gatewaypb.Frame{Body: &gatewaypb.Frame_Ping{Ping: &gatewaypb.Ping{ClientTimeMs: int64(i + 1)}}}, false)
+		}
+		// Byte by byte for the first frame, then the rest at once.
+		for i := range 9 {
+			if _, err := c.tcp.Write(stream[i : i+1]); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		if _, err := c.tcp.Write(stream[9:]); err != nil {
+			t.Fatal(err)
+		}
+		for want := int64(1); want <= 5; want++ {
+			if p := c.must(5 * time.Second).GetPong(); p == nil || p.ClientTimeMs != want {
+				t.Fatalf("poller off %v: pong %v, want client time %d", noPoller, p, want)
+			}
+		}
+	}
+}

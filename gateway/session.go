@@ -41,6 +41,10 @@ type session struct {
 	// Set by hello, then read-only.
 	device, app string
 
+	polled    atomic.Bool // the poller reads the link (no reader goroutine)
+	pollToken uint64
+	finished  sync.Once
+
 	lastRecv atomic.Int64 // unix nanos of the last frame read
 	probe    atomic.Uint64
 	probeAt  atomic.Int64 // unix nanos a probe went out; 0: none outstanding
@@ -94,7 +98,12 @@ func (ss *session) logAt(l zerolog.Level) *zerolog.Event {
 
 // run serves the link until it ends.
 func (ss *session) run() {
-	defer ss.finish()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			ss.finish()
+		}
+	}()
 	// Hello runs on a goroutine of its own: token verification, watches
 	// and protobuf decoding grow a stack to 8 KiB, and the reader's stack,
 	// which an idle link keeps, should stay the size an idle read needs.
@@ -109,6 +118,10 @@ func (ss *session) run() {
 		ss.timer = time.AfterFunc(ss.srv.cfg.Heartbeat, ss.checkLiveness)
 	}
 	ss.mu.Unlock()
+	if ss.poll() {
+		handedOff = true // the poller reads from now on, and finishes
+		return
+	}
 	for {
 		f, err := ss.link.read(time.Time{})
 		if err != nil {
@@ -788,7 +801,7 @@ func (ss *session) flush() {
 			ss.queue = nil
 			ss.room.Broadcast()
 			ss.mu.Unlock()
-			ss.link.close()
+			ss.shut() // not a bare close: a polled link has no reader to see it
 			return
 		}
 	}
@@ -923,18 +936,30 @@ func (ss *session) shut() {
 		ss.mu.Unlock()
 		ss.stopWatches()
 		ss.link.close()
+		if ss.polled.Load() {
+			// No reader goroutine will see the close: finish here.
+			go ss.finish()
+		}
 	})
 }
 
-// finish runs when the reader ends.
+// finish releases the session once its link ended: when the reader ends,
+// or for a polled link when it is shut. Idempotent.
 func (ss *session) finish() {
-	ss.shut()
-	ss.mu.Lock()
-	done := ss.roundDone
-	ss.mu.Unlock()
-	if done != nil {
-		<-done
-	}
-	ss.srv.unregister(ss)
-	ss.logAt(zerolog.DebugLevel).Msg("session ended")
+	ss.finished.Do(func() {
+		ss.shut()
+		ss.mu.Lock()
+		done := ss.roundDone
+		ss.mu.Unlock()
+		if done != nil {
+			<-done
+		}
+		if ss.polled.Load() {
+			ss.srv.poller.remove(ss.pollToken)
+		}
+		ss.srv.unregister(ss)
+		ss.logAt(zerolog.DebugLevel).Msg("session ended")
+		ss.srv.conns.Add(-1)
+		ss.srv.wg.Done()
+	})
 }
