@@ -16,9 +16,15 @@
 // does a round whose held entries overflowed (the live path's gap goes
 // back to the backlog).
 //
-// Goroutines per link: one reader for the link's life; a flusher only
-// while frames are queued (an idle link has no writer); a sync round only
-// while it runs; the liveness timer's callback briefly. Live entries are
+// Goroutines per link: a flusher only while frames are queued (an idle
+// link has no writer); a sync round only while it runs; the liveness
+// timer's callback briefly; and a reader. Hello is read on a goroutine of
+// its own, so that the reader's stack stays small. On Linux a plain-TCP
+// link past Hello has no reader goroutine either: an epoll poller
+// (poll_linux.go) watches it and a short-lived goroutine reads it when it
+// is readable. WebSocket and TLS links keep a reader, blocked in their
+// library's read. Measured at 10,000 idle links: 3.9 KiB per TLV link and
+// 13 KiB per WebSocket link (README, Performance). Live entries are
 // queued on the inbox's goroutine and never block it: a client whose
 // queue overflows (Config.SendQueue, SendBytes) is a slow consumer and is
 // disconnected; it resyncs from its sync point when it comes back.
