@@ -36,6 +36,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sluicehq/sluice/oplog"
@@ -179,7 +180,17 @@ func (s *Signer) Issue(c Claims) (string, error) {
 // immutable and safe for concurrent use.
 type Verifier struct {
 	keys []ed25519.PublicKey
+
+	// verified remembers tokens whose signature and claims checked out,
+	// so that a client reconnecting with the same token costs a map
+	// lookup, not an Ed25519 verification (a quarter of the server's CPU
+	// when 1,000 clients reconnect at once). Bounded: emptied when full.
+	mu       sync.Mutex
+	verified map[string]Claims
 }
+
+// verifiedMax bounds the verified-token cache.
+const verifiedMax = 1 << 16
 
 // NewVerifier returns a Verifier that accepts tokens signed by any of keys;
 // give several during a key rotation. Keys of the wrong size are ignored,
@@ -203,6 +214,12 @@ func NewVerifier(keys ...ed25519.PublicKey) *Verifier {
 func (v *Verifier) Verify(token string, now time.Time) (Claims, error) {
 	if len(token) > MaxTokenLen {
 		return Claims{}, invalid(fmt.Sprintf("longer than %d bytes", MaxTokenLen))
+	}
+	v.mu.Lock()
+	c, seen := v.verified[token]
+	v.mu.Unlock()
+	if seen {
+		return checkTimes(c, now)
 	}
 	rest, ok := strings.CutPrefix(token, tokenPrefix)
 	if !ok {
@@ -248,7 +265,21 @@ func (v *Verifier) Verify(token string, now time.Time) (Claims, error) {
 	if err := w.check(); err != nil {
 		return Claims{}, err
 	}
-	c := w.claims()
+	c = w.claims()
+	c, err = checkTimes(c, now)
+	if err == nil {
+		v.mu.Lock()
+		if len(v.verified) >= verifiedMax || v.verified == nil {
+			v.verified = make(map[string]Claims)
+		}
+		v.verified[token] = c
+		v.mu.Unlock()
+	}
+	return c, err
+}
+
+// checkTimes refuses authentic claims issued in the future or expired.
+func checkTimes(c Claims, now time.Time) (Claims, error) {
 	if c.IssuedAt.After(now.Add(MaxClockSkew)) {
 		return Claims{}, invalid("issued in the future")
 	}

@@ -473,3 +473,28 @@ func ExampleVerifier_Verify() {
 	// alice phone-1 chat 2027-01-16 08:00:00 +0000 UTC <nil>
 	// true
 }
+
+// TestVerifiedTokensStillExpire: a token verified once is remembered, and
+// still expires (and is still refused as issued in the future) on time.
+func TestVerifiedTokensStillExpire(t *testing.T) {
+	key := MustKey(t, 1)
+	s, v := gateway.NewSigner(key), gateway.NewVerifier(pub(key))
+	want := gateway.Claims{User: "alice", Device: "phone", App: "demo", IssuedAt: now, Expires: now.Add(time.Minute)}
+	tok := MustIssue(t, s, want)
+	for range 3 { // the first call verifies, the others hit the cache
+		if got, err := v.Verify(tok, now); err != nil || !sameClaims(got, want) {
+			t.Fatalf("Verify: %+v, %v", got, err)
+		}
+	}
+	if _, err := v.Verify(tok, now.Add(time.Minute)); !errors.Is(err, gateway.ErrTokenExpired) {
+		t.Fatalf("remembered token after expiry: %v, want ErrTokenExpired", err)
+	}
+	if _, err := v.Verify(tok, now.Add(-2*gateway.MaxClockSkew)); !errors.Is(err, gateway.ErrTokenInvalid) {
+		t.Fatalf("remembered token before its issue time: %v, want ErrTokenInvalid", err)
+	}
+	// Another verifier (other keys) does not share what this one saw.
+	other := gateway.NewVerifier(pub(MustKey(t, 2)))
+	if _, err := other.Verify(tok, now); !errors.Is(err, gateway.ErrTokenInvalid) {
+		t.Fatalf("other verifier: %v", err)
+	}
+}
