@@ -29,6 +29,7 @@ const (
 	DefaultSendBytes    = 4 << 20
 	DefaultInboundRate  = 50 // frames per second, with a burst of twice that
 	DefaultSyncBatch    = 256
+	DefaultHeldLive     = 4096
 	DefaultDrainHint    = 2 * time.Second
 )
 
@@ -64,6 +65,10 @@ type Config struct {
 	InboundRate int
 	// SyncBatch is the most items per Sync frame.
 	SyncBatch int
+	// HeldLive is the most live entries a link holds while a sync round
+	// runs; beyond it they are dropped and the round is run again, reading
+	// them from the inbox (a gap on the live path becomes a backlog read).
+	HeldLive int
 	// NoPoller keeps a reader goroutine on every link. By default idle
 	// plain-TCP links on Linux have none: epoll watches them.
 	NoPoller bool
@@ -98,6 +103,7 @@ func (c *Config) defaults() error {
 	defInt(&c.SendBytes, DefaultSendBytes)
 	defInt(&c.InboundRate, DefaultInboundRate)
 	defInt(&c.SyncBatch, DefaultSyncBatch)
+	defInt(&c.HeldLive, DefaultHeldLive)
 	return nil
 }
 

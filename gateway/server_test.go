@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -737,5 +738,81 @@ func TestTCPFramesSplitAndBatched(t *testing.T) {
 				t.Fatalf("poller off %v: pong %v, want client time %d", noPoller, p, want)
 			}
 		}
+	}
+}
+
+// TestEpochMismatchResets: a sync point of another epoch (the stream was
+// recreated) is reported in resets, and the business restarts from the
+// current epoch's beginning.
+func TestEpochMismatchResets(t *testing.T) {
+	e := newEnv(t, nil)
+	a := e.append("chat", "wes")
+	b := e.append("chat", "wes")
+	c := e.dialTCP()
+	h := hello(e.token("wes", "wdev", time.Hour), &gatewaypb.SyncPoint{Business: "chat", Id: b, Epoch: e.l.Epoch(0) + 1})
+	h.GetHello().PointsUser = "wes"
+	c.send(h)
+	_, items, resets := c.syncAll()
+	if len(resets) != 1 || resets[0] != "chat" || len(items) != 2 || items[0].Id != a || items[1].Id != b || items[0].Epoch != e.l.Epoch(0) {
+		t.Fatalf("resets %v, items %v; want [chat] and [%d %d] of epoch %d", resets, ids(items), a, b, e.l.Epoch(0))
+	}
+}
+
+// TestLiveOverflowDuringRoundRereads: live entries arriving during a long
+// sync round overflow what the link holds; the round is run again from the
+// inbox, and the client gets every entry once, in order.
+func TestLiveOverflowDuringRoundRereads(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) {
+		c.HeldLive = 2
+		c.SyncBatch = 1
+		c.SendQueue = 4 // the round waits for the client to read
+	})
+	var want []uint64
+	for range 300 {
+		want = append(want, e.append("chat", "xia"))
+	}
+	c := e.dialTCP()
+	c.send(hello(e.token("xia", "xdev", time.Hour)))
+	c.must(5 * time.Second) // welcome
+	// The first Sync frame: the watch is on, and the round now waits for
+	// us to read.
+	var got []uint64
+	rounds := 0
+	first := c.must(5 * time.Second).GetSync()
+	got = append(got, ids(first.GetItems())...)
+	for range 20 {
+		want = append(want, e.append("chat", "xia"))
+	}
+	for len(got) < len(want) {
+		f := c.must(5 * time.Second)
+		switch {
+		case f.GetSync() != nil:
+			got = append(got, ids(f.GetSync().Items)...)
+			if f.GetSync().Done {
+				rounds++
+			}
+		case f.GetLive() != nil:
+			got = append(got, ids(f.GetLive().Items)...)
+		}
+		time.Sleep(100 * time.Microsecond) // a slow reader
+	}
+	// The round the overflow asked for ends with a frame of its own.
+	for rounds < 2 {
+		f, err := c.read(2 * time.Second)
+		if err != nil {
+			break
+		}
+		if s := f.GetSync(); s != nil {
+			got = append(got, ids(s.Items)...)
+			if s.Done {
+				rounds++
+			}
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %d ids (%v…), want %d in order without repeats", len(got), got[:min(len(got), 8)], len(want))
+	}
+	if rounds < 2 {
+		t.Fatalf("%d sync rounds, want a second one after the overflow", rounds)
 	}
 }

@@ -22,11 +22,12 @@ import (
 const (
 	maxPoints   = 1000 // sync points in one Hello or Ack
 	maxTopics   = 1000
-	maxHeldLive = 4096 // live entries held while a sync round runs
 )
 
 // session is one link past (or waiting for) Hello. Its goroutines:
-//   - the reader (run), for the whole life of the link;
+//   - Hello's, until the session starts;
+//   - the reader (run), for the life of the link, except a polled TLV
+//     link's, which the poller reads (readable) only while it has data;
 //   - a flusher, only while frames are queued (no idle writer);
 //   - a sync round, only while one runs;
 //   - the liveness timer's callback, briefly.
@@ -506,7 +507,7 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 		return
 	}
 	if ss.syncing {
-		if len(ss.held) >= maxHeldLive {
+		if len(ss.held) >= ss.srv.cfg.HeldLive {
 			// Too much arrived during the round: drop what is held and
 			// read it from the inbox in another round (a gap on the live
 			// path triggers a backlog read).
