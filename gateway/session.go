@@ -20,8 +20,8 @@ import (
 
 // Limits on what a client may send.
 const (
-	maxPoints   = 1000 // sync points in one Hello or Ack
-	maxTopics   = 1000
+	maxPoints = 1000 // sync points in one Hello or Ack
+	maxTopics = 1000
 )
 
 // session is one link past (or waiting for) Hello. Its goroutines:
