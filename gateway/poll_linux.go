@@ -30,6 +30,7 @@ import (
 // holds the descriptor open for the call.
 type poller struct {
 	epfd int
+	wake [2]int // a pipe: a byte on it (token 0) stops the loop
 
 	mu    sync.Mutex
 	next  uint64
@@ -43,6 +44,14 @@ func newPoller() (*poller, error) {
 		return nil, fmt.Errorf("gateway: epoll: %w", err)
 	}
 	p := &poller{epfd: epfd, links: map[uint64]*session{}, done: make(chan struct{})}
+	if err := syscall.Pipe2(p.wake[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+		_ = syscall.Close(epfd)
+		return nil, fmt.Errorf("gateway: poller pipe: %w", err)
+	}
+	if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, p.wake[0], &syscall.EpollEvent{Events: syscall.EPOLLIN}); err != nil {
+		p.closeFDs()
+		return nil, fmt.Errorf("gateway: poller pipe: %w", err)
+	}
 	go p.loop()
 	return p, nil
 }
@@ -104,10 +113,15 @@ func (p *poller) loop() {
 			continue
 		}
 		if err != nil {
-			return // closed
+			p.closeFDs()
+			return
 		}
 		for i := range n {
 			token := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
+			if token == 0 { // the wake pipe: close was called
+				p.closeFDs()
+				return
+			}
 			p.mu.Lock()
 			ss := p.links[token]
 			p.mu.Unlock()
@@ -118,8 +132,17 @@ func (p *poller) loop() {
 	}
 }
 
-// close stops the poller once no link uses it.
+// close stops the poller's loop and waits for it; call once no link uses
+// the poller. Closing the epoll descriptor alone would not wake a thread
+// blocked in epoll_wait.
 func (p *poller) close() {
+	_, _ = syscall.Write(p.wake[1], []byte{0})
+	<-p.done
+}
+
+func (p *poller) closeFDs() {
+	_ = syscall.Close(p.wake[0])
+	_ = syscall.Close(p.wake[1])
 	_ = syscall.Close(p.epfd)
 }
 

@@ -335,20 +335,28 @@ func (s *Server) ServeTCP(ln net.Listener) error {
 // besides the server's own host (see coder/websocket AcceptOptions).
 func (s *Server) WebSocketHandler(originPatterns []string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if ok, why := s.admit(); !ok {
+		// Count the link in s.wg before the upgrade, under the lock that
+		// Shutdown takes to start draining, so that Shutdown waits for it.
+		s.mu.Lock()
+		ok, why := s.admit()
+		if ok {
+			s.wg.Add(1)
+		}
+		s.mu.Unlock()
+		if !ok {
 			http.Error(w, why.String(), http.StatusServiceUnavailable)
 			return
 		}
 		l, err := acceptWebSocket(s, w, r, originPatterns)
 		if err != nil {
 			s.conns.Add(-1)
+			s.wg.Done()
 			s.log.Warn().Err(err).Str("remote", r.RemoteAddr).Msg("websocket upgrade refused")
 			return
 		}
 		// The session gets a goroutine of its own and the handler returns:
 		// the link is hijacked, and net/http's goroutine (with its grown
 		// stack) and request need not live as long as it.
-		s.wg.Add(1)
 		go s.serve(l)
 	})
 }

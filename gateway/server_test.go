@@ -816,3 +816,62 @@ func TestLiveOverflowDuringRoundRereads(t *testing.T) {
 		t.Fatalf("%d sync rounds, want a second one after the overflow", rounds)
 	}
 }
+
+// TestLoginDuringRound: a login as another user while a round of the
+// previous user's backlog is still going ends that round; the client is
+// told to reset, then gets exactly the new user's entries (lower ids
+// included), and no live entry of the previous user after the switch.
+func TestLoginDuringRound(t *testing.T) {
+	e := newEnv(t, func(c *gateway.Config) {
+		c.SyncBatch = 1
+		c.SendQueue = 4 // the round waits for the client to read
+	})
+	var bob []uint64
+	for range 5 {
+		bob = append(bob, e.append("chat", "bob"))
+	}
+	for range 300 {
+		e.append("chat", "amy")
+	}
+	c := e.dialTCP()
+	h := hello(e.token("amy", "shared2", time.Hour))
+	h.GetHello().PointsUser = "amy"
+	c.send(h)
+	c.must(5 * time.Second) // welcome
+	for range 3 {
+		if c.must(5*time.Second).GetSync() == nil {
+			t.Fatal("want amy's round")
+		}
+	}
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: e.token("bob", "shared2", time.Hour)}}})
+	// Frames already queued for amy may still come; then the reset.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if time.Now().After(deadline) {
+			t.Fatal("no reset after the login")
+		}
+		s := c.must(5 * time.Second).GetSync()
+		if s != nil && len(s.Resets) > 0 {
+			if s.Resets[0] != "chat" {
+				t.Fatalf("resets %v", s.Resets)
+			}
+			got := ids(s.Items)
+			for !s.Done {
+				f := c.must(5 * time.Second)
+				if s = f.GetSync(); s == nil {
+					t.Fatalf("want the rest of bob's round, got %v", f)
+				}
+				got = append(got, ids(s.Items)...)
+			}
+			if !slices.Equal(got, bob) {
+				t.Fatalf("after the reset: %v, want bob's %v", got, bob)
+			}
+			break
+		}
+	}
+	e.append("chat", "amy")
+	late := e.append("chat", "bob")
+	if got := c.live(1); len(got) != 1 || got[0].Id != late {
+		t.Fatalf("live after the switch: %v, want bob's %d only", ids(got), late)
+	}
+}

@@ -42,6 +42,10 @@ type session struct {
 	// Set by hello, then read-only.
 	device, app string
 
+	// ctx ends when the session is shut: backlog reads and acks stop then.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	polled    atomic.Bool // the poller reads the link (no reader goroutine)
 	pollToken uint64
 	finished  sync.Once
@@ -67,6 +71,7 @@ type session struct {
 	room      *sync.Cond // a sync round waits on it for queue space
 	closing   bool       // no more frames are queued
 	closed    bool
+	gen       uint64                     // bumped when the bound user changes
 	syncing   bool                       // a sync round runs: live entries are held
 	again     bool                       // another round after this one
 	held      []*oplogpb.Entry           // live entries held during a round
@@ -78,6 +83,7 @@ type session struct {
 
 func newSession(s *Server, l link) *session {
 	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}}
+	ss.ctx, ss.cancel = context.WithCancel(context.Background())
 	ss.room = sync.NewCond(&ss.mu)
 	return ss
 }
@@ -219,10 +225,6 @@ func (ss *session) hello() bool {
 	ss.resets = resets
 	ss.mu.Unlock()
 
-	if !ss.srv.register(ss) {
-		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "server shutting down")
-		return false
-	}
 	compress := !cfg.NoCompression && ss.link.canCompress() && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
 	w := &gatewaypb.Welcome{
 		SessionId:        ss.id,
@@ -249,13 +251,30 @@ func (ss *session) hello() bool {
 		return false
 	}
 	ss.link.setCompress(compress)
+	// Hold live entries from the moment the watches exist until the first
+	// round has read the backlog: an entry sent live before the round
+	// began would move the round's starting point past entries it has not
+	// read yet.
+	ss.mu.Lock()
+	ss.syncing = true
+	ss.roundDone = make(chan struct{})
+	done := ss.roundDone
+	ss.mu.Unlock()
 	if err := ss.watch(claims.User); err != nil {
+		close(done)
 		ss.logAt(zerolog.ErrorLevel).Err(err).Msg("watch failed")
 		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "cannot follow the inbox now")
 		return false
 	}
+	// Registered only now: a newer link of the device, or a shutdown, may
+	// close this session from here on, never while Welcome is written.
+	if !ss.srv.register(ss) {
+		close(done)
+		ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "server shutting down")
+		return false
+	}
 	ss.logAt(zerolog.InfoLevel).Str("user", claims.User).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
-	ss.startRound()
+	go ss.syncRounds(done)
 	return true
 }
 
@@ -290,14 +309,23 @@ func (ss *session) watch(user string) error {
 		return err
 	}
 	ss.mu.Lock()
-	ss.devWatch = dw
+	closed := ss.closed
+	if !closed {
+		ss.devWatch = dw
+	}
 	ss.mu.Unlock()
-	return ss.bindUser(user)
+	if closed {
+		dw.Stop()
+		return nil
+	}
+	return ss.bindUser(user, false)
 }
 
 // bindUser follows user's inbox instead of the current user's ("" for
-// none).
-func (ss *session) bindUser(user string) error {
+// none). With round set, a change of user starts a sync round in the same
+// critical section, so that no live entry of the new user is sent before
+// the round has read the backlog.
+func (ss *session) bindUser(user string, round bool) error {
 	var uw *oplog.Watch
 	if user != "" {
 		var err error
@@ -323,9 +351,16 @@ func (ss *session) bindUser(user string) error {
 				ss.resets = append(ss.resets, b.Code)
 			}
 		}
+		// A round running for the previous user must not commit what it
+		// read, nor queue more of it.
+		ss.gen++
+		ss.room.Broadcast()
 	}
 	ss.user, ss.userWatch = user, uw
 	closed := ss.closed
+	if round {
+		ss.startRoundLocked()
+	}
 	ss.mu.Unlock()
 	if old != nil {
 		old.Stop()
@@ -375,7 +410,7 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 	ss.mu.Lock()
 	user := ss.user
 	ss.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
+	ctx, cancel := context.WithTimeout(ss.ctx, ss.srv.cfg.WriteTimeout)
 	defer cancel()
 	if err := ss.srv.cfg.Inbox.Ack(ctx, user, ss.device, points); err != nil {
 		code := gatewaypb.Error_CODE_INVALID
@@ -418,15 +453,15 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAUTHENTICATED, "login token must name this device and app, and a user", false))
 			return true
 		}
-		if err := ss.bindUser(c.User); err != nil {
+		if err := ss.bindUser(c.User, true); err != nil {
 			ss.logAt(zerolog.ErrorLevel).Err(err).Msg("login: watch failed")
 			ss.enqueue(errorFrame(gatewaypb.Error_CODE_UNAVAILABLE, "login not done; retry", false))
 			return true
 		}
 		ss.logAt(zerolog.InfoLevel).Str("user", c.User).Msg("user bound")
-		ss.startRound()
 	case gatewaypb.ClientEvent_TYPE_LOGOUT:
-		if err := ss.bindUser(""); err != nil {
+		// The round that follows tells the client which businesses to drop.
+		if err := ss.bindUser("", true); err != nil {
 			ss.logAt(zerolog.ErrorLevel).Err(err).Msg("logout failed")
 		}
 		ss.logAt(zerolog.InfoLevel).Msg("user unbound")
@@ -499,7 +534,7 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 	}
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if ss.closing || !oplog.Match(e.Conditions, ss.attrs) {
+	if ss.closing || !oplog.Match(e.Conditions, ss.attrs) || !ss.ownsLocked(e) {
 		return
 	}
 	if e.Id == 0 { // transient: now or never, unordered with stored items
@@ -523,6 +558,9 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 
 // sendLiveLocked queues a stored live entry unless the client has it.
 func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
+	if !ss.ownsLocked(e) {
+		return // held before the user changed
+	}
 	last, ok := ss.sent[e.Business]
 	if ok && last.Epoch != e.Epoch && last.ID != 0 {
 		// The stream was recreated while the client was online: resync.
@@ -538,6 +576,15 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	}
 	ss.sent[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
 	ss.enqueueLocked(liveFrame(e), true)
+}
+
+// ownsLocked reports whether e belongs to an inbox this session follows
+// now: a watch being stopped may still deliver the previous user's entries.
+func (ss *session) ownsLocked(e *oplogpb.Entry) bool {
+	if e.Dimension == oplogpb.Dimension_DIMENSION_DEVICE {
+		return e.Target == ss.device
+	}
+	return ss.user != "" && e.Target == ss.user
 }
 
 func liveFrame(e *oplogpb.Entry) *gatewaypb.Frame {
@@ -581,7 +628,16 @@ func (ss *session) startRoundLocked() {
 func (ss *session) syncRounds(done chan struct{}) {
 	defer close(done)
 	for {
-		if err := ss.syncRound(); err != nil {
+		err := ss.syncRound()
+		if errors.Is(err, errStaleRound) {
+			// The user changed: drop what was held (the previous user's)
+			// and run the round the change asked for.
+			ss.mu.Lock()
+			ss.held, ss.again = nil, false
+			ss.mu.Unlock()
+			continue
+		}
+		if err != nil {
 			if !ss.isClosing() {
 				ss.logAt(zerolog.ErrorLevel).Err(err).Msg("sync round failed")
 				ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "sync failed; reconnect")
@@ -619,7 +675,7 @@ func (ss *session) syncRounds(done chan struct{}) {
 func (ss *session) syncRound() error {
 	cfg := &ss.srv.cfg
 	ss.mu.Lock()
-	user, attrs := ss.user, ss.attrs
+	user, attrs, gen := ss.user, ss.attrs, ss.gen
 	pending := ss.resets
 	ss.resets = nil
 	points := make(map[string]oplog.SyncPoint, len(ss.points)+len(ss.sent))
@@ -632,7 +688,7 @@ func (ss *session) syncRound() error {
 		}
 	}
 	ss.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(ss.ctx, time.Minute)
 	defer cancel()
 	for first := true; ; first = false {
 		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: user, Device: ss.device, Points: points, Attrs: attrs, Limit: 4 * cfg.SyncBatch})
@@ -661,18 +717,30 @@ func (ss *session) syncRound() error {
 			n := ss.batchLen(items)
 			last := n == len(items)
 			sync := &gatewaypb.Sync{Items: items[:n], Resets: resets, Done: last && !bl.More}
-			if !ss.enqueueWait(&gatewaypb.Frame{Body: &gatewaypb.Frame_Sync{Sync: sync}}, sync.Items) {
-				return nil // closing
+			switch ss.enqueueWait(&gatewaypb.Frame{Body: &gatewaypb.Frame_Sync{Sync: sync}}, sync.Items, gen) {
+			case queueClosing:
+				return nil
+			case queueStale:
+				if pending != nil {
+					// Not told yet: the next round tells them.
+					ss.mu.Lock()
+					ss.resets = append(pending, ss.resets...)
+					ss.mu.Unlock()
+				}
+				return errStaleRound
 			}
-			items, resets = items[n:], nil
+			items, resets, pending = items[n:], nil, nil
 			if last {
 				break
 			}
 		}
 		if !bl.More {
 			ss.mu.Lock()
+			defer ss.mu.Unlock()
+			if ss.gen != gen {
+				return errStaleRound
+			}
 			ss.points = points
-			ss.mu.Unlock()
 			return nil
 		}
 	}
@@ -698,21 +766,36 @@ func itemSize(it *gatewaypb.Item) int {
 
 // enqueueWait queues a Sync frame once there is room, recording its items
 // as sent; false if the session is closing.
-func (ss *session) enqueueWait(f *gatewaypb.Frame, items []*gatewaypb.Item) bool {
+func (ss *session) enqueueWait(f *gatewaypb.Frame, items []*gatewaypb.Item, gen uint64) queueResult {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	for !ss.closing && (len(ss.queue) >= ss.srv.cfg.SendQueue/2 || ss.queued >= ss.srv.cfg.SendBytes/2) {
+	for !ss.closing && ss.gen == gen && (len(ss.queue) >= ss.srv.cfg.SendQueue/2 || ss.queued >= ss.srv.cfg.SendBytes/2) {
 		ss.room.Wait()
 	}
-	if ss.closing {
-		return false
+	switch {
+	case ss.closing:
+		return queueClosing
+	case ss.gen != gen:
+		return queueStale
 	}
 	for _, it := range items {
 		ss.sent[it.Business] = oplog.SyncPoint{ID: it.Id, Epoch: it.Epoch}
 	}
 	ss.enqueueLocked(f, false)
-	return true
+	return queued
 }
+
+// queueResult is what enqueueWait did with a frame.
+type queueResult int
+
+const (
+	queued       queueResult = iota
+	queueClosing             // the session is closing: nothing queued
+	queueStale               // the bound user changed since the round began
+)
+
+// errStaleRound ends a round read for a user no longer bound.
+var errStaleRound = errors.New("gateway: sync round of a previous user")
 
 func (ss *session) isClosing() bool {
 	ss.mu.Lock()
@@ -928,6 +1011,7 @@ func (ss *session) stopWatches() {
 // shut closes the link at once and releases the session.
 func (ss *session) shut() {
 	ss.closeOnce.Do(func() {
+		ss.cancel()
 		ss.mu.Lock()
 		ss.closing, ss.closed = true, true
 		ss.room.Broadcast()

@@ -151,15 +151,17 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 		}
 		p.committed = func(recs []record) { in.committed(shard, recs) }
 		in.live.delivered[shard] = p.applied.Load()
+		if cfg.LocalFeed {
+			p.withFeed()
+			cfg.Log.writers[shard].feedTo(p)
+		}
+		// After feedTo: an append from now on is recorded by the writer,
+		// one before it is in the stream's last sequence.
 		if cfg.SoleWriter {
 			if err := p.soleWriter(); err != nil {
 				_ = db.Close()
 				return nil, err
 			}
-		}
-		if cfg.LocalFeed {
-			p.withFeed()
-			cfg.Log.writers[shard].feedTo(p)
 		}
 		in.shard = append(in.shard, p)
 	}

@@ -1232,9 +1232,10 @@ func (x *Ack) GetPoints() []*SyncPoint {
 	return nil
 }
 
-// ClientEvent tells the server what happened on the client. FOREGROUND and
-// LOGIN make the server compute a sync round; LOGIN carries a token that
-// names the user to bind; LOGOUT unbinds it.
+// ClientEvent tells the server what happened on the client. FOREGROUND,
+// LOGIN and LOGOUT make the server compute a sync round; LOGIN carries a
+// token that names the user to bind; LOGOUT unbinds it (the round lists the
+// user's businesses in resets).
 type ClientEvent struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Type          ClientEvent_Type       `protobuf:"varint,1,opt,name=type,proto3,enum=sluice.gateway.v1.ClientEvent_Type" json:"type,omitempty"`
