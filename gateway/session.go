@@ -42,10 +42,6 @@ type session struct {
 	// Set by hello, then read-only.
 	device, app string
 
-	// ctx ends when the session is shut: backlog reads and acks stop then.
-	ctx    context.Context
-	cancel context.CancelFunc
-
 	polled    atomic.Bool // the poller reads the link (no reader goroutine)
 	pollToken uint64
 	finished  sync.Once
@@ -60,30 +56,30 @@ type session struct {
 
 	roundDone chan struct{} // closed when the running sync round ends
 
-	mu        sync.Mutex
-	user      string
-	attrs     oplog.Attrs
-	userWatch *oplog.Watch
-	devWatch  *oplog.Watch
-	queue     []*gatewaypb.Frame
-	queued    int // bytes, roughly
-	writing   bool
-	room      *sync.Cond // a sync round waits on it for queue space
-	closing   bool       // no more frames are queued
-	closed    bool
-	gen       uint64                     // bumped when the bound user changes
-	syncing   bool                       // a sync round runs: live entries are held
-	again     bool                       // another round after this one
-	held      []*oplogpb.Entry           // live entries held during a round
-	sent      map[string]oplog.SyncPoint // highest id sent per business
-	points    map[string]oplog.SyncPoint // the next round's starting points
-	resets    []string                   // businesses to report reset in the next Sync
-	closeOnce sync.Once
+	mu          sync.Mutex
+	user        string
+	attrs       oplog.Attrs
+	userWatch   *oplog.Watch
+	devWatch    *oplog.Watch
+	queue       []*gatewaypb.Frame
+	queued      int // bytes, roughly
+	writing     bool
+	room        *sync.Cond // a sync round waits on it for queue space
+	closing     bool       // no more frames are queued
+	closed      bool
+	gen         uint64                     // bumped when the bound user changes
+	roundCancel context.CancelFunc         // cancels the running round's reads
+	syncing     bool                       // a sync round runs: live entries are held
+	again       bool                       // another round after this one
+	held        []*oplogpb.Entry           // live entries held during a round
+	sent        map[string]oplog.SyncPoint // highest id sent per business
+	points      map[string]oplog.SyncPoint // the next round's starting points
+	resets      []string                   // businesses to report reset in the next Sync
+	closeOnce   sync.Once
 }
 
 func newSession(s *Server, l link) *session {
 	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}}
-	ss.ctx, ss.cancel = context.WithCancel(context.Background())
 	ss.room = sync.NewCond(&ss.mu)
 	return ss
 }
@@ -410,7 +406,7 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 	ss.mu.Lock()
 	user := ss.user
 	ss.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ss.ctx, ss.srv.cfg.WriteTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
 	defer cancel()
 	if err := ss.srv.cfg.Inbox.Ack(ctx, user, ss.device, points); err != nil {
 		code := gatewaypb.Error_CODE_INVALID
@@ -688,8 +684,22 @@ func (ss *session) syncRound() error {
 		}
 	}
 	ss.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ss.ctx, time.Minute)
+	// Shutting the session cancels the round's reads (no context is kept
+	// per idle session: a cancel context costs one more allocation there).
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	ss.mu.Lock()
+	if ss.closing {
+		ss.mu.Unlock()
+		return nil
+	}
+	ss.roundCancel = cancel
+	ss.mu.Unlock()
+	defer func() {
+		ss.mu.Lock()
+		ss.roundCancel = nil
+		ss.mu.Unlock()
+	}()
 	for first := true; ; first = false {
 		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: user, Device: ss.device, Points: points, Attrs: attrs, Limit: 4 * cfg.SyncBatch})
 		if err != nil {
@@ -1011,9 +1021,11 @@ func (ss *session) stopWatches() {
 // shut closes the link at once and releases the session.
 func (ss *session) shut() {
 	ss.closeOnce.Do(func() {
-		ss.cancel()
 		ss.mu.Lock()
 		ss.closing, ss.closed = true, true
+		if ss.roundCancel != nil {
+			ss.roundCancel()
+		}
 		ss.room.Broadcast()
 		if ss.timer != nil {
 			ss.timer.Stop()
