@@ -43,7 +43,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -52,15 +51,12 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
-	"golang.org/x/sync/errgroup"
 )
 
 // childCommand is the hidden subcommand that runs a server under test.
@@ -349,16 +345,11 @@ func writeHeapProfile(path string) error {
 // sluiceServer is the platform as sluiced wires it, reduced to what the
 // gateway needs: no dispatch registry, no admin API of its own.
 type sluiceServer struct {
-	ns     *server.Server
-	nc     *nats.Conn
-	lg     *oplog.Log
-	inbox  *oplog.Inbox
+	*stack
 	gw     *gateway.Server
 	tcp    net.Listener
 	ws     net.Listener
 	http   *http.Server
-	cancel context.CancelFunc
-	g      *errgroup.Group
 	gctx   context.Context // ends when a component fails, or at close
 	closed chan struct{}
 }
@@ -371,40 +362,17 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 		}
 	}()
 	// As sluiced's default --fsync always: an ack means on disk.
-	if s.ns, err = startNATS(filepath.Join(c.dir, "nats"), true); err != nil {
+	s.stack, s.gctx, err = startStack(context.Background(), stackConfig{
+		dir: c.dir, transport: transportInproc, syncAlways: true, service: true,
+		atomicBatch: c.atomic,
+		limits:      oplog.Limits{MaxTargets: c.maxTargets},
+		businesses: []*oplogpb.Business{
+			{Code: bizUser, Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench gateway"},
+			{Code: bizDevice, Dimension: oplogpb.Dimension_DIMENSION_DEVICE, Description: "sluice-bench gateway"},
+		},
+	}, log)
+	if err != nil {
 		return nil, err
-	}
-	if s.nc, err = connect(s.ns, transportInproc, "sluiced"); err != nil {
-		return nil, err
-	}
-	octx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	s.lg, err = oplog.Open(octx, oplog.Config{
-		Conn: s.nc,
-		// By default sluiced's --atomic-batch auto with the embedded
-		// server and --fsync always.
-		AtomicBatch: c.atomic,
-		Limits:      oplog.Limits{MaxTargets: c.maxTargets},
-		Logger:      &log,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("open oplog: %w", err)
-	}
-	for _, b := range []*oplogpb.Business{
-		{Code: bizUser, Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench gateway"},
-		{Code: bizDevice, Dimension: oplogpb.Dimension_DIMENSION_DEVICE, Description: "sluice-bench gateway"},
-	} {
-		if err := s.lg.RegisterBusiness(octx, b); err != nil {
-			return nil, fmt.Errorf("register business %s: %w", b.Code, err)
-		}
-	}
-	s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(c.dir, "inbox"), Logger: &log, LocalFeed: true, SoleWriter: true})
-	if err != nil {
-		return nil, fmt.Errorf("open inbox: %w", err)
-	}
-	svc, err := oplog.NewService(oplog.ServiceConfig{Log: s.lg, Logger: &log})
-	if err != nil {
-		return nil, fmt.Errorf("new service: %w", err)
 	}
 	s.gw, err = gateway.NewServer(gateway.Config{
 		Inbox:     s.inbox,
@@ -424,26 +392,18 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 	mux := http.NewServeMux()
 	mux.Handle("/v1/ws", s.gw.WebSocketHandler(nil))
 	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-
-	rctx, rcancel := context.WithCancel(context.Background())
-	s.cancel = rcancel
-	g, gctx := errgroup.WithContext(rctx)
-	s.g, s.gctx = g, gctx
-	g.Go(func() error { return s.lg.Run(gctx) })
-	g.Go(func() error { return s.inbox.Run(gctx) })
-	g.Go(func() error { return svc.Run(gctx) })
 	tcp, ws := s.tcp, s.ws
-	g.Go(func() error { return s.gw.ServeTCP(tcp) })
-	g.Go(func() error {
+	s.g.Go(func() error { return s.gw.ServeTCP(tcp) })
+	s.g.Go(func() error {
 		if err := s.http.Serve(ws); !errors.Is(err, http.ErrServerClosed) {
 			return err
 		}
 		return nil
 	})
 	select {
-	case <-svc.Ready():
-	case <-gctx.Done():
-		return nil, fmt.Errorf("sluice components: %w", g.Wait())
+	case <-s.svc.Ready():
+	case <-s.gctx.Done():
+		return nil, fmt.Errorf("sluice components: %w", s.g.Wait())
 	case <-time.After(time.Minute):
 		return nil, errors.New("producer API not ready after 1m")
 	}
@@ -512,22 +472,9 @@ func (s *sluiceServer) close() error {
 			_ = ln.Close()
 		}
 	}
-	if s.cancel != nil {
-		s.cancel()
-		if werr := s.g.Wait(); werr != nil {
-			err = fmt.Errorf("sluice components: %w", werr)
-		}
+	if s.stack != nil {
+		err = s.stack.Close()
 	}
-	if s.inbox != nil {
-		if cerr := s.inbox.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("close inbox: %w", cerr)
-		}
-	}
-	if s.lg != nil {
-		_ = s.lg.Close()
-	}
-	closeConn(s.nc)
-	stopNATS(s.ns)
 	return err
 }
 

@@ -100,17 +100,31 @@ type stack struct {
 	nc     *nats.Conn
 	lg     *oplog.Log
 	inbox  *oplog.Inbox
+	svc    *oplog.Service // nil without stackConfig.service
 	cancel context.CancelFunc
-	g      *errgroup.Group
+	g      *errgroup.Group // more components may join it
+}
+
+// stackConfig says how to build a stack.
+type stackConfig struct {
+	dir        string // nats/ and inbox/ go inside it
+	transport  string // how the stack's own connection reaches the server
+	syncAlways bool   // fsync every write, as sluiced's default
+	service    bool   // run the producer API too
+	// atomicBatch is oplog Config.AtomicBatch; -1 chooses as sluiced
+	// does: DefaultAtomicBatch with syncAlways, else 0.
+	atomicBatch int
+	limits      oplog.Limits
+	// businesses are registered if absent. Default: benchBusiness.
+	businesses []*oplogpb.Business
 }
 
 // benchBusiness is the business every benchmark event belongs to.
 const benchBusiness = "bench"
 
-// startStack starts the stack on dir (nats/ and inbox/ inside it). The
-// returned context ends when a component fails or Close is called: run
-// phases under it so a failure stops them.
-func startStack(ctx context.Context, dir, transport string, syncAlways, service bool, log zerolog.Logger) (*stack, context.Context, error) {
+// startStack starts a stack. The returned context ends when a component
+// fails or Close is called: run phases under it so a failure stops them.
+func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (*stack, context.Context, error) {
 	s := &stack{}
 	ok := false
 	defer func() {
@@ -119,35 +133,41 @@ func startStack(ctx context.Context, dir, transport string, syncAlways, service 
 		}
 	}()
 	var err error
-	if s.ns, err = startNATS(filepath.Join(dir, "nats"), syncAlways); err != nil {
+	if s.ns, err = startNATS(filepath.Join(c.dir, "nats"), c.syncAlways); err != nil {
 		return nil, nil, err
 	}
-	if s.nc, err = connect(s.ns, transport, "sluiced"); err != nil {
+	if s.nc, err = connect(s.ns, c.transport, "sluiced"); err != nil {
 		return nil, nil, err
 	}
 	octx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	// As sluiced: group commit through atomic batches when every write is
 	// fsynced.
-	atomicBatch := 0
-	if syncAlways {
-		atomicBatch = oplog.DefaultAtomicBatch
-	}
-	if s.lg, err = oplog.Open(octx, oplog.Config{Conn: s.nc, Logger: &log, AtomicBatch: atomicBatch}); err != nil {
-		return nil, nil, fmt.Errorf("open oplog: %w", err)
-	}
-	if _, known := s.lg.Business(benchBusiness); !known {
-		b := &oplogpb.Business{Code: benchBusiness, Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench"}
-		if err := s.lg.RegisterBusiness(octx, b); err != nil {
-			return nil, nil, fmt.Errorf("register business: %w", err)
+	if c.atomicBatch < 0 {
+		c.atomicBatch = 0
+		if c.syncAlways {
+			c.atomicBatch = oplog.DefaultAtomicBatch
 		}
 	}
-	if s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(dir, "inbox"), Logger: &log, LocalFeed: true, SoleWriter: true}); err != nil {
+	if s.lg, err = oplog.Open(octx, oplog.Config{Conn: s.nc, Logger: &log, AtomicBatch: c.atomicBatch, Limits: c.limits}); err != nil {
+		return nil, nil, fmt.Errorf("open oplog: %w", err)
+	}
+	if c.businesses == nil {
+		c.businesses = []*oplogpb.Business{{Code: benchBusiness, Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench"}}
+	}
+	for _, b := range c.businesses {
+		if _, known := s.lg.Business(b.Code); known {
+			continue
+		}
+		if err := s.lg.RegisterBusiness(octx, b); err != nil {
+			return nil, nil, fmt.Errorf("register business %s: %w", b.Code, err)
+		}
+	}
+	if s.inbox, err = oplog.OpenInbox(oplog.InboxConfig{Log: s.lg, Dir: filepath.Join(c.dir, "inbox"), Logger: &log, LocalFeed: true, SoleWriter: true}); err != nil {
 		return nil, nil, fmt.Errorf("open inbox: %w", err)
 	}
-	var svc *oplog.Service
-	if service {
-		if svc, err = oplog.NewService(oplog.ServiceConfig{Log: s.lg, Logger: &log}); err != nil {
+	if c.service {
+		if s.svc, err = oplog.NewService(oplog.ServiceConfig{Log: s.lg, Logger: &log}); err != nil {
 			return nil, nil, fmt.Errorf("new service: %w", err)
 		}
 	}
@@ -157,8 +177,8 @@ func startStack(ctx context.Context, dir, transport string, syncAlways, service 
 	s.g = g
 	g.Go(func() error { return s.lg.Run(gctx) })
 	g.Go(func() error { return s.inbox.Run(gctx) })
-	if svc != nil {
-		g.Go(func() error { return svc.Run(gctx) })
+	if s.svc != nil {
+		g.Go(func() error { return s.svc.Run(gctx) })
 	}
 	ok = true
 	return s, gctx, nil

@@ -42,7 +42,7 @@ func runSluice(ctx context.Context, cfg *oplogConfig, sc scenario, dir string, l
 		}
 		log.Info().Dur("took", time.Since(start)).Msg("sluice oplog and inbox prefilled")
 	}
-	st, sctx, err := startStack(ctx, dir, cfg.sluiceConn, sc.mode == fsyncAlways, true, compLog)
+	st, sctx, err := startStack(ctx, stackConfig{dir: dir, transport: cfg.sluiceConn, syncAlways: sc.mode == fsyncAlways, service: true, atomicBatch: -1}, compLog)
 	if err != nil {
 		return res, err
 	}
@@ -140,7 +140,7 @@ func waitService(ctx context.Context, nc *nats.Conn) error {
 // server without fsync, waits until the inbox holds them all, then stops
 // everything: the timed run reopens the same directories.
 func prefillSluice(ctx context.Context, cfg *oplogConfig, sc scenario, dir string, compLog zerolog.Logger) (err error) {
-	st, sctx, err := startStack(ctx, dir, cfg.sluiceConn, false, false, compLog)
+	st, sctx, err := startStack(ctx, stackConfig{dir: dir, transport: cfg.sluiceConn, atomicBatch: -1}, compLog)
 	if err != nil {
 		return err
 	}
