@@ -14,8 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mattn/go-isatty"
-	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog"
 )
 
@@ -213,12 +211,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
 	defer cancel()
-	color := false
-	if f, ok := stderr.(*os.File); ok {
-		color = isatty.IsTerminal(f.Fd())
-	}
-	log := zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05", NoColor: !color}).
-		Level(zerolog.InfoLevel).With().Timestamp().Str("component", "bench").Logger()
+	log := progressLogger(stderr)
 	soft, hard, err := raiseFileLimit()
 	if err != nil {
 		log.Warn().Err(err).Msg("open-file limit not raised")

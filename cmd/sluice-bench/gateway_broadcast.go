@@ -51,12 +51,7 @@ type bcastRound struct {
 }
 
 func (s bcastSide) lasts() []time.Duration {
-	var ds []time.Duration
-	for _, r := range s.rounds {
-		ds = append(ds, r.last)
-	}
-	slices.Sort(ds)
-	return ds
+	return sortedDurations(s.rounds, func(r bcastRound) time.Duration { return r.last })
 }
 
 func (s bcastSide) p50() time.Duration  { return percentile(s.lasts(), 0.5) }

@@ -39,12 +39,7 @@ type catchRun struct {
 }
 
 func (s catchSide) tooks() []time.Duration {
-	var ds []time.Duration
-	for _, r := range s.runs {
-		ds = append(ds, r.took)
-	}
-	slices.Sort(ds)
-	return ds
+	return sortedDurations(s.runs, func(r catchRun) time.Duration { return r.took })
 }
 
 func (s catchSide) p50() time.Duration  { return percentile(s.tooks(), 0.5) }

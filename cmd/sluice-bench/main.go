@@ -64,6 +64,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/mattn/go-isatty"
+	"github.com/rs/zerolog"
 )
 
 func main() {
@@ -79,6 +82,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "sluice-bench:", err)
 		os.Exit(1)
 	}
+}
+
+// progressLogger logs a benchmark's progress to stderr, in colour on a
+// terminal.
+func progressLogger(stderr io.Writer) zerolog.Logger {
+	color := false
+	if f, ok := stderr.(*os.File); ok {
+		color = isatty.IsTerminal(f.Fd())
+	}
+	return zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05", NoColor: !color}).
+		Level(zerolog.InfoLevel).With().Timestamp().Str("component", "bench").Logger()
 }
 
 // errUsage marks a command line that names no known benchmark.

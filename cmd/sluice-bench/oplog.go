@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"google.golang.org/protobuf/proto"
@@ -225,12 +224,7 @@ func runOplog(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
 	defer cancel()
-	color := false
-	if f, ok := stderr.(*os.File); ok {
-		color = isatty.IsTerminal(f.Fd())
-	}
-	log := zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05", NoColor: !color}).
-		Level(zerolog.InfoLevel).With().Timestamp().Str("component", "bench").Logger()
+	log := progressLogger(stderr)
 	compLog := zerolog.Nop() // the Sluice components' logger
 	if cfg.verbose {
 		compLog = log.Level(zerolog.WarnLevel)

@@ -84,6 +84,16 @@ func summarise(ds []time.Duration, took time.Duration) latency {
 }
 
 // percentile of sorted ds by nearest rank.
+// sortedDurations returns one duration of each x, sorted.
+func sortedDurations[T any](xs []T, d func(T) time.Duration) []time.Duration {
+	ds := make([]time.Duration, 0, len(xs))
+	for _, x := range xs {
+		ds = append(ds, d(x))
+	}
+	slices.Sort(ds)
+	return ds
+}
+
 func percentile(ds []time.Duration, p float64) time.Duration {
 	i := int(p*float64(len(ds))+0.999999) - 1
 	return ds[min(max(i, 0), len(ds)-1)]
