@@ -183,7 +183,7 @@ func (r *run) newLink(cn conn, ep endpoint, w *gatewaypb.Welcome) (*link, linkRe
 	r.session = w.SessionId
 	return &link{
 		c: c, conn: cn, ep: ep, welcome: w, hb: hb,
-		offset: time.UnixMilli(w.ServerTimeMs).Sub(time.Now()),
+		offset: time.Until(time.UnixMilli(w.ServerTimeMs)),
 		log:    r.log.With().Str("url", ep.raw).Str("session", w.SessionId).Logger(),
 		frames: make(chan *gatewaypb.Frame, frameQueue),
 		done:   make(chan struct{}),
