@@ -33,6 +33,10 @@ var (
 	// ErrEpochMismatch: a sync point or ack names an epoch the stream no
 	// longer has: the client must resync from scratch.
 	ErrEpochMismatch = errors.New("oplog: epoch mismatch")
+	// ErrUnknownTopic: the topic was never created, or was deleted.
+	ErrUnknownTopic = errors.New("oplog: unknown topic")
+	// ErrNotFound: the named object (a job, a bucket, ...) does not exist.
+	ErrNotFound = errors.New("oplog: not found")
 )
 
 var codes = []struct {
@@ -49,6 +53,8 @@ var codes = []struct {
 	{ErrNoTargets, oplogpb.ErrorCode_ERROR_CODE_NO_TARGETS},
 	{ErrInvalid, oplogpb.ErrorCode_ERROR_CODE_INVALID},
 	{ErrUnavailable, oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE},
+	{ErrUnknownTopic, oplogpb.ErrorCode_ERROR_CODE_UNKNOWN_TOPIC},
+	{ErrNotFound, oplogpb.ErrorCode_ERROR_CODE_NOT_FOUND},
 }
 
 // CodeOf returns the wire code for err: the code of the sentinel it wraps,

@@ -180,6 +180,15 @@ func (l *Log) ensureStreams(ctx context.Context) error {
 		MaxMsgsPerSubject: 1,
 		DenyDelete:        true,
 		DenyPurge:         true,
+	}, {
+		Name:        StreamControl,
+		Description: "Sluice control events: buckets, business assignments and other run-time settings",
+		Subjects:    []string{"sluice.control.>"},
+		Storage:     jetstream.FileStorage,
+		Replicas:    l.replicas,
+		Duplicates:  l.dupes,
+		DenyDelete:  true,
+		DenyPurge:   true,
 	}}
 	for _, cfg := range others {
 		if _, err := l.ensureStream(ctx, cfg); err != nil {
@@ -198,6 +207,17 @@ func (l *Log) ensureStreams(ctx context.Context) error {
 	}
 	l.kv = kv
 	return nil
+}
+
+// EnsureStream creates a stream with a new epoch, or updates it keeping its
+// epoch, and returns the epoch (kept in the stream's metadata). Other
+// packages create the streams they own with it, so that ids of every
+// stream come with an epoch the same way. Replicas default to the log's.
+func (l *Log) EnsureStream(ctx context.Context, cfg jetstream.StreamConfig) (uint64, error) {
+	if cfg.Replicas == 0 {
+		cfg.Replicas = l.replicas
+	}
+	return l.ensureStream(ctx, cfg)
 }
 
 // ensureStream creates the stream with a new epoch, or updates it keeping

@@ -29,6 +29,11 @@ const (
 	StreamAcks = "SLUICE_ACKS"
 	// BucketBusinesses is the KV bucket of registered businesses.
 	BucketBusinesses = "sluice_businesses"
+	// StreamControl holds platform control events (buckets, business
+	// assignments, ...), one subject family per kind: sluice.control.<kind>.<key>.
+	// Projections of it are rebuilt by replaying it from the start; it keeps
+	// every event (control traffic is small) and refuses deletes and purges.
+	StreamControl = "SLUICE_CONTROL"
 
 	// HeaderContentType selects the encoding of a request or ingest body:
 	// "application/json" for protojson, anything else for protobuf.
@@ -47,6 +52,17 @@ const (
 
 // StreamOplog is the name of the oplog stream of a shard.
 func StreamOplog(shard uint32) string { return "SLUICE_OPLOG_" + strconv.FormatUint(uint64(shard), 10) }
+
+// SubjectControl is the subject of a control event:
+// sluice.control.<kind>.<key>... Each part must be a valid subject token
+// (an id or business code).
+func SubjectControl(kind string, key ...string) string {
+	s := "sluice.control." + kind
+	for _, k := range key {
+		s += "." + k
+	}
+	return s
+}
 
 // dimToken is the subject token of a dimension.
 func dimToken(d oplogpb.Dimension) string {

@@ -216,6 +216,8 @@ const (
 	ErrorCode_ERROR_CODE_INVALID           ErrorCode = 9  // any other invalid field
 	ErrorCode_ERROR_CODE_UNAVAILABLE       ErrorCode = 10 // try again later
 	ErrorCode_ERROR_CODE_INTERNAL          ErrorCode = 11
+	ErrorCode_ERROR_CODE_UNKNOWN_TOPIC     ErrorCode = 12 // the topic was never created, or was deleted
+	ErrorCode_ERROR_CODE_NOT_FOUND         ErrorCode = 13 // the named job, bucket or other object does not exist
 )
 
 // Enum value maps for ErrorCode.
@@ -233,6 +235,8 @@ var (
 		9:  "ERROR_CODE_INVALID",
 		10: "ERROR_CODE_UNAVAILABLE",
 		11: "ERROR_CODE_INTERNAL",
+		12: "ERROR_CODE_UNKNOWN_TOPIC",
+		13: "ERROR_CODE_NOT_FOUND",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":       0,
@@ -247,6 +251,8 @@ var (
 		"ERROR_CODE_INVALID":           9,
 		"ERROR_CODE_UNAVAILABLE":       10,
 		"ERROR_CODE_INTERNAL":          11,
+		"ERROR_CODE_UNKNOWN_TOPIC":     12,
+		"ERROR_CODE_NOT_FOUND":         13,
 	}
 )
 
@@ -1244,7 +1250,7 @@ const file_oplog_proto_rawDesc = "" +
 	"DeviceMode\x12\x1b\n" +
 	"\x17DEVICE_MODE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11DEVICE_MODE_MULTI\x10\x01\x12\x16\n" +
-	"\x12DEVICE_MODE_SINGLE\x10\x02*\xdd\x02\n" +
+	"\x12DEVICE_MODE_SINGLE\x10\x02*\x95\x03\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ERROR_CODE_MALFORMED\x10\x01\x12\x1b\n" +
@@ -1258,7 +1264,9 @@ const file_oplog_proto_rawDesc = "" +
 	"\x12ERROR_CODE_INVALID\x10\t\x12\x1a\n" +
 	"\x16ERROR_CODE_UNAVAILABLE\x10\n" +
 	"\x12\x17\n" +
-	"\x13ERROR_CODE_INTERNAL\x10\vB*Z(github.com/sluicehq/sluice/oplog/oplogpbb\x06proto3"
+	"\x13ERROR_CODE_INTERNAL\x10\v\x12\x1c\n" +
+	"\x18ERROR_CODE_UNKNOWN_TOPIC\x10\f\x12\x18\n" +
+	"\x14ERROR_CODE_NOT_FOUND\x10\rB*Z(github.com/sluicehq/sluice/oplog/oplogpbb\x06proto3"
 
 var (
 	file_oplog_proto_rawDescOnce sync.Once
