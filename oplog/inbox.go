@@ -3,7 +3,6 @@ package oplog
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-	"github.com/dgraph-io/badger/v4/options"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
@@ -112,44 +110,29 @@ func OpenInbox(cfg InboxConfig) (*Inbox, error) {
 	if cfg.Logger != nil {
 		in.log = cfg.Logger.With().Str("component", "inbox").Logger()
 	}
-	opts := badger.DefaultOptions(cfg.Dir).
-		WithLogger(badgerLogger{in.log}).
-		// The projection is rebuilt from the streams, so it needs no fsync:
-		// after a crash it resumes from the last applied sequence it wrote.
-		WithSyncWrites(false).
-		WithMemTableSize(32 << 20).
-		WithNumMemtables(3).
-		WithBlockCacheSize(64 << 20).
-		WithIndexCacheSize(32 << 20).
-		// Entries are small protobufs (payloads are the producers'); the CPU
-		// of compressing them costs more than the bytes saved.
-		WithCompression(options.None).
-		// Each projection has one writer (its projector), so transactions
-		// never conflict.
-		WithDetectConflicts(false).
-		// Entries go to the value log, written once in apply order; the LSM
-		// tree holds keys and value pointers only. Inbox keys arrive in
-		// random target order, so every compaction rewrites the tree: with
-		// entries inline that cost 21% of the producer path's CPU at
-		// 1,000,000 users and made throughput swing 3x between runs; with
-		// pointers it is a few percent (README, Performance). Sync points
-		// and progress keys (16 and 8 bytes) stay inline.
-		WithValueThreshold(64)
-	db, err := badger.Open(opts)
+	// The projection is rebuilt from the streams, so it needs no fsync:
+	// after a crash it resumes from the last applied sequence it wrote.
+	// Entries go to the value log, written once in apply order; the LSM
+	// tree holds keys and value pointers only. Inbox keys arrive in random
+	// target order, so every compaction rewrites the tree: with entries
+	// inline that cost 21% of the producer path's CPU at 1,000,000 users
+	// and made throughput swing 3x between runs; with pointers it is a few
+	// percent (README, Performance). See OpenStore.
+	db, err := OpenStore(cfg.Dir, in.log)
 	if err != nil {
-		return nil, fmt.Errorf("oplog: open inbox %s: %w", cfg.Dir, err)
+		return nil, fmt.Errorf("oplog: open inbox: %w", err)
 	}
 	in.db = db
 	js := cfg.Log.JetStream()
 	for i := range cfg.Log.Shards() {
 		shard := uint32(i)
 		p, err := newProjector(StreamOplog(shard), [][]byte{[]byte("i/" + strconv.Itoa(i) + "/")}, db, js,
-			func(txn *badger.Txn, r *record) error { return in.applyEntry(txn, shard, r) }, in.log)
+			func(txn *badger.Txn, r *Record) error { return in.applyEntry(txn, shard, r) }, in.log)
 		if err != nil {
 			_ = db.Close()
 			return nil, err
 		}
-		p.committed = func(recs []record) { in.committed(shard, recs) }
+		p.committed = func(recs []Record) { in.committed(shard, recs) }
 		in.live.delivered[shard] = p.applied.Load()
 		if cfg.LocalFeed {
 			p.withFeed()
@@ -233,17 +216,17 @@ func (in *Inbox) Close() error {
 // is; target and dimension come from the subject and the end of validity
 // from the Nats-TTL header and the stored time, so the entry need not be
 // decoded here.
-func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *record) error {
-	seq := r.seq
-	_, dim, target, _, err := ParseOplogSubject(r.subject)
+func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *Record) error {
+	seq := r.Seq
+	_, dim, target, _, err := ParseOplogSubject(r.Subject)
 	if err != nil || !ValidID(target) {
-		// Only Sluice writes these streams; a bad record is skipped (and
+		// Only Sluice writes these streams; a bad Record is skipped (and
 		// logged) rather than stopping the projection for good.
 		in.log.Error().Uint64("seq", seq).Str("stream", StreamOplog(shard)).Msg("unreadable oplog entry skipped")
 		return nil
 	}
 	var ttl time.Duration
-	if v := r.ttl; v != "" {
+	if v := r.TTL; v != "" {
 		d, err := time.ParseDuration(v)
 		if n, nerr := strconv.ParseInt(v, 10, 64); err != nil && nerr == nil {
 			d, err = time.Duration(n)*time.Second, nil // the server's other form: whole seconds
@@ -252,12 +235,12 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *record) error {
 			in.log.Error().Uint64("seq", seq).Str("stream", StreamOplog(shard)).Msg("oplog entry with unreadable ttl skipped")
 			return nil
 		}
-		if ttl = time.Until(r.stored.Add(d)); ttl <= 0 {
+		if ttl = time.Until(r.Stored.Add(d)); ttl <= 0 {
 			return nil // expired already: never delivered, not kept
 		}
 	}
 	key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)
-	be := badger.NewEntry(key, r.data)
+	be := badger.NewEntry(key, r.Data)
 	if ttl > 0 {
 		be = be.WithTTL(ttl)
 	}
@@ -266,10 +249,10 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *record) error {
 
 // applyAck projects one ack: the device's sync point is the last ack in
 // stream order, the user's single-device watermark the highest.
-func (in *Inbox) applyAck(txn *badger.Txn, r *record) error {
-	seq := r.seq
+func (in *Inbox) applyAck(txn *badger.Txn, r *Record) error {
+	seq := r.Seq
 	a := new(oplogpb.Ack)
-	if err := proto.Unmarshal(r.data, a); err != nil || !ValidID(a.Device) || !ValidBusiness(a.Business) {
+	if err := proto.Unmarshal(r.Data, a); err != nil || !ValidID(a.Device) || !ValidBusiness(a.Business) {
 		in.log.Error().Uint64("seq", seq).Str("stream", StreamAcks).Msg("unreadable ack skipped")
 		return nil
 	}
@@ -614,41 +597,7 @@ func (in *Inbox) Rebuild(ctx context.Context, name string, from uint64, interval
 	if err != nil {
 		return nil, err
 	}
-	target, err := p.lastSeq(ctx)
-	if err != nil {
-		return nil, err
-	}
-	start := time.Now()
-	if err := p.requestReset(ctx, from); err != nil {
-		return nil, err
-	}
-	if interval <= 0 {
-		interval = time.Second
-	}
-	base := p.applied.Load()
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for p.applied.Load() < target {
-		select {
-		case <-t.C:
-			if progress != nil {
-				a := p.applied.Load()
-				progress(Progress{Projection: name, Applied: a, Target: target, Rate: float64(a-base) / time.Since(start).Seconds()})
-			}
-		case <-p.wait():
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-	if progress != nil {
-		progress(Progress{Projection: name, Applied: p.applied.Load(), Target: target, Rate: float64(p.applied.Load()-base) / time.Since(start).Seconds()})
-	}
-	digest, err := in.Digest(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	in.log.Info().Str("projection", name).Uint64("from", from).Uint64("seq", p.applied.Load()).Dur("took", time.Since(start)).Msg("projection rebuilt")
-	return &RebuildSummary{Projection: name, From: from, Applied: p.applied.Load(), Messages: p.applied.Load() - base, Took: time.Since(start), Digest: digest}, nil
+	return p.rebuild(ctx, from, interval, progress)
 }
 
 // Digest returns a SHA-256 over every key and value a projection owns, in
@@ -658,35 +607,7 @@ func (in *Inbox) Digest(ctx context.Context, name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	h := sha256.New()
-	err = in.db.View(func(txn *badger.Txn) error {
-		for _, prefix := range p.prefixes {
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 256})
-			for it.Rewind(); it.Valid(); it.Next() {
-				if err := ctx.Err(); err != nil {
-					it.Close()
-					return err
-				}
-				k := it.Item().Key()
-				h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(k))))
-				h.Write(k)
-				if err := it.Item().Value(func(v []byte) error {
-					h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(v))))
-					h.Write(v)
-					return nil
-				}); err != nil {
-					it.Close()
-					return err
-				}
-			}
-			it.Close()
-		}
-		return nil
-	})
-	if err != nil {
-		return "", fmt.Errorf("oplog: digest %s: %w", name, err)
-	}
-	return fmt.Sprintf("%x", h.Sum(nil)), nil
+	return p.digest(ctx)
 }
 
 // Applied returns the stream sequence each projection has applied.

@@ -160,23 +160,23 @@ func (lv *live) watchers(key liveKey) []*Watch {
 // watchers. The shard's projector calls it after each commit, with the
 // records of that commit in sequence order (some may have been applied
 // before: they are skipped).
-func (in *Inbox) committed(shard uint32, recs []record) {
+func (in *Inbox) committed(shard uint32, recs []Record) {
 	lv := in.live
 	if len(recs) == 0 {
 		return
 	}
 	if lv.n.Load() == 0 {
-		lv.delivered[shard] = max(lv.delivered[shard], recs[len(recs)-1].seq)
+		lv.delivered[shard] = max(lv.delivered[shard], recs[len(recs)-1].Seq)
 		return
 	}
 	now := time.Now()
 	for i := range recs {
 		r := &recs[i]
-		if r.seq <= lv.delivered[shard] {
+		if r.Seq <= lv.delivered[shard] {
 			continue
 		}
-		lv.delivered[shard] = r.seq
-		_, dim, target, _, err := ParseOplogSubject(r.subject)
+		lv.delivered[shard] = r.Seq
+		_, dim, target, _, err := ParseOplogSubject(r.Subject)
 		if err != nil {
 			continue // logged by applyEntry
 		}
@@ -185,14 +185,14 @@ func (in *Inbox) committed(shard uint32, recs []record) {
 			continue
 		}
 		e := new(oplogpb.Entry)
-		if err := proto.Unmarshal(r.data, e); err != nil {
-			in.log.Error().Err(err).Uint64("seq", r.seq).Str("stream", StreamOplog(shard)).Msg("undecodable oplog entry not delivered live")
+		if err := proto.Unmarshal(r.Data, e); err != nil {
+			in.log.Error().Err(err).Uint64("seq", r.Seq).Str("stream", StreamOplog(shard)).Msg("undecodable oplog entry not delivered live")
 			continue
 		}
 		if e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(now) {
 			continue
 		}
-		e.Id, e.Epoch, e.Shard = r.seq, in.lg.Epoch(shard), shard
+		e.Id, e.Epoch, e.Shard = r.Seq, in.lg.Epoch(shard), shard
 		for _, w := range ws {
 			w.fn(e)
 		}

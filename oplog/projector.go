@@ -14,32 +14,32 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// record is one stored stream message, as a projection needs it.
-type record struct {
-	seq     uint64
-	subject string
-	data    []byte
-	ttl     string    // the Nats-TTL header, if any
-	stored  time.Time // when the stream stored it (fed records: when its ack came)
+// Record is one stored stream message, as a projection applies it.
+type Record struct {
+	Seq     uint64    // stream sequence
+	Subject string    //
+	Data    []byte    // the message body, shared: do not modify it
+	TTL     string    // the Nats-TTL header, if any
+	Stored  time.Time // when the stream stored it (fed records: when its ack came)
 }
 
-// recordOf reads a record and the consumer's pending count off a message.
-func recordOf(m jetstream.Msg) (record, uint64, error) {
+// recordOf reads a Record and the consumer's pending count off a message.
+func recordOf(m jetstream.Msg) (Record, uint64, error) {
 	md, err := m.Metadata()
 	if err != nil {
-		return record{}, 0, fmt.Errorf("metadata: %w", err)
+		return Record{}, 0, fmt.Errorf("metadata: %w", err)
 	}
-	return record{
-		seq:     md.Sequence.Stream,
-		subject: m.Subject(),
-		data:    m.Data(),
-		ttl:     m.Headers().Get(jetstream.MsgTTLHeader),
-		stored:  md.Timestamp,
+	return Record{
+		Seq:     md.Sequence.Stream,
+		Subject: m.Subject(),
+		Data:    m.Data(),
+		TTL:     m.Headers().Get(jetstream.MsgTTLHeader),
+		Stored:  md.Timestamp,
 	}, md.NumPending, nil
 }
 
-// applyFunc writes the projection of one stream record into txn.
-type applyFunc func(txn *badger.Txn, r *record) error
+// applyFunc writes the projection of one stream Record into txn.
+type applyFunc = func(txn *badger.Txn, r *Record) error
 
 // projector projects one stream into badger, in stream order. It records
 // the sequence it has applied under its progress key in the same
@@ -66,7 +66,7 @@ type projector struct {
 	// committed, if set, is called on the projector's goroutine after each
 	// commit with the records of that commit (in sequence order; some may
 	// have been applied before).
-	committed func([]record)
+	committed func([]Record)
 
 	applied atomic.Uint64
 	resets  chan resetRequest
@@ -81,11 +81,11 @@ type projector struct {
 	notify chan struct{} // closed and replaced whenever applied advances
 
 	// The local feed; nil when the projection follows its stream only.
-	feed    chan []record
+	feed    chan []Record
 	fed     atomic.Uint64     // highest sequence handed to feed
 	want    atomic.Uint64     // highest sequence a reader waits for
 	kick    chan struct{}     // a reader raised want
-	pending map[uint64]record // fed records above applied; run's own
+	pending map[uint64]Record // fed records above applied; run's own
 }
 
 const (
@@ -100,14 +100,14 @@ const (
 
 // withFeed turns on the local feed; call before run.
 func (p *projector) withFeed() {
-	p.feed = make(chan []record, 1024)
+	p.feed = make(chan []Record, 1024)
 	p.kick = make(chan struct{}, 1)
-	p.pending = make(map[uint64]record)
+	p.pending = make(map[uint64]Record)
 }
 
 // offer hands stored records to the projector without ever blocking: if
 // its queue is full they are left to the stream.
-func (p *projector) offer(recs []record) {
+func (p *projector) offer(recs []Record) {
 	if p.feed == nil || len(recs) == 0 {
 		return
 	}
@@ -116,7 +116,7 @@ func (p *projector) offer(recs []record) {
 		for _, r := range recs {
 			for {
 				f := p.fed.Load()
-				if r.seq <= f || p.fed.CompareAndSwap(f, r.seq) {
+				if r.Seq <= f || p.fed.CompareAndSwap(f, r.Seq) {
 					break
 				}
 			}
@@ -325,11 +325,11 @@ func (p *projector) follow(ctx context.Context) error {
 }
 
 // stash keeps fed records above the applied sequence.
-func (p *projector) stash(recs []record) {
+func (p *projector) stash(recs []Record) {
 	applied := p.applied.Load()
 	for _, r := range recs {
-		if r.seq > applied {
-			p.pending[r.seq] = r
+		if r.Seq > applied {
+			p.pending[r.Seq] = r
 		}
 	}
 	if len(p.pending) > maxPending {
@@ -338,8 +338,8 @@ func (p *projector) stash(recs []record) {
 }
 
 // consecutive takes the fed records that continue the applied sequence.
-func (p *projector) consecutive() []record {
-	var run []record
+func (p *projector) consecutive() []Record {
+	var run []Record
 	for next := p.applied.Load() + 1; len(run) < maxBatch; next++ {
 		r, ok := p.pending[next]
 		if !ok {
@@ -418,7 +418,7 @@ func (p *projector) consume(ctx context.Context, forever bool) error {
 	}
 	defer cc.Stop()
 
-	batch := make([]record, 0, maxBatch)
+	batch := make([]Record, 0, maxBatch)
 	for {
 		select {
 		case <-ctx.Done():
@@ -503,12 +503,12 @@ func (p *projector) advanceTo(seq uint64) error {
 }
 
 // write applies a batch in as few transactions as badger allows, each
-// carrying the progress key of its last record.
-func (p *projector) write(batch []record) error {
+// carrying the progress key of its last Record.
+func (p *projector) write(batch []Record) error {
 	txn := p.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
 	var last uint64
-	start := 0 // first record of the open transaction
+	start := 0 // first Record of the open transaction
 	commit := func(end int) error {
 		if err := txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, last)); err != nil {
 			return err
@@ -526,7 +526,7 @@ func (p *projector) write(batch []record) error {
 	}
 	for i := range batch {
 		r := &batch[i]
-		if r.seq <= p.applied.Load() || r.seq <= last {
+		if r.Seq <= p.applied.Load() || r.Seq <= last {
 			continue // already applied (a consumer restarted, or fed twice)
 		}
 		err := p.apply(txn, r)
@@ -537,9 +537,9 @@ func (p *projector) write(batch []record) error {
 			err = p.apply(txn, r)
 		}
 		if err != nil {
-			return fmt.Errorf("apply %d: %w", r.seq, err)
+			return fmt.Errorf("apply %d: %w", r.Seq, err)
 		}
-		last = r.seq
+		last = r.Seq
 	}
 	if last == 0 {
 		return nil

@@ -146,10 +146,10 @@ func (w *writer) offer(msgs []*nats.Msg, res []*pubResult) {
 		return
 	}
 	now := time.Now()
-	recs := make([]record, 0, len(msgs))
+	recs := make([]Record, 0, len(msgs))
 	for i, m := range msgs {
 		if r := res[i]; r.err == nil && !r.dup && r.seq > 0 {
-			recs = append(recs, record{seq: r.seq, subject: m.Subject, data: m.Data, ttl: m.Header.Get(jetstream.MsgTTLHeader), stored: now})
+			recs = append(recs, Record{Seq: r.seq, Subject: m.Subject, Data: m.Data, TTL: m.Header.Get(jetstream.MsgTTLHeader), Stored: now})
 			p.stored(r.seq) // even if the feed drops the record
 		}
 	}

@@ -1,0 +1,192 @@
+package oplog
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Projections of other streams.
+//
+// The inbox is one projection; topics, segments and other indexes are
+// more, built the same way: a Projection applies one stream to badger in
+// stream order, writes the sequence it has applied in the same transaction
+// as the data, resumes from it after a crash, and can be dropped and
+// rebuilt by replay with the same result (Digest proves it).
+
+// ProjectionConfig configures a Projection. A zero field takes the default.
+type ProjectionConfig struct {
+	// Stream is the stream projected. Required.
+	Stream string
+	// DB is the badger store the projection writes to; several projections
+	// may share one (their key prefixes must not overlap). Required.
+	DB *badger.DB
+	// JetStream reads the stream. Required.
+	JetStream jetstream.JetStream
+	// Prefixes are the keys the projection owns: a rebuild from zero drops
+	// them. Its progress is kept under "a/<Stream>".
+	Prefixes [][]byte
+	// Apply writes the projection of one record into txn. It runs on the
+	// projection's goroutine only. An error stops the batch, which is
+	// retried; a record that can never apply should be logged and skipped
+	// (return nil), or the projection stalls.
+	Apply func(txn *badger.Txn, r *Record) error
+	// Committed, if set, is called on the projection's goroutine after each
+	// commit with the records of that commit, in sequence order; a record
+	// may be passed again after a rebuild or a restart of the consumer. It
+	// must not block: live delivery hangs off it.
+	Committed func([]Record)
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+}
+
+// Projection is a badger projection of one stream. Safe for concurrent use.
+type Projection struct{ p *projector }
+
+// NewProjection opens a projection: it reads the sequence applied so far;
+// Run applies the stream from there.
+func NewProjection(cfg ProjectionConfig) (*Projection, error) {
+	if cfg.Stream == "" || cfg.DB == nil || cfg.JetStream == nil || cfg.Apply == nil {
+		return nil, errors.New("oplog: ProjectionConfig.Stream, DB, JetStream and Apply are required")
+	}
+	log := zerolog.Nop()
+	if cfg.Logger != nil {
+		log = *cfg.Logger
+	}
+	p, err := newProjector(cfg.Stream, cfg.Prefixes, cfg.DB, cfg.JetStream, cfg.Apply, log)
+	if err != nil {
+		return nil, err
+	}
+	p.committed = cfg.Committed
+	return &Projection{p: p}, nil
+}
+
+// Name is the projection's name: its stream's.
+func (pr *Projection) Name() string { return pr.p.name }
+
+// Run applies the stream until ctx ends; failures are logged and retried.
+func (pr *Projection) Run(ctx context.Context) error { return pr.p.run(ctx) }
+
+// Applied is the last stream sequence applied.
+func (pr *Projection) Applied() uint64 { return pr.p.applied.Load() }
+
+// CatchUp blocks until the projection holds everything the stream held at
+// the call (one STREAM.INFO round trip).
+func (pr *Projection) CatchUp(ctx context.Context) error { return pr.p.catchUp(ctx) }
+
+// WaitFor blocks until the projection has applied seq: a writer that got
+// seq in its publish ack reads its own write after WaitFor.
+func (pr *Projection) WaitFor(ctx context.Context, seq uint64) error { return pr.p.waitFor(ctx, seq) }
+
+// Rebuild replays the projection from sequence from (0 or 1: drop it and
+// replay everything); see Inbox.Rebuild. Run must be running.
+func (pr *Projection) Rebuild(ctx context.Context, from uint64, interval time.Duration, progress func(Progress)) (*RebuildSummary, error) {
+	return pr.p.rebuild(ctx, from, interval, progress)
+}
+
+// Digest is a SHA-256 over every key and value the projection owns.
+func (pr *Projection) Digest(ctx context.Context) (string, error) { return pr.p.digest(ctx) }
+
+// OpenStore opens (or creates) a badger store for projections, tuned as
+// the inbox's: no fsync (projections are rebuilt from their streams), no
+// compression, no conflict detection (one writer per projection), and
+// values over 64 bytes in the value log.
+func OpenStore(dir string, log zerolog.Logger) (*badger.DB, error) {
+	opts := badger.DefaultOptions(dir).
+		WithLogger(badgerLogger{log}).
+		WithSyncWrites(false).
+		WithMemTableSize(32 << 20).
+		WithNumMemtables(3).
+		WithBlockCacheSize(64 << 20).
+		WithIndexCacheSize(32 << 20).
+		WithCompression(options.None).
+		WithDetectConflicts(false).
+		WithValueThreshold(64)
+	db, err := badger.Open(opts)
+	if err != nil {
+		return nil, fmt.Errorf("oplog: open store %s: %w", dir, err)
+	}
+	return db, nil
+}
+
+// rebuild replays from sequence from, reporting progress about every
+// interval, until it has applied everything the stream held at the call.
+func (p *projector) rebuild(ctx context.Context, from uint64, interval time.Duration, progress func(Progress)) (*RebuildSummary, error) {
+	name := p.name
+	target, err := p.lastSeq(ctx)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	if err := p.requestReset(ctx, from); err != nil {
+		return nil, err
+	}
+	if interval <= 0 {
+		interval = time.Second
+	}
+	base := p.applied.Load()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for p.applied.Load() < target {
+		select {
+		case <-t.C:
+			if progress != nil {
+				a := p.applied.Load()
+				progress(Progress{Projection: name, Applied: a, Target: target, Rate: float64(a-base) / time.Since(start).Seconds()})
+			}
+		case <-p.wait():
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if progress != nil {
+		progress(Progress{Projection: name, Applied: p.applied.Load(), Target: target, Rate: float64(p.applied.Load()-base) / time.Since(start).Seconds()})
+	}
+	digest, err := p.digest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p.log.Info().Uint64("from", from).Uint64("seq", p.applied.Load()).Dur("took", time.Since(start)).Msg("projection rebuilt")
+	return &RebuildSummary{Projection: name, From: from, Applied: p.applied.Load(), Messages: p.applied.Load() - base, Took: time.Since(start), Digest: digest}, nil
+}
+
+// digest hashes every key and value the projection owns, in key order.
+func (p *projector) digest(ctx context.Context) (string, error) {
+	h := sha256.New()
+	err := p.db.View(func(txn *badger.Txn) error {
+		for _, prefix := range p.prefixes {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 256})
+			for it.Rewind(); it.Valid(); it.Next() {
+				if err := ctx.Err(); err != nil {
+					it.Close()
+					return err
+				}
+				k := it.Item().Key()
+				h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(k))))
+				h.Write(k)
+				if err := it.Item().Value(func(v []byte) error {
+					h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(v))))
+					h.Write(v)
+					return nil
+				}); err != nil {
+					it.Close()
+					return err
+				}
+			}
+			it.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("oplog: digest %s: %w", p.name, err)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil)), nil
+}
