@@ -552,6 +552,46 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 	return out, nil
 }
 
+// Find looks in a target's inbox for an entry of a producer message id
+// stored after sequence since, and returns its id. Fanout uses it to tell,
+// after a crash longer than the duplicate window, whether a recipient got
+// a job's entry already. It scans the inbox from since: keep since close.
+func (in *Inbox) Find(ctx context.Context, dim oplogpb.Dimension, target string, since uint64, messageID string) (uint64, bool, error) {
+	if err := checkID("target", target); err != nil {
+		return 0, false, err
+	}
+	shard := ShardOf(target, in.lg.Shards())
+	if err := in.shard[shard].catchUp(ctx); err != nil {
+		return 0, false, err
+	}
+	prefix := inboxPrefix(shard, dim, target)
+	var found uint64
+	err := in.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 64})
+		defer it.Close()
+		for it.Seek(binary.BigEndian.AppendUint64(bytes.Clone(prefix), since+1)); it.Valid(); it.Next() {
+			e := new(oplogpb.Entry)
+			if err := it.Item().Value(func(v []byte) error { return proto.Unmarshal(v, e) }); err != nil {
+				return err
+			}
+			if e.MessageId == messageID {
+				found = binary.BigEndian.Uint64(it.Item().Key()[len(prefix):])
+				return nil
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, false, fmt.Errorf("oplog: find in inbox: %w", err)
+	}
+	return found, found != 0, nil
+}
+
+// LastSeq returns the highest sequence the shard's projection has
+// applied; a job that records it at its start can later Find its entries
+// from there.
+func (in *Inbox) LastSeq(shard uint32) uint64 { return in.shard[shard].applied.Load() }
+
 // Projections lists the names of the projections Rebuild takes.
 func (in *Inbox) Projections() []string {
 	var names []string

@@ -86,6 +86,15 @@ func (pr *Projection) CatchUp(ctx context.Context) error { return pr.p.catchUp(c
 // seq in its publish ack reads its own write after WaitFor.
 func (pr *Projection) WaitFor(ctx context.Context, seq uint64) error { return pr.p.waitFor(ctx, seq) }
 
+// SoleWriter declares that this process writes every message of the
+// stream and reports each through Stored: CatchUp then waits for what was
+// stored rather than asking the stream (see InboxConfig.SoleWriter). Call
+// before Run; wrong with other writers.
+func (pr *Projection) SoleWriter() error { return pr.p.soleWriter() }
+
+// Stored records that the stream holds seq (from a publish ack).
+func (pr *Projection) Stored(seq uint64) { pr.p.stored(seq) }
+
 // Rebuild replays the projection from sequence from (0 or 1: drop it and
 // replay everything); see Inbox.Rebuild. Run must be running.
 func (pr *Projection) Rebuild(ctx context.Context, from uint64, interval time.Duration, progress func(Progress)) (*RebuildSummary, error) {
