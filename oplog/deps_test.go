@@ -27,7 +27,9 @@ var owners = map[string]func(pkg string) bool{
 	"github.com/coder/websocket": func(p string) bool {
 		return p == "gateway" || strings.HasPrefix(p, "gateway/") || p == "client" || strings.HasPrefix(p, "cmd/")
 	},
-	"github.com/dgraph-io/badger/v4": func(p string) bool { return p == "oplog" || p == "topics" || p == "fanout" || p == "analytics" || p == "delivery" },
+	"github.com/dgraph-io/badger/v4": func(p string) bool {
+		return p == "oplog" || p == "topics" || p == "fanout" || p == "analytics" || p == "delivery"
+	},
 }
 
 // TestDependencies enforces the layering in README.md ("Package map").

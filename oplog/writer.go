@@ -27,6 +27,9 @@ import (
 // refused batch (for example one holding a retried message id) is written
 // again as separate publishes, which dedupe to the original ids.
 //
+// Lanes: appends marked WithBulk wait in a second queue that a leader
+// takes from only after the first is empty (filling the rest of a group).
+//
 // Order: a job's messages are written in order, by one leader; a caller
 // returns only after its job is written, so appends issued one after
 // another are ordered. Jobs written by concurrent leaders have no order
@@ -54,7 +57,8 @@ type writer struct {
 	l     *Log
 	slots chan struct{}
 	mu    sync.Mutex
-	queue []*job
+	queue []*job                    // appends of producers and clients
+	bulk  []*job                    // appends marked WithBulk: taken only after queue
 	feed  atomic.Pointer[projector] // the local projection, if it follows this writer
 }
 
@@ -68,7 +72,11 @@ func newWriter(l *Log) *writer { return &writer{l: l, slots: make(chan struct{},
 func (w *writer) write(ctx context.Context, msgs []*nats.Msg) ([]pubResult, error) {
 	j := &job{msgs: msgs, res: make([]pubResult, len(msgs)), done: make(chan struct{})}
 	w.mu.Lock()
-	w.queue = append(w.queue, j)
+	if isBulk(ctx) {
+		w.bulk = append(w.bulk, j)
+	} else {
+		w.queue = append(w.queue, j)
+	}
 	w.mu.Unlock()
 	for {
 		select {
@@ -94,24 +102,35 @@ func (w *writer) write(ctx context.Context, msgs []*nats.Msg) ([]pubResult, erro
 	}
 }
 
-// take removes jobs from the head of the queue, up to maxAtomic messages
-// (at least one job).
+// take removes jobs from the head of the queue, then of the bulk queue,
+// up to maxAtomic messages (at least one job).
 func (w *writer) take() []*job {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	n, k := 0, 0
-	for k < len(w.queue) && (k == 0 || n+len(w.queue[k].msgs) <= maxAtomic) {
-		n += len(w.queue[k].msgs)
-		k++
+	var group []*job
+	n := 0
+	for _, q := range []*[]*job{&w.queue, &w.bulk} {
+		k := 0
+		for k < len(*q) && (len(group) == 0 || n+len((*q)[k].msgs) <= maxAtomic) {
+			n += len((*q)[k].msgs)
+			group = append(group, (*q)[k])
+			k++
+		}
+		*q = append((*q)[:0], (*q)[k:]...)
 	}
-	if k == 0 {
-		return nil
-	}
-	group := make([]*job, k)
-	copy(group, w.queue[:k])
-	w.queue = append(w.queue[:0], w.queue[k:]...)
 	return group
 }
+
+type bulkKey struct{}
+
+// WithBulk marks the appends made with ctx as bulk traffic (fanout, imports):
+// each shard's writer takes them only after every other queued append, so a
+// million-recipient fanout never holds up a single user's message by more
+// than the commit in flight. Bulk appends wait while other traffic keeps a
+// writer busy.
+func WithBulk(ctx context.Context) context.Context { return context.WithValue(ctx, bulkKey{}, true) }
+
+func isBulk(ctx context.Context) bool { b, _ := ctx.Value(bulkKey{}).(bool); return b }
 
 // commit writes a group and signals its jobs.
 func (w *writer) commit(group []*job) {

@@ -2,7 +2,9 @@ package oplog_test
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/sluicehq/sluice/oplog"
@@ -87,4 +89,42 @@ func TestGroupCommit(t *testing.T) {
 	if n := info.CachedInfo().State.Msgs; n != 1000+2+640 {
 		t.Fatalf("stream holds %d messages, want %d", n, 1000+2+640)
 	}
+}
+
+// TestBulkAppendsGoLast queues a large bulk load and then one ordinary
+// append: the ordinary one is written before the bulk queue drains.
+func TestBulkAppendsGoLast(t *testing.T) {
+	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
+	l := oplogtest.MustOpenLog(t, nc, oplog.Config{AtomicBatch: 32, Limits: oplog.Limits{MaxTargets: 1000}}, chat)
+	const jobs = 40
+	var done atomic.Int64
+	started := make(chan struct{}, jobs)
+	var wg sync.WaitGroup
+	for g := range jobs {
+		wg.Go(func() {
+			targets := make([]string, 1000)
+			for i := range targets {
+				targets[i] = fmt.Sprintf("b%d-%d", g, i)
+			}
+			started <- struct{}{}
+			r := l.AppendBatch(oplog.WithBulk(ctx(t)), []*oplogpb.Event{syncEvent("chat", targets...)})[0]
+			if r.Error != nil {
+				t.Errorf("bulk append: %v", r.Error)
+			}
+			done.Add(1)
+		})
+	}
+	for range jobs {
+		<-started
+	}
+	for done.Load() == 0 {
+		runtime.Gosched()
+	}
+	mustAppend(t, l, syncEvent("chat", "alice"))
+	behind := jobs - done.Load()
+	wg.Wait()
+	if behind == 0 {
+		t.Fatalf("the ordinary append came back only after all %d bulk jobs", jobs)
+	}
+	t.Logf("ordinary append written with %d of %d bulk jobs still queued", behind, jobs)
 }
