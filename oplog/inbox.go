@@ -405,6 +405,9 @@ type BacklogRequest struct {
 	Attrs Attrs
 	// Limit is the most entries returned. Default 10,000.
 	Limit int
+	// Businesses restricts the backlog to these business codes (a bucket);
+	// nil means every registered business.
+	Businesses []string
 }
 
 // Backlog is the answer to a BacklogRequest.
@@ -417,6 +420,9 @@ type Backlog struct {
 	// Reset names businesses whose client sync point was of an old epoch:
 	// their backlog starts from the beginning of the current epoch.
 	Reset []string
+	// Reads is the number of inbox scans the backlog took: one per inbox
+	// (user, device) holding a business asked for.
+	Reads int
 }
 
 // Backlog returns the entries the device has not received, after waiting
@@ -448,7 +454,17 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 	}
 	scans := map[oplogpb.Dimension]*scan{}
 	out := &Backlog{}
-	for _, b := range in.lg.Businesses() {
+	var businesses []*oplogpb.Business
+	if req.Businesses == nil {
+		businesses = in.lg.Businesses()
+	} else {
+		for _, code := range req.Businesses {
+			if b, ok := in.lg.Business(code); ok {
+				businesses = append(businesses, b)
+			}
+		}
+	}
+	for _, b := range businesses {
 		target, shard := in.targetOf(b, req.User, req.Device)
 		if target == "" {
 			continue
@@ -494,6 +510,7 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 			}
 		}
 		epoch := in.lg.Epoch(sc.shard)
+		out.Reads++
 		err := in.db.View(func(txn *badger.Txn) error {
 			marks := map[string]SyncPoint{}
 			mark := func(biz string) (SyncPoint, error) {
