@@ -681,9 +681,10 @@ func (x *SyncPoint) GetEpoch() uint64 {
 	return 0
 }
 
-// TopicCursor is the highest id the client has of one followed topic.
-// Reserved for topics: the gateway accepts and ignores cursors until topic
-// streams ship.
+// TopicCursor is the highest id the client has of one topic it follows
+// (read diffusion: topic messages are stored once, in the topic stream,
+// so their ids are that stream's, with its epoch). The built-in topic
+// "_all" carries entries for every device.
 type TopicCursor struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Topic         string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
@@ -969,16 +970,20 @@ func (x *Welcome) GetVersion() uint32 {
 
 // Item is one oplog entry as the app sees it.
 type Item struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"` // 0 for a transient item (never stored)
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Business      string                 `protobuf:"bytes,3,opt,name=business,proto3" json:"business,omitempty"`
-	Kind          int32                  `protobuf:"varint,4,opt,name=kind,proto3" json:"kind,omitempty"` // oplog kind: 1 sync, 2 push, 3 release, 4 switch, 5 command, ...
-	Payload       []byte                 `protobuf:"bytes,5,opt,name=payload,proto3" json:"payload,omitempty"`
-	ContentType   string                 `protobuf:"bytes,6,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
-	CreatedMs     int64                  `protobuf:"varint,7,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"`
-	ExpiresMs     int64                  `protobuf:"varint,8,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"` // 0: no end of validity
-	MessageId     string                 `protobuf:"bytes,9,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`  // the producer's id, if it gave one
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"` // 0 for a transient item (never stored)
+	Epoch       uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Business    string                 `protobuf:"bytes,3,opt,name=business,proto3" json:"business,omitempty"`
+	Kind        int32                  `protobuf:"varint,4,opt,name=kind,proto3" json:"kind,omitempty"` // oplog kind: 1 sync, 2 push, 3 release, 4 switch, 5 command, ...
+	Payload     []byte                 `protobuf:"bytes,5,opt,name=payload,proto3" json:"payload,omitempty"`
+	ContentType string                 `protobuf:"bytes,6,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
+	CreatedMs   int64                  `protobuf:"varint,7,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"`
+	ExpiresMs   int64                  `protobuf:"varint,8,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"` // 0: no end of validity
+	MessageId   string                 `protobuf:"bytes,9,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`  // the producer's id, if it gave one
+	// Set for a topic message: id and epoch are then the topic stream's, and
+	// the client tracks them in a TopicCursor, not a SyncPoint. business may
+	// be set too, naming the component that handles it.
+	Topic         string `protobuf:"bytes,10,opt,name=topic,proto3" json:"topic,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1076,6 +1081,13 @@ func (x *Item) GetMessageId() string {
 	return ""
 }
 
+func (x *Item) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
 // Sync carries the backlog: the items after the client's sync points, by
 // business and id. A round is one or more Sync frames; the last has done
 // set. Live items that arrive meanwhile follow the round.
@@ -1085,7 +1097,16 @@ type Sync struct {
 	Done  bool                   `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"`
 	// Businesses whose sync point was of another epoch (the stream was
 	// recreated): drop local state of these and take what follows as new.
-	Resets        []string `protobuf:"bytes,3,rep,name=resets,proto3" json:"resets,omitempty"`
+	Resets []string `protobuf:"bytes,3,rep,name=resets,proto3" json:"resets,omitempty"`
+	// Topics whose cursor was of another epoch, likewise.
+	TopicResets []string `protobuf:"bytes,4,rep,name=topic_resets,json=topicResets,proto3" json:"topic_resets,omitempty"`
+	// Set on the frame with done: buckets (groups of businesses) the server
+	// deferred under load. Their items are neither in this round nor sent
+	// live; the client asks again (a FOREGROUND event) after retry_after_ms
+	// plus a little jitter, and the server runs a round by itself after that
+	// too if the client does not.
+	Deferred      []string `protobuf:"bytes,5,rep,name=deferred,proto3" json:"deferred,omitempty"`
+	RetryAfterMs  uint32   `protobuf:"varint,6,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1141,6 +1162,27 @@ func (x *Sync) GetResets() []string {
 	return nil
 }
 
+func (x *Sync) GetTopicResets() []string {
+	if x != nil {
+		return x.TopicResets
+	}
+	return nil
+}
+
+func (x *Sync) GetDeferred() []string {
+	if x != nil {
+		return x.Deferred
+	}
+	return nil
+}
+
+func (x *Sync) GetRetryAfterMs() uint32 {
+	if x != nil {
+		return x.RetryAfterMs
+	}
+	return 0
+}
+
 // Live carries items stored (or transient) after the sync round began.
 type Live struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1187,10 +1229,12 @@ func (x *Live) GetItems() []*Item {
 }
 
 // Ack tells the server the highest id the client has processed per
-// business; the server records it as the device's sync point.
+// business (and per topic); the server records them as the device's sync
+// points.
 type Ack struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Points        []*SyncPoint           `protobuf:"bytes,1,rep,name=points,proto3" json:"points,omitempty"`
+	Topics        []*TopicCursor         `protobuf:"bytes,2,rep,name=topics,proto3" json:"topics,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1228,6 +1272,13 @@ func (*Ack) Descriptor() ([]byte, []int) {
 func (x *Ack) GetPoints() []*SyncPoint {
 	if x != nil {
 		return x.Points
+	}
+	return nil
+}
+
+func (x *Ack) GetTopics() []*TopicCursor {
+	if x != nil {
+		return x.Topics
 	}
 	return nil
 }
@@ -1668,7 +1719,7 @@ const file_gateway_proto_rawDesc = "" +
 	"\x04user\x18\b \x01(\tR\x04user\x12\x16\n" +
 	"\x06device\x18\t \x01(\tR\x06device\x12\x18\n" +
 	"\aversion\x18\n" +
-	" \x01(\rR\aversion\"\xf6\x01\n" +
+	" \x01(\rR\aversion\"\x8c\x02\n" +
 	"\x04Item\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x1a\n" +
@@ -1681,15 +1732,21 @@ const file_gateway_proto_rawDesc = "" +
 	"\n" +
 	"expires_ms\x18\b \x01(\x03R\texpiresMs\x12\x1d\n" +
 	"\n" +
-	"message_id\x18\t \x01(\tR\tmessageId\"a\n" +
+	"message_id\x18\t \x01(\tR\tmessageId\x12\x14\n" +
+	"\x05topic\x18\n" +
+	" \x01(\tR\x05topic\"\xc6\x01\n" +
 	"\x04Sync\x12-\n" +
 	"\x05items\x18\x01 \x03(\v2\x17.sluice.gateway.v1.ItemR\x05items\x12\x12\n" +
 	"\x04done\x18\x02 \x01(\bR\x04done\x12\x16\n" +
-	"\x06resets\x18\x03 \x03(\tR\x06resets\"5\n" +
+	"\x06resets\x18\x03 \x03(\tR\x06resets\x12!\n" +
+	"\ftopic_resets\x18\x04 \x03(\tR\vtopicResets\x12\x1a\n" +
+	"\bdeferred\x18\x05 \x03(\tR\bdeferred\x12$\n" +
+	"\x0eretry_after_ms\x18\x06 \x01(\rR\fretryAfterMs\"5\n" +
 	"\x04Live\x12-\n" +
-	"\x05items\x18\x01 \x03(\v2\x17.sluice.gateway.v1.ItemR\x05items\";\n" +
+	"\x05items\x18\x01 \x03(\v2\x17.sluice.gateway.v1.ItemR\x05items\"s\n" +
 	"\x03Ack\x124\n" +
-	"\x06points\x18\x01 \x03(\v2\x1c.sluice.gateway.v1.SyncPointR\x06points\"\xf5\x01\n" +
+	"\x06points\x18\x01 \x03(\v2\x1c.sluice.gateway.v1.SyncPointR\x06points\x126\n" +
+	"\x06topics\x18\x02 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\"\xf5\x01\n" +
 	"\vClientEvent\x127\n" +
 	"\x04type\x18\x01 \x01(\x0e2#.sluice.gateway.v1.ClientEvent.TypeR\x04type\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
@@ -1803,15 +1860,16 @@ var file_gateway_proto_depIdxs = []int32{
 	10, // 17: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
 	10, // 18: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
 	6,  // 19: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
-	1,  // 20: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
-	5,  // 21: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
-	2,  // 22: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
-	3,  // 23: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	7,  // 20: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
+	1,  // 21: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
+	5,  // 22: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
+	2,  // 23: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
+	3,  // 24: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_gateway_proto_init() }
