@@ -13,9 +13,11 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/topics"
 )
 
 // Defaults of Config.
@@ -37,6 +39,19 @@ const (
 type Config struct {
 	// Inbox serves backlogs, live entries and acks. Required.
 	Inbox *oplog.Inbox
+	// Topics serves topic messages (read diffusion) and topics.Everyone.
+	// Optional: without it sessions get inbox entries only.
+	Topics *topics.Topics
+	// Buckets groups businesses for sync rounds: one read per non-empty
+	// bucket, in priority order. Optional: without it a round reads every
+	// business together (one read per inbox).
+	Buckets *buckets.Map
+	// Scheduler admits bucket computations and defers low-priority
+	// buckets under load; it also keeps the per-bucket metrics. Optional.
+	Scheduler *buckets.Scheduler
+	// PerBusiness computes every business on its own (one read each):
+	// the baseline the buckets are measured against. Benchmarks only.
+	PerBusiness bool
 	// Tokens verifies client tokens. Required.
 	Tokens *Verifier
 	// MaxFrame and CompressMin bound and tune frames (wire defaults).

@@ -15,12 +15,15 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
+	"github.com/sluicehq/sluice/topics"
+	"github.com/sluicehq/sluice/topics/topicstest"
 )
 
 var (
@@ -34,6 +37,9 @@ type env struct {
 	t      *testing.T
 	l      *oplog.Log
 	in     *oplog.Inbox
+	tp     *topics.Topics     // set by the topics option
+	bm     *buckets.Map       // set by the buckets option
+	sched  *buckets.Scheduler // likewise
 	srv    *gateway.Server
 	signer *gateway.Signer
 	tcp    string
@@ -42,15 +48,53 @@ type env struct {
 }
 
 func newEnv(t *testing.T, mod func(*gateway.Config)) *env {
+	return newEnvWith(t, envOptions{}, mod)
+}
+
+// envOptions adds the optional parts of a gateway.
+type envOptions struct {
+	topics     bool
+	buckets    bool
+	businesses []*oplogpb.Business // registered besides chat and config
+	scheduler  buckets.SchedulerConfig
+}
+
+func newEnvWith(t *testing.T, o envOptions, mod func(*gateway.Config)) *env {
 	t.Helper()
 	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
-	l := oplogtest.MustOpenLog(t, nc, oplog.Config{}, chat, config)
+	l := oplogtest.MustOpenLog(t, nc, oplog.Config{}, append([]*oplogpb.Business{chat, config}, o.businesses...)...)
 	in := oplogtest.MustRunInbox(t, l, "")
 	pub, priv, err := ed25519.GenerateKey(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := gateway.Config{Inbox: in, Tokens: gateway.NewVerifier(pub)}
+	var tp *topics.Topics
+	var bm *buckets.Map
+	var sched *buckets.Scheduler
+	if o.topics {
+		tp = topicstest.MustRun(t, topics.Config{Log: l})
+		cfg.Topics = tp
+	}
+	if o.buckets {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if bm, err = buckets.Open(ctx, buckets.Config{Log: l}); err != nil {
+			t.Fatal(err)
+		}
+		runCtx, stop := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- bm.Run(runCtx) }()
+		t.Cleanup(func() {
+			stop()
+			if err := <-done; err != nil {
+				t.Errorf("buckets run: %v", err)
+			}
+			_ = bm.Close()
+		})
+		sched = buckets.NewScheduler(o.scheduler)
+		cfg.Buckets, cfg.Scheduler = bm, sched
+	}
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -77,7 +121,7 @@ func newEnv(t *testing.T, mod func(*gateway.Config)) *env {
 		hs.Close()
 	})
 	codec, _ := wire.NewCodec(wire.Options{})
-	return &env{t: t, l: l, in: in, srv: srv, signer: gateway.NewSigner(priv), tcp: ln.Addr().String(),
+	return &env{t: t, l: l, in: in, tp: tp, bm: bm, sched: sched, srv: srv, signer: gateway.NewSigner(priv), tcp: ln.Addr().String(),
 		ws: "ws" + strings.TrimPrefix(hs.URL, "http") + "/", codec: codec}
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"github.com/sluicehq/sluice/topics"
 )
 
 // Limits on what a client may send.
@@ -75,6 +76,11 @@ type session struct {
 	sent        map[string]oplog.SyncPoint // highest id sent per business
 	points      map[string]oplog.SyncPoint // the next round's starting points
 	resets      []string                   // businesses to report reset in the next Sync
+	topics      *topicState                // nil unless the server serves topics
+	tresets     []string                   // topics to report reset in the next Sync
+	deferred    map[string]bool            // businesses the last round deferred
+	deferTopics bool                       // the last round deferred the topics
+	retry       *time.Timer                // runs a round after a deferral
 	closeOnce   sync.Once
 }
 
@@ -193,8 +199,9 @@ func (ss *session) hello() bool {
 		return false
 	}
 	points, err := syncPoints(h.Points)
-	if err == nil && len(h.Topics) > maxTopics {
-		err = fmt.Errorf("%d topic cursors, at most %d", len(h.Topics), maxTopics)
+	var cursors map[string]topics.Cursor
+	if err == nil {
+		cursors, err = topicCursors(h.Topics)
 	}
 	if err != nil {
 		ss.fail(gatewaypb.Error_CODE_INVALID, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
@@ -219,6 +226,9 @@ func (ss *session) hello() bool {
 	ss.attrs = attrsOf(h.Attrs)
 	ss.points = points
 	ss.resets = resets
+	if cfg.Topics != nil {
+		ss.topics = &topicState{points: cursors, sent: map[string]topics.Cursor{}, watches: map[string]*topics.Watch{}}
+	}
 	ss.mu.Unlock()
 
 	compress := !cfg.NoCompression && ss.link.canCompress() && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
@@ -329,6 +339,13 @@ func (ss *session) bindUser(user string, round bool) error {
 			return err
 		}
 	}
+	plan, err := ss.prepareTopics(user)
+	if err != nil {
+		if uw != nil {
+			uw.Stop()
+		}
+		return err
+	}
 	ss.mu.Lock()
 	old := ss.userWatch
 	if user != ss.user {
@@ -353,6 +370,7 @@ func (ss *session) bindUser(user string, round bool) error {
 		ss.room.Broadcast()
 	}
 	ss.user, ss.userWatch = user, uw
+	oldTopics := ss.applyTopicsLocked(plan)
 	closed := ss.closed
 	if round {
 		ss.startRoundLocked()
@@ -361,8 +379,12 @@ func (ss *session) bindUser(user string, round bool) error {
 	if old != nil {
 		old.Stop()
 	}
-	if closed && uw != nil {
-		uw.Stop()
+	oldTopics.release()
+	if closed {
+		if uw != nil {
+			uw.Stop()
+		}
+		ss.stopTopicWatches()
 	}
 	return nil
 }
@@ -396,9 +418,25 @@ func (ss *session) handle(f *gatewaypb.Frame) bool {
 // error: the client keeps its data, the server its older sync point.
 func (ss *session) ack(a *gatewaypb.Ack) bool {
 	points, err := syncPoints(a.Points)
+	var cursors map[string]topics.Cursor
+	if err == nil {
+		cursors, err = topicCursors(a.Topics)
+	}
 	if err != nil {
 		ss.fail(gatewaypb.Error_CODE_INVALID, gatewaypb.GoAway_REASON_PROTOCOL, err.Error())
 		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
+	defer cancel()
+	if len(cursors) > 0 && ss.srv.cfg.Topics != nil {
+		if err := ss.srv.cfg.Topics.Ack(ctx, ss.device, cursors); err != nil {
+			code := gatewaypb.Error_CODE_INVALID
+			if errors.Is(err, oplog.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+				code = gatewaypb.Error_CODE_UNAVAILABLE
+			}
+			ss.logAt(zerolog.WarnLevel).Err(err).Msg("topic ack refused")
+			ss.enqueue(errorFrame(code, "topic ack not recorded: "+err.Error(), false))
+		}
 	}
 	if len(points) == 0 {
 		return true
@@ -406,8 +444,6 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 	ss.mu.Lock()
 	user := ss.user
 	ss.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
-	defer cancel()
 	if err := ss.srv.cfg.Inbox.Ack(ctx, user, ss.device, points); err != nil {
 		code := gatewaypb.Error_CODE_INVALID
 		if errors.Is(err, oplog.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
@@ -557,6 +593,9 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	if !ss.ownsLocked(e) {
 		return // held before the user changed
 	}
+	if ss.deferred[e.Business] {
+		return // its bucket was deferred: a later round reads it
+	}
 	last, ok := ss.sent[e.Business]
 	if ok && last.Epoch != e.Epoch && last.ID != 0 {
 		// The stream was recreated while the client was online: resync.
@@ -589,7 +628,7 @@ func liveFrame(e *oplogpb.Entry) *gatewaypb.Frame {
 
 func itemOf(e *oplogpb.Entry) *gatewaypb.Item {
 	it := &gatewaypb.Item{Id: e.Id, Epoch: e.Epoch, Business: e.Business, Kind: int32(e.Kind),
-		Payload: e.Payload, ContentType: e.ContentType, MessageId: e.MessageId}
+		Payload: e.Payload, ContentType: e.ContentType, MessageId: e.MessageId, Topic: e.Topic}
 	if e.CreatedAt != nil {
 		it.CreatedMs = e.CreatedAt.AsTime().UnixMilli()
 	}
@@ -598,214 +637,6 @@ func itemOf(e *oplogpb.Entry) *gatewaypb.Item {
 	}
 	return it
 }
-
-// startRound starts a sync round, or asks the running one for another.
-func (ss *session) startRound() {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	ss.startRoundLocked()
-}
-
-func (ss *session) startRoundLocked() {
-	if ss.closing {
-		return
-	}
-	if ss.syncing {
-		ss.again = true
-		return
-	}
-	ss.syncing = true
-	ss.roundDone = make(chan struct{})
-	go ss.syncRounds(ss.roundDone)
-}
-
-// syncRounds sends the backlog after the session's points, then the live
-// entries held meanwhile, and repeats while another round was asked for.
-func (ss *session) syncRounds(done chan struct{}) {
-	defer close(done)
-	for {
-		err := ss.syncRound()
-		if errors.Is(err, errStaleRound) {
-			// The user changed: drop what was held (the previous user's)
-			// and run the round the change asked for.
-			ss.mu.Lock()
-			ss.held, ss.again = nil, false
-			ss.mu.Unlock()
-			continue
-		}
-		if err != nil {
-			if !ss.isClosing() {
-				ss.logAt(zerolog.ErrorLevel).Err(err).Msg("sync round failed")
-				ss.fail(gatewaypb.Error_CODE_UNAVAILABLE, gatewaypb.GoAway_REASON_SHUTDOWN, "sync failed; reconnect")
-			}
-			return
-		}
-		ss.mu.Lock()
-		if ss.closing {
-			ss.mu.Unlock()
-			return
-		}
-		held := ss.held
-		ss.held = nil
-		if ss.again {
-			ss.again = false
-			ss.mu.Unlock()
-			continue // what was held is read again by the next round
-		}
-		for _, e := range held {
-			ss.sendLiveLocked(e)
-		}
-		if ss.again { // an epoch change among the held entries
-			ss.again = false
-			ss.mu.Unlock()
-			continue
-		}
-		ss.syncing = false
-		ss.mu.Unlock()
-		return
-	}
-}
-
-// syncRound reads the backlog in pages and queues it as Sync frames,
-// waiting for queue space rather than overflowing it.
-func (ss *session) syncRound() error {
-	cfg := &ss.srv.cfg
-	ss.mu.Lock()
-	user, attrs, gen := ss.user, ss.attrs, ss.gen
-	pending := ss.resets
-	ss.resets = nil
-	points := make(map[string]oplog.SyncPoint, len(ss.points)+len(ss.sent))
-	for b, p := range ss.points {
-		points[b] = p
-	}
-	for b, p := range ss.sent {
-		if cur, ok := points[b]; !ok || cur.Epoch != p.Epoch || cur.ID < p.ID {
-			points[b] = p
-		}
-	}
-	ss.mu.Unlock()
-	// Shutting the session cancels the round's reads (no context is kept
-	// per idle session: a cancel context costs one more allocation there).
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	ss.mu.Lock()
-	if ss.closing {
-		ss.mu.Unlock()
-		return nil
-	}
-	ss.roundCancel = cancel
-	ss.mu.Unlock()
-	defer func() {
-		ss.mu.Lock()
-		ss.roundCancel = nil
-		ss.mu.Unlock()
-	}()
-	for first := true; ; first = false {
-		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: user, Device: ss.device, Points: points, Attrs: attrs, Limit: 4 * cfg.SyncBatch})
-		if err != nil {
-			return err
-		}
-		var resets []string
-		if first {
-			resets = append(pending, bl.Reset...)
-			slices.Sort(resets)
-			resets = slices.Compact(resets)
-			for _, b := range bl.Reset {
-				// The client's point was of an old epoch: the business
-				// restarts from this epoch's beginning, reported once.
-				points[b] = oplog.SyncPoint{}
-			}
-		}
-		items := make([]*gatewaypb.Item, 0, len(bl.Entries))
-		for _, e := range bl.Entries {
-			items = append(items, itemOf(e))
-			points[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
-		}
-		// One page: at least one frame, the last with done set if it is
-		// the last page.
-		for {
-			n := ss.batchLen(items)
-			last := n == len(items)
-			sync := &gatewaypb.Sync{Items: items[:n], Resets: resets, Done: last && !bl.More}
-			switch ss.enqueueWait(&gatewaypb.Frame{Body: &gatewaypb.Frame_Sync{Sync: sync}}, sync.Items, gen) {
-			case queueClosing:
-				return nil
-			case queueStale:
-				if pending != nil {
-					// Not told yet: the next round tells them.
-					ss.mu.Lock()
-					ss.resets = append(pending, ss.resets...)
-					ss.mu.Unlock()
-				}
-				return errStaleRound
-			}
-			items, resets, pending = items[n:], nil, nil
-			if last {
-				break
-			}
-		}
-		if !bl.More {
-			ss.mu.Lock()
-			defer ss.mu.Unlock()
-			if ss.gen != gen {
-				return errStaleRound
-			}
-			ss.points = points
-			return nil
-		}
-	}
-}
-
-// batchLen is how many of items go in one frame: at most SyncBatch, and
-// at most half the frame limit of payload (at least one item).
-func (ss *session) batchLen(items []*gatewaypb.Item) int {
-	limit := ss.srv.codec.MaxFrame() / 2
-	size := 0
-	for i, it := range items {
-		size += itemSize(it)
-		if i > 0 && (i == ss.srv.cfg.SyncBatch || size > limit) {
-			return i
-		}
-	}
-	return len(items)
-}
-
-func itemSize(it *gatewaypb.Item) int {
-	return 64 + len(it.Payload) + len(it.Business) + len(it.ContentType) + len(it.MessageId)
-}
-
-// enqueueWait queues a Sync frame once there is room, recording its items
-// as sent; false if the session is closing.
-func (ss *session) enqueueWait(f *gatewaypb.Frame, items []*gatewaypb.Item, gen uint64) queueResult {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	for !ss.closing && ss.gen == gen && (len(ss.queue) >= ss.srv.cfg.SendQueue/2 || ss.queued >= ss.srv.cfg.SendBytes/2) {
-		ss.room.Wait()
-	}
-	switch {
-	case ss.closing:
-		return queueClosing
-	case ss.gen != gen:
-		return queueStale
-	}
-	for _, it := range items {
-		ss.sent[it.Business] = oplog.SyncPoint{ID: it.Id, Epoch: it.Epoch}
-	}
-	ss.enqueueLocked(f, false)
-	return queued
-}
-
-// queueResult is what enqueueWait did with a frame.
-type queueResult int
-
-const (
-	queued       queueResult = iota
-	queueClosing             // the session is closing: nothing queued
-	queueStale               // the bound user changed since the round began
-)
-
-// errStaleRound ends a round read for a user no longer bound.
-var errStaleRound = errors.New("gateway: sync round of a previous user")
 
 func (ss *session) isClosing() bool {
 	ss.mu.Lock()
@@ -1016,6 +847,7 @@ func (ss *session) stopWatches() {
 	if dw != nil {
 		dw.Stop()
 	}
+	ss.stopTopicWatches()
 }
 
 // shut closes the link at once and releases the session.
@@ -1029,6 +861,9 @@ func (ss *session) shut() {
 		ss.room.Broadcast()
 		if ss.timer != nil {
 			ss.timer.Stop()
+		}
+		if ss.retry != nil {
+			ss.retry.Stop()
 		}
 		ss.mu.Unlock()
 		ss.stopWatches()
