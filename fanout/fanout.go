@@ -314,6 +314,10 @@ func (f *Fanout) Digest(ctx context.Context, name string) (string, error) {
 	return f.seg.Digest(ctx)
 }
 
+// CatchUp blocks until the segment projection holds what its stream held
+// at the call.
+func (f *Fanout) CatchUp(ctx context.Context) error { return f.seg.CatchUp(ctx) }
+
 // Applied returns the stream sequence each projection has applied.
 func (f *Fanout) Applied() map[string]uint64 { return map[string]uint64{f.seg.Name(): f.seg.Applied()} }
 

@@ -38,7 +38,7 @@ func (s *Topics) Publish(ctx context.Context, ev *oplogpb.Event) (*oplogpb.Appen
 		return nil, err
 	}
 	data, err := proto.Marshal(&oplogpb.Entry{
-		Kind:        oplogpb.Kind_KIND_TOPIC_MESSAGE,
+		Kind:        ev.Kind,
 		Business:    ev.Business,
 		Topic:       ev.Topic,
 		Payload:     ev.Payload,
@@ -82,9 +82,13 @@ func (s *Topics) validate(ev *oplogpb.Event, now time.Time) error {
 	switch ev.Kind {
 	case oplogpb.Kind_KIND_UNSPECIFIED:
 		ev.Kind = oplogpb.Kind_KIND_TOPIC_MESSAGE
-	case oplogpb.Kind_KIND_TOPIC_MESSAGE:
+	case oplogpb.Kind_KIND_TOPIC_MESSAGE, oplogpb.Kind_KIND_SYNC, oplogpb.Kind_KIND_PUSH,
+		oplogpb.Kind_KIND_RELEASE, oplogpb.Kind_KIND_SWITCH, oplogpb.Kind_KIND_COMMAND:
+		// A push, release or switch to every follower (or to Everyone)
+		// keeps its kind: the topic says how it is stored, the kind what
+		// it is.
 	default:
-		return fmt.Errorf("kind %s: topics take %s only: %w", ev.Kind, oplogpb.Kind_KIND_TOPIC_MESSAGE, oplog.ErrUnknownKind)
+		return fmt.Errorf("kind %s: not a kind a topic carries: %w", ev.Kind, oplog.ErrUnknownKind)
 	}
 	if err := checkID("topic", ev.Topic); err != nil {
 		return err

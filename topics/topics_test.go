@@ -476,7 +476,7 @@ func TestBadInput(t *testing.T) {
 		{"bad topic", message("a.b", "x"), oplog.ErrInvalidID},
 		{"no topic", message("", "x"), oplog.ErrInvalidID},
 		{"targets", &oplogpb.Event{Topic: "t", Targets: []string{"alice"}}, oplog.ErrInvalid},
-		{"kind", &oplogpb.Event{Topic: "t", Kind: oplogpb.Kind_KIND_SYNC}, oplog.ErrUnknownKind},
+		{"kind", &oplogpb.Event{Topic: "t", Kind: oplogpb.Kind_KIND_FOLLOW}, oplog.ErrUnknownKind},
 		{"unknown business", &oplogpb.Event{Topic: "t", Business: "ghost"}, oplog.ErrUnknownBusiness},
 		{"bad business", &oplogpb.Event{Topic: "t", Business: "Bad!"}, oplog.ErrInvalidID},
 		{"payload", &oplogpb.Event{Topic: "t", Payload: make([]byte, 1025)}, oplog.ErrPayloadTooLarge},

@@ -370,7 +370,7 @@ func (c *cli) tail(ctx context.Context, args []string) error {
 
 func (c *cli) rebuild(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("rebuild", flag.ContinueOnError)
-	proj := fs.String("projection", "SLUICE_OPLOG_0", "projection to rebuild (SLUICE_OPLOG_<shard> or SLUICE_ACKS)")
+	proj := fs.String("projection", "SLUICE_OPLOG_0", "projection to rebuild: SLUICE_OPLOG_<shard>, SLUICE_ACKS, SLUICE_TOPICS, SLUICE_FOLLOWS, SLUICE_TOPIC_ACKS or SLUICE_SEGMENTS")
 	from := fs.Uint64("from", 0, "replay from this stream sequence (0: drop the projection and replay everything)")
 	fs.SetOutput(c.errOut)
 	if err := fs.Parse(args); err != nil {

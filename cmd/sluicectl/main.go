@@ -25,6 +25,10 @@ Commands:
   rebuild   replay a projection from zero or from a sequence, with progress
   digest    print the SHA-256 digest of a projection
   biz       list or add businesses (biz list | biz add CODE --dim user|device [--single])
+  topic     topics: create, delete, publish, follow, unfollow, followers, following, list
+  fanout    send one event to a list, a segment or everyone; status, list, cancel jobs
+  segment   add or remove segment members, or show a segment's size
+  buckets   show buckets, businesses and metrics; define, remove, assign
   token     print a client token signed with <data>/token.key (no sluiced needed)
   cert      write a self-signed development TLS certificate and key to <data>/tls
 
@@ -74,6 +78,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return c.digest(ctx, rest)
 	case "biz":
 		return c.biz(ctx, rest)
+	case "topic":
+		return c.topic(ctx, rest)
+	case "fanout":
+		return c.fanoutCmd(ctx, rest)
+	case "segment":
+		return c.segment(ctx, rest)
+	case "buckets":
+		return c.bucketsCmd(ctx, rest)
 	case "token":
 		return c.token(rest)
 	case "cert":

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sluicehq/sluice/oplog"
 )
 
 // startSluiced builds and starts the real sluiced binary on free loopback
@@ -166,6 +169,72 @@ func TestPublishThenInspect(t *testing.T) {
 		case <-time.After(200 * time.Millisecond):
 		case <-deadline:
 			t.Fatal("tail saw nothing")
+		}
+	}
+}
+
+// TestTopicsFanoutBuckets drives topics, fanout, segments and buckets
+// through sluicectl against the real sluiced binary.
+func TestTopicsFanoutBuckets(t *testing.T) {
+	data := startSluiced(t)
+	must := func(want string, args ...string) string {
+		t.Helper()
+		out, err := ctl(t, append([]string{"--data", data}, args...)...)
+		if err != nil {
+			t.Fatalf("sluicectl %v: %v\n%s", args, err, out)
+		}
+		if !regexp.MustCompile(want).MatchString(out) {
+			t.Fatalf("sluicectl %v printed:\n%s\nwant %q", args, out, want)
+		}
+		return out
+	}
+	// Topics.
+	must(`topic news backfill=2`, "topic", "create", "news", "--backfill", "2")
+	must(`(?s)alice follow news from=\d+.*bob follow news`, "topic", "follow", "news", "alice", "bob")
+	must(`news followers=2`, "topic", "followers", "news")
+	must(`published news id=\d+ epoch=\d+`, "topic", "publish", "news", "--payload", "extra")
+	must(`(?m)^news\s+followers=2 backfill=2`, "topic", "list")
+	must(`bob unfollow news from=\d+ until=\d+`, "topic", "unfollow", "news", "bob")
+	must(`news followers=1`, "topic", "followers", "news")
+	if out, err := ctl(t, "--data", data, "topic", "publish", "nope"); !errors.Is(err, oplog.ErrUnknownTopic) {
+		t.Fatalf("publish to an unknown topic: %v %s", err, out)
+	}
+	// Fanout to a list, streamed from a file, with progress.
+	list := filepath.Join(t.TempDir(), "users")
+	var b strings.Builder
+	for i := range 2500 {
+		fmt.Fprintf(&b, "user%d\n", i)
+	}
+	if err := os.WriteFile(list, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	must(`job big created(?s).*big list STATE_DONE total=2500 done=2500 failed=0`, "fanout", "send", "--id", "big", "--biz", "demo", "--users-file", list, "--wait")
+	must(`big list STATE_DONE total=2500 done=2500`, "fanout", "status", "big")
+	must(`(?m)^big list STATE_DONE`, "fanout", "list")
+	must(`"hello from sluicectl"`, "inspect", "--user", "user2499", "--device", "phone")
+	// A segment, and everyone.
+	must(`segment vip size=2`, "segment", "add", "vip", "alice", "carol")
+	must(`vip segment:vip STATE_DONE total=2 done=2`, "fanout", "send", "--id", "vip", "--segment", "vip", "--wait")
+	must(`all everyone STATE_DONE total=1 done=1`, "fanout", "send", "--id", "all", "--everyone", "--wait")
+	if out, err := ctl(t, "--data", data, "fanout", "status", "nosuchjob"); err == nil || !strings.Contains(err.Error(), "NOT_FOUND") {
+		t.Fatalf("status of an unknown job: %v %s", err, out)
+	}
+	// Buckets.
+	must(`(?m)^multi-device\s+priority=1 .*businesses=demo`, "buckets")
+	must(`bucket promo priority=4`, "buckets", "define", "promo", "--priority", "4", "--rate", "100")
+	must(`business demo in bucket promo`, "buckets", "assign", "demo", "promo")
+	must(`(?m)^promo\s+priority=4 rate=100 .*businesses=demo`, "buckets")
+	if out, err := ctl(t, "--data", data, "buckets", "assign", "demo", "nosuch"); err == nil || !strings.Contains(err.Error(), "NOT_FOUND") {
+		t.Fatalf("assign to an unknown bucket: %v %s", err, out)
+	}
+	must(`business demo in bucket multi-device`, "buckets", "assign", "demo", "-")
+	// Every projection rebuilds to the digest it had.
+	for _, p := range []string{"SLUICE_TOPICS", "SLUICE_FOLLOWS", "SLUICE_SEGMENTS"} {
+		before := must(`digest`, "digest", "--projection", p)
+		after := must(`digest`, "rebuild", "--projection", p)
+		d := regexp.MustCompile(`[0-9a-f]{64}`).FindString(before)
+		if d == "" || !strings.Contains(after, d) {
+			t.Fatalf("%s: digest %q before, rebuild printed:\n%s", p, d, after)
 		}
 	}
 }

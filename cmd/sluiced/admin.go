@@ -1,14 +1,18 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"maps"
 	"net/http"
 	"strconv"
 	"time"
 
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"github.com/sluicehq/sluice/topics"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -26,6 +30,18 @@ import (
 //	GET  /v1/gateway                       gateway load: links, sessions, draining
 //	GET  /v1/businesses                    registered businesses
 //	POST /v1/businesses                    register a business (protojson Business)
+//	GET  /v1/buckets                       buckets, each business's bucket, and the computation metrics
+//	POST /v1/buckets                       define or change a bucket (protojson Bucket)
+//	DELETE /v1/buckets/{name}              remove a bucket (its businesses go back to the default rule)
+//	POST /v1/buckets/assign?business=&bucket=  move a business (bucket empty: back to the default rule)
+//	GET  /v1/fanout?limit=                 recent fanout jobs with their progress
+//	GET  /v1/fanout/{job}                  one job's progress: total, done, failed, rate
+//	POST /v1/fanout/{job}/cancel           stop a job
+//	GET  /v1/topics                        topics with their follower counts
+//
+// Projections are named after their streams: the inbox's (SLUICE_OPLOG_n,
+// SLUICE_ACKS), the topics' (SLUICE_TOPICS, SLUICE_FOLLOWS,
+// SLUICE_TOPIC_ACKS) and fanout's (SLUICE_SEGMENTS).
 func (m *Main) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -39,7 +55,7 @@ func (m *Main) adminHandler() http.Handler {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready"})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"status": "ready", "applied": m.inbox.Applied()})
+		writeJSON(w, http.StatusOK, map[string]any{"status": "ready", "applied": m.applied()})
 	})
 	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, r *http.Request) {
 		m.mu.Lock()
@@ -83,20 +99,25 @@ func (m *Main) adminHandler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]any{"device": r.URL.Query().Get("device"), "sync_points": sp})
 	})
 	mux.HandleFunc("GET /v1/projections", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"applied": m.inbox.Applied()})
+		writeJSON(w, http.StatusOK, map[string]any{"applied": m.applied()})
 	})
 	mux.HandleFunc("GET /v1/digest", func(w http.ResponseWriter, r *http.Request) {
 		name := r.URL.Query().Get("projection")
-		if err := m.inbox.CatchUp(r.Context()); err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		d, err := m.inbox.Digest(r.Context(), name)
+		set, err := m.projectionSet(name)
 		if err != nil {
 			m.writeError(w, r, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"projection": name, "digest": d, "applied": m.inbox.Applied()[name]})
+		if err := set.CatchUp(r.Context()); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		d, err := set.Digest(r.Context(), name)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"projection": name, "digest": d, "applied": set.Applied()[name]})
 	})
 	mux.HandleFunc("POST /v1/rebuild", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
@@ -108,11 +129,16 @@ func (m *Main) adminHandler() http.Handler {
 			m.writeError(w, r, errors.Join(oplog.ErrInvalid, err))
 			return
 		}
+		set, err := m.projectionSet(q.Get("projection"))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
 		w.WriteHeader(http.StatusOK)
 		enc := json.NewEncoder(w)
 		flusher, _ := w.(http.Flusher)
-		sum, err := m.inbox.Rebuild(r.Context(), q.Get("projection"), from, 250*time.Millisecond, func(p oplog.Progress) {
+		sum, err := set.Rebuild(r.Context(), q.Get("projection"), from, 250*time.Millisecond, func(p oplog.Progress) {
 			_ = enc.Encode(map[string]any{"progress": p})
 			if flusher != nil {
 				flusher.Flush()
@@ -151,7 +177,69 @@ func (m *Main) adminHandler() http.Handler {
 		data, _ := protojson.Marshal(b)
 		writeJSON(w, http.StatusOK, json.RawMessage(data))
 	})
+	m.bucketRoutes(mux)
+	m.fanoutRoutes(mux)
+	mux.HandleFunc("GET /v1/topics", func(w http.ResponseWriter, r *http.Request) {
+		list, err := m.topics.Topics(r.Context())
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		out := make([]map[string]any, 0, len(list))
+		for _, t := range list {
+			if t.Name == topics.Everyone {
+				data, _ := protojson.Marshal(t)
+				out = append(out, map[string]any{"topic": json.RawMessage(data), "followers": "every device"})
+				continue
+			}
+			n, err := m.topics.Followers(r.Context(), t.Name)
+			if err != nil {
+				m.writeError(w, r, err)
+				return
+			}
+			data, _ := protojson.Marshal(t)
+			out = append(out, map[string]any{"topic": json.RawMessage(data), "followers": n})
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"topics": out})
+	})
 	return mux
+}
+
+// projections is what the inbox, topics and fanout have in common for
+// replay: named projections that can be rebuilt and digested.
+type projections interface {
+	Projections() []string
+	Applied() map[string]uint64
+	CatchUp(ctx context.Context) error
+	Digest(ctx context.Context, name string) (string, error)
+	Rebuild(ctx context.Context, name string, from uint64, interval time.Duration, progress func(oplog.Progress)) (*oplog.RebuildSummary, error)
+}
+
+func (m *Main) projectionSets() []projections {
+	return []projections{m.inbox, m.topics, m.fanout}
+}
+
+// projectionSet finds the owner of a projection.
+func (m *Main) projectionSet(name string) (projections, error) {
+	var all []string
+	for _, set := range m.projectionSets() {
+		for _, n := range set.Projections() {
+			if n == name {
+				return set, nil
+			}
+			all = append(all, n)
+		}
+	}
+	return nil, fmt.Errorf("projection %q: want one of %v: %w", name, all, oplog.ErrInvalid)
+}
+
+// applied merges the applied sequence of every projection.
+func (m *Main) applied() map[string]uint64 {
+	out := map[string]uint64{}
+	for _, set := range m.projectionSets() {
+		maps.Copy(out, set.Applied())
+	}
+	return out
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -167,6 +255,8 @@ func (m *Main) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	status := http.StatusBadRequest
 	msg := err.Error()
 	switch code {
+	case oplogpb.ErrorCode_ERROR_CODE_NOT_FOUND:
+		status = http.StatusNotFound
 	case oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE:
 		status = http.StatusServiceUnavailable
 	case oplogpb.ErrorCode_ERROR_CODE_INTERNAL:

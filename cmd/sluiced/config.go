@@ -45,6 +45,9 @@ type Config struct {
 	MaxConns        int           `json:"max_conns"`
 	MaxFrame        int           `json:"max_frame"`
 	DrainTimeout    time.Duration `json:"drain_timeout"`
+
+	FanoutConcurrency int `json:"fanout_concurrency"`
+	SyncOverload      int `json:"sync_overload"`
 }
 
 // Fsync modes.
@@ -83,6 +86,8 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.IntVar(&c.MaxConns, "max-conns", 100_000, "most client links served at once")
 	fs.IntVar(&c.MaxFrame, "max-frame", 1<<20, "largest protocol frame in bytes, either way")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long clients' queues may take to drain after GoAway")
+	fs.IntVar(&c.FanoutConcurrency, "fanout-concurrency", 2, "fanout chunks (of 1,000 recipients) this node expands at once; bounded so producers' own appends keep flowing")
+	fs.IntVar(&c.SyncOverload, "sync-overload", 256, "bucket computations in flight on this node above which buckets of priority > 0 are deferred (clients are told when to come back)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "auto (console on a terminal, JSON otherwise), console or json")
 	fs.Usage = func() {
@@ -154,6 +159,12 @@ func (c Config) validate() error {
 	}
 	if c.DrainTimeout <= 0 {
 		errs = append(errs, errors.New("--drain-timeout must be positive"))
+	}
+	if c.FanoutConcurrency < 1 || c.FanoutConcurrency > 64 {
+		errs = append(errs, errors.New("--fanout-concurrency must be 1 to 64"))
+	}
+	if c.SyncOverload < 1 {
+		errs = append(errs, errors.New("--sync-overload must be positive"))
 	}
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("--data must not be empty"))

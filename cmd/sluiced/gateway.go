@@ -43,6 +43,9 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	}
 	srv, err := gateway.NewServer(gateway.Config{
 		Inbox:     m.inbox,
+		Topics:    m.topics,
+		Buckets:   m.buckets,
+		Scheduler: m.sched,
 		Tokens:    gateway.NewVerifier(keys...),
 		MaxFrame:  m.cfg.MaxFrame,
 		Heartbeat: m.cfg.Heartbeat,

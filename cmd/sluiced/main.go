@@ -1,7 +1,8 @@
 // Command sluiced runs the Sluice platform: with no flags, an embedded NATS
 // server with JetStream storing under ./sluice-data, the oplog streams, the
-// producer API, the inbox projection, the client gateway (WebSocket and TLV
-// sockets) and the admin HTTP API, all on localhost.
+// producer API, the inbox projection, topics (read diffusion), buckets,
+// fanout, the client gateway (WebSocket and TLV sockets) and the admin
+// HTTP API, all on localhost.
 package main
 
 import (
@@ -25,9 +26,12 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/buckets"
+	"github.com/sluicehq/sluice/fanout"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"github.com/sluicehq/sluice/topics"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -64,6 +68,10 @@ type Main struct {
 	nc      *nats.Conn
 	lg      *oplog.Log
 	inbox   *oplog.Inbox
+	topics  *topics.Topics
+	buckets *buckets.Map
+	sched   *buckets.Scheduler
+	fanout  *fanout.Fanout
 	gateway *gateway.Server
 	admin   *http.Server
 
@@ -140,6 +148,28 @@ func (m *Main) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	m.topics, err = topics.Open(startCtx, topics.Config{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "topics"),
+		SoleWriter: m.cfg.NATSURL == "", DuplicateWindow: m.cfg.DuplicateWindow, Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	topicSvc, err := topics.NewService(topics.ServiceConfig{Topics: m.topics, Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	if m.buckets, err = buckets.Open(startCtx, buckets.Config{Log: m.lg, Logger: &m.log}); err != nil {
+		return err
+	}
+	m.sched = buckets.NewScheduler(buckets.SchedulerConfig{OverloadAt: m.cfg.SyncOverload})
+	m.fanout, err = fanout.Open(startCtx, fanout.Config{Log: m.lg, Inbox: m.inbox, Global: everyone{m.topics},
+		Dir: filepath.Join(m.cfg.DataDir, "fanout"), Concurrency: m.cfg.FanoutConcurrency, Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	fanoutSvc, err := fanout.NewService(fanout.ServiceConfig{Fanout: m.fanout, Logger: &m.log})
+	if err != nil {
+		return err
+	}
 	gw, err := m.startGateway(startCtx)
 	if err != nil {
 		return err
@@ -180,6 +210,11 @@ func (m *Main) Run(ctx context.Context) error {
 	g.Go(func() error { return m.lg.Run(gctx) })
 	g.Go(func() error { return m.inbox.Run(gctx) })
 	g.Go(func() error { return svc.Run(gctx) })
+	g.Go(func() error { return m.topics.Run(gctx) })
+	g.Go(func() error { return topicSvc.Run(gctx) })
+	g.Go(func() error { return m.buckets.Run(gctx) })
+	g.Go(func() error { return m.fanout.Run(gctx) })
+	g.Go(func() error { return fanoutSvc.Run(gctx) })
 	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -195,10 +230,12 @@ func (m *Main) Run(ctx context.Context) error {
 		stopCore()
 		return err
 	})
-	select {
-	case <-svc.Ready():
-	case <-gctx.Done():
-		return g.Wait()
+	for _, ready := range []<-chan struct{}{svc.Ready(), topicSvc.Ready(), fanoutSvc.Ready()} {
+		select {
+		case <-ready:
+		case <-gctx.Done():
+			return g.Wait()
+		}
 	}
 	m.mu.Lock()
 	m.ready = true
@@ -266,6 +303,19 @@ func (m *Main) connect() (string, error) {
 // after a failed start.
 func (m *Main) Close() {
 	m.closeOnce.Do(func() {
+		if m.fanout != nil {
+			if err := m.fanout.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close fanout")
+			}
+		}
+		if m.buckets != nil {
+			_ = m.buckets.Close()
+		}
+		if m.topics != nil {
+			if err := m.topics.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close topics")
+			}
+		}
 		if m.inbox != nil {
 			if err := m.inbox.Close(); err != nil {
 				m.log.Error().Err(err).Msg("close inbox")
@@ -333,4 +383,15 @@ func parseBusinesses(s string) ([]*oplogpb.Business, error) {
 		out = append(out, b)
 	}
 	return out, nil
+}
+
+// everyone stores a fanout to everyone as one message of the built-in
+// topic every device reads (read diffusion).
+type everyone struct{ tp *topics.Topics }
+
+func (e everyone) Publish(ctx context.Context, ev *oplogpb.Event) (*oplogpb.Appended, error) {
+	// One entry for every device: no inbox, so no dimension or device mode.
+	ev.Topic = topics.Everyone
+	ev.Dimension, ev.DeviceMode = oplogpb.Dimension_DIMENSION_UNSPECIFIED, oplogpb.DeviceMode_DEVICE_MODE_UNSPECIFIED
+	return e.tp.Publish(ctx, ev)
 }

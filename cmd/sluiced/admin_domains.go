@@ -1,0 +1,112 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+
+	"github.com/sluicehq/sluice/buckets/bucketspb"
+	"github.com/sluicehq/sluice/oplog"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+)
+
+// bucketRoutes serves the bucket map and its metrics.
+func (m *Main) bucketRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /v1/buckets", func(w http.ResponseWriter, r *http.Request) {
+		of := map[string]string{}
+		for _, b := range m.lg.Businesses() {
+			of[b.Code] = m.buckets.BucketOf(b)
+		}
+		writeJSON(w, http.StatusOK, map[string]any{
+			"buckets":     m.buckets.Buckets(),
+			"assignments": m.buckets.Assignments(),
+			"businesses":  of,
+			"metrics":     m.sched.Stats(),
+			"applied":     m.buckets.Applied(),
+		})
+	})
+	mux.HandleFunc("POST /v1/buckets", func(w http.ResponseWriter, r *http.Request) {
+		b := new(bucketspb.Bucket)
+		if err := readProtoJSON(w, r, b); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		if err := m.buckets.Define(r.Context(), b); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		got, _ := m.buckets.Bucket(b.Name)
+		writeJSON(w, http.StatusOK, got)
+	})
+	mux.HandleFunc("DELETE /v1/buckets/{name}", func(w http.ResponseWriter, r *http.Request) {
+		if err := m.buckets.Remove(r.Context(), r.PathValue("name")); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"removed": r.PathValue("name")})
+	})
+	mux.HandleFunc("POST /v1/buckets/assign", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		if err := m.buckets.Assign(r.Context(), q.Get("business"), q.Get("bucket")); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		b, _ := m.lg.Business(q.Get("business"))
+		writeJSON(w, http.StatusOK, map[string]string{"business": q.Get("business"), "bucket": m.buckets.BucketOf(b)})
+	})
+}
+
+// fanoutRoutes serves fanout progress.
+func (m *Main) fanoutRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /v1/fanout", func(w http.ResponseWriter, r *http.Request) {
+		limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+		list, err := m.fanout.List(r.Context(), limit)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		out := make([]json.RawMessage, 0, len(list))
+		for _, st := range list {
+			out = append(out, protoJSON(st))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+	})
+	mux.HandleFunc("GET /v1/fanout/{job}", func(w http.ResponseWriter, r *http.Request) {
+		st, err := m.fanout.Status(r.Context(), r.PathValue("job"))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(st))
+	})
+	mux.HandleFunc("POST /v1/fanout/{job}/cancel", func(w http.ResponseWriter, r *http.Request) {
+		st, err := m.fanout.Cancel(r.Context(), r.PathValue("job"))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(st))
+	})
+}
+
+func protoJSON(msg proto.Message) json.RawMessage {
+	data, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(msg)
+	if err != nil {
+		return json.RawMessage(`null`)
+	}
+	return data
+}
+
+// readProtoJSON decodes a protojson request body of at most 64 KiB.
+func readProtoJSON(w http.ResponseWriter, r *http.Request, msg proto.Message) error {
+	var raw json.RawMessage
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&raw); err != nil {
+		return errors.Join(oplog.ErrMalformed, err)
+	}
+	if err := protojson.Unmarshal(raw, msg); err != nil {
+		return errors.Join(oplog.ErrMalformed, err)
+	}
+	return nil
+}
