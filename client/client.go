@@ -17,21 +17,23 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// Item is one oplog entry as the app sees it.
+// Item is one oplog entry as the app sees it. Item.Topic is set for a
+// topic message: its Id and Epoch are then the topic stream's, and
+// Item.Business, if set, names the component that handles it.
 type Item = gatewaypb.Item
 
-// Handler processes the items of one business. It runs on the goroutine
-// that called Run, one item at a time. A nil return means the item is
-// processed: the client may ack it. An error stops the client from acking
-// past the item: the client closes the link and reconnects with backoff,
-// and the server sends the item again.
+// Handler processes the items of one business (or topic). It runs on the
+// goroutine that called Run, one item at a time. A nil return means the
+// item is processed: the client may ack it. An error stops the client from
+// acking past the item: the client closes the link and reconnects with
+// backoff, and the server sends the item again.
 type Handler func(ctx context.Context, it *Item) error
 
-// ResetHandler is told that the server recreated the stream of a business:
-// the app must drop what it holds of it, and takes the items that follow
-// as new. An error is handled as a Handler's: the reset comes again after
-// a reconnect.
-type ResetHandler func(ctx context.Context, business string) error
+// ResetHandler is told that the server recreated the stream of a business
+// (HandleReset), or of a topic (HandleTopicReset): the app must drop what
+// it holds of it, and takes the items that follow as new. An error is
+// handled as a Handler's: the reset comes again after a reconnect.
+type ResetHandler func(ctx context.Context, name string) error
 
 // Defaults of Config.
 const (
@@ -44,6 +46,14 @@ const (
 	// MinAckInterval keeps a busy client well under the server's inbound
 	// rate limit (50 frames per second): at most 20 acks a second.
 	MinAckInterval = 50 * time.Millisecond
+	// DefaultDeferRetry is how long the client waits before asking for
+	// deferred buckets when the server names no delay (Sync.retry_after_ms
+	// 0); a jitter of up to DeferJitter of the delay is added to it.
+	DefaultDeferRetry = time.Second
+	// DeferJitter is the largest jitter added to a deferral's delay, as a
+	// fraction of it, so that the clients a loaded server deferred at once
+	// do not come back at once.
+	DeferJitter = 0.25
 )
 
 // healthySession is how long a session must last to reset the backoff
@@ -113,15 +123,18 @@ type Client struct {
 
 	running atomic.Bool
 
-	mu            sync.Mutex
-	handlers      map[string]Handler
-	fallback      Handler
-	onReset       ResetHandler
-	cur           *link                // the link up now, if any
-	persisted     map[string]SyncPoint // the points in StateDir
-	persistedUser string               // the user they were earned under
-	linkCodec     *wire.Codec          // frames after Welcome, by its limits
-	stats         Stats
+	mu              sync.Mutex
+	handlers        map[string]Handler // by business
+	topicHandlers   map[string]Handler // by topic
+	fallback        Handler
+	onReset         ResetHandler
+	onTopicReset    ResetHandler
+	cur             *link                // the link up now, if any
+	persisted       map[string]SyncPoint // the points in StateDir
+	persistedUser   string               // the user they were earned under
+	persistedTopics map[string]SyncPoint // the topic cursors in StateDir
+	linkCodec       *wire.Codec          // frames after Welcome, by its limits
+	stats           Stats
 }
 
 // Stats are counters and the state of a Client, as Client.Stats returns
@@ -136,12 +149,16 @@ type Stats struct {
 	DialFailures int64 // attempts that ended before Welcome
 
 	Rounds        int64 // sync rounds completed (Sync frames with done)
-	Delivered     int64 // items a handler accepted
-	Duplicates    int64 // items at or below the sync point, dropped
-	Unhandled     int64 // items of businesses without a handler: acked and dropped
+	Delivered     int64 // items a handler accepted (topic items included)
+	TopicItems    int64 // topic items (Item.Topic set) a handler accepted
+	Duplicates    int64 // items at or below the sync point or topic cursor, dropped
+	Unhandled     int64 // items without a handler: acked and dropped
 	Expired       int64 // items past their expires_ms (server clock): acked and dropped
 	HandlerErrors int64 // handler (or reset handler) failures
 	Resets        int64 // businesses the server reset (stream recreated)
+	TopicResets   int64 // topics the server reset (topic stream recreated)
+	Deferrals     int64 // rounds that ended with buckets deferred by the server
+	DeferRetries  int64 // FOREGROUND events sent to fetch deferred buckets
 	Acks          int64 // Ack frames sent
 	ProbesEchoed  int64 // server probes answered
 
@@ -152,7 +169,7 @@ type Stats struct {
 }
 
 // New checks cfg, creates StateDir if needed and loads the sync points
-// persisted there. It starts nothing: see Run.
+// and topic cursors persisted there. It starts nothing: see Run.
 func New(cfg Config) (*Client, error) {
 	if cfg.Token == nil {
 		return nil, errors.New("client: Config.Token is required")
@@ -167,7 +184,7 @@ func New(cfg Config) (*Client, error) {
 	if len(urls) == 0 {
 		return nil, errors.New("client: Config.URL or URLs is required")
 	}
-	c := &Client{handlers: map[string]Handler{}, log: zerolog.Nop()}
+	c := &Client{handlers: map[string]Handler{}, topicHandlers: map[string]Handler{}, log: zerolog.Nop()}
 	for _, u := range urls {
 		e, err := parseEndpoint(u)
 		if err != nil {
@@ -210,7 +227,7 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c.persisted, c.persistedUser = state.Points, state.User
+	c.persisted, c.persistedUser, c.persistedTopics = state.Points, state.User, state.Topics
 	if c.codec, err = wire.NewCodec(wire.Options{}); err != nil {
 		return nil, err
 	}
@@ -226,7 +243,18 @@ func (c *Client) Handle(business string, h Handler) {
 	c.handlers[business] = h
 }
 
-// HandleDefault sets the handler of the items of businesses without one.
+// HandleTopic sets the handler of one topic's items (Item.Topic), replacing
+// any. A topic item goes to the handler of its topic, else to that of its
+// business (Item.Business, when the topic message names one), else to the
+// default handler. Set handlers before Run; one set later applies to the
+// items that follow.
+func (c *Client) HandleTopic(topic string, h Handler) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.topicHandlers[topic] = h
+}
+
+// HandleDefault sets the handler of the items no other handler takes.
 // Without it such items are acked and dropped (logged at debug level).
 func (c *Client) HandleDefault(h Handler) {
 	c.mu.Lock()
@@ -243,23 +271,44 @@ func (c *Client) HandleReset(h ResetHandler) {
 	c.onReset = h
 }
 
-func (c *Client) handler(business string) Handler {
+// HandleTopicReset sets the function told when the server resets a topic
+// (its topic stream was recreated). Without it the client only forgets the
+// topic's cursor. HandleReset's function is not told of topics.
+func (c *Client) HandleTopicReset(h ResetHandler) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if h, ok := c.handlers[business]; ok {
+	c.onTopicReset = h
+}
+
+// handler returns the handler of it: by topic, by business, or the
+// default; nil if none.
+func (c *Client) handler(it *Item) Handler {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if it.Topic != "" {
+		if h, ok := c.topicHandlers[it.Topic]; ok {
+			return h
+		}
+	}
+	if h, ok := c.handlers[it.Business]; ok {
 		return h
 	}
 	return c.fallback
 }
 
-func (c *Client) resetHandler() ResetHandler {
+// resetHandler returns the reset handler of businesses, or of topics.
+func (c *Client) resetHandler(topic bool) ResetHandler {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if topic {
+		return c.onTopicReset
+	}
 	return c.onReset
 }
 
 // Run connects, syncs and delivers items to the handlers, reconnecting
-// with backoff, until ctx ends; it then persists the sync points, closes
+// with backoff, until ctx ends; it then persists the sync points and
+// topic cursors, closes
 // the link and returns nil, with none of its goroutines left. It returns
 // early with a *ServerError wrapping ErrUnauthenticated or
 // ErrUnsupportedVersion when the server refuses the client in a way a
@@ -349,6 +398,14 @@ func (c *Client) Points() map[string]SyncPoint {
 	return maps.Clone(c.persisted)
 }
 
+// TopicCursors returns a copy of the topic cursors persisted in StateDir,
+// by topic.
+func (c *Client) TopicCursors() map[string]SyncPoint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return maps.Clone(c.persistedTopics)
+}
+
 // Stats returns the client's counters now.
 func (c *Client) Stats() Stats {
 	c.mu.Lock()
@@ -363,10 +420,10 @@ func (c *Client) count(f func(*Stats)) {
 	f(&c.stats)
 }
 
-func (c *Client) setPersisted(user string, points map[string]SyncPoint) {
+func (c *Client) setPersisted(user string, points, topics map[string]SyncPoint) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.persisted, c.persistedUser = points, user
+	c.persisted, c.persistedUser, c.persistedTopics = points, user, topics
 }
 
 // setLink makes l the current link.

@@ -1,7 +1,7 @@
 // Package client is the Go SDK of the Sluice client protocol
 // (gateway/PROTOCOL.md): it keeps one device in sync with a gateway over
 // WebSocket (ws://, wss://) or TLV-framed TCP (tcp://, tls://), and hands
-// the app each item once, in order, per business.
+// the app each item once, in order, per business and per topic.
 //
 // It imports only gateway/gatewaypb (the schema) and gateway/wire (the
 // codec) of this module, never the server; deps_test.go checks it. It is
@@ -11,9 +11,10 @@
 // # Use
 //
 // New a Client with a Config (URL, a Token func, a StateDir), register a
-// Handler per business with Handle (and optionally HandleDefault and
-// HandleReset), then call Run, which blocks until its context ends. Login,
-// Logout, Foreground and Background send app events on the current link.
+// Handler per business with Handle and per topic with HandleTopic (and
+// optionally HandleDefault, HandleReset and HandleTopicReset), then call
+// Run, which blocks until its context ends. Login, Logout, Foreground and
+// Background send app events on the current link.
 //
 // # Delivery
 //
@@ -28,17 +29,51 @@
 // expires_ms has passed by the server's clock is dropped but passes the
 // sync point (Stats.Expired). A business the server resets (its stream
 // was recreated) goes to the ResetHandler and loses its sync point before
-// the round's items are delivered.
+// the round's items are delivered. A round ends with a Sync frame with
+// done set, which may carry no items.
 //
-// When a handler returns nil the business's sync point advances in
-// memory. Points are written to StateDir (temporary file, fsync, rename)
-// and then acked to the server, at most AckInterval after an item and at
-// once at the end of every sync round: never acked before persisted. When
-// a handler fails, nothing past the item is acked: the client persists
-// what came before, closes the link and reconnects with backoff, and the
-// server sends the item again. Delivery is at least once: an item
-// processed but not yet persisted when the process dies comes again
-// after the restart; short of that, each item reaches its handler once.
+// When a handler returns nil the business's sync point (or the topic's
+// cursor) advances in memory. Points and cursors are written to StateDir
+// (temporary file, fsync, rename) and then acked to the server, at most
+// AckInterval after an item and at once at the end of every sync round:
+// never acked before persisted. When a handler fails, nothing past the
+// item is acked: the client persists what came before, closes the link and
+// reconnects with backoff, and the server sends the item again. Delivery
+// is at least once: an item processed but not yet persisted when the
+// process dies comes again after the restart; short of that, each item
+// reaches its handler once.
+//
+// # Topics
+//
+// A user follows topics (read diffusion: a topic message is stored once,
+// in the topic's stream), and the built-in topic "_all" reaches every
+// device. The server merges the topics' messages into the same sync rounds
+// and live delivery as the businesses'. A topic item has Item.Topic set;
+// its Id and Epoch are the topic stream's, so the client keeps a cursor
+// per topic (a SyncPoint, see TopicCursors) beside the sync points: it
+// presents the cursors in each Hello (Hello.topics), dedupes topic items
+// against them exactly as business items against their points, and acks
+// them (Ack.topics) with the same rule, persisted first. A topic item goes
+// to the handler of its topic (HandleTopic), else to that of its business
+// (Item.Business, when the message names the component that handles it),
+// else to the default handler. A topic the server resets (Sync.topic_resets:
+// its stream was recreated) goes to the HandleTopicReset function and
+// loses its cursor before the round's items are delivered
+// (Stats.TopicResets). Topic ids are the same for every user, so topic
+// cursors are kept when the bound user changes.
+//
+// # Deferred buckets
+//
+// Under load the server may defer the lower-priority buckets (groups of
+// businesses) of a round: the round's done frame lists them
+// (Sync.deferred), and their items come neither in the round nor live. The
+// client then sends a FOREGROUND event, which starts a round, after
+// Sync.retry_after_ms (DefaultDeferRetry if 0) plus a random jitter of up
+// to DeferJitter of it (Stats.Deferrals, Stats.DeferRetries). It asks once
+// per deferral: another deferral re-arms the wait, a round that ends
+// without deferrals cancels it, and so does the end of the link (the next
+// link's Hello starts a round anyway). The server also runs a round by
+// itself a little later if the client does not ask.
 //
 // # Links and reconnection
 //
@@ -74,16 +109,18 @@
 // user and the server resets the user's businesses in the next round
 // (HandleReset is told). When a link opens with a token for another user
 // than the stored points', the client drops all its points (it cannot
-// tell which businesses are the user's) and says Hello again without
-// them: the server then resumes each business from the sync point it
-// recorded, device businesses as last acked and the user's as acked under
-// that user, so little or nothing comes twice. Dropping the app's own
-// data of the previous user is the app's business.
+// tell which businesses are the user's; topic cursors stay, as topic ids
+// mean the same for every user) and says Hello again without them: the
+// server then resumes each business from the sync point it recorded,
+// device businesses as last acked and the user's as acked under that
+// user, so little or nothing comes twice. Dropping the app's own data of
+// the previous user is the app's business.
 //
 // # Concurrency
 //
 // A Client's methods are safe for concurrent use; one Run runs at a time
 // (ErrRunning). Run owns every goroutine it starts, a reader and a pinger
-// per link, and returns after they exit. Client.mu (handlers, stats, the
+// per link, and returns after they exit; its timers (acks, deferral
+// retries) fire into Run's own loop. Client.mu (handlers, stats, the
 // current link) and a link's write lock are never held together.
 package client

@@ -17,11 +17,14 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/client"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
+	"github.com/sluicehq/sluice/topics"
+	"github.com/sluicehq/sluice/topics/topicstest"
 )
 
 var (
@@ -35,6 +38,9 @@ type env struct {
 	t      *testing.T
 	log    *oplog.Log
 	in     *oplog.Inbox
+	tp     *topics.Topics     // set by withTopics: the nodes serve topics
+	bm     *buckets.Map       // set by withBuckets: the nodes plan rounds by bucket
+	sched  *buckets.Scheduler // likewise
 	pub    ed25519.PublicKey
 	signer *gateway.Signer
 }
@@ -49,6 +55,38 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	return &env{t: t, log: l, in: in, pub: pub, signer: gateway.NewSigner(priv)}
+}
+
+// withTopics runs a topic store on e's log; the nodes started afterwards
+// serve topics.
+func (e *env) withTopics() *env {
+	e.t.Helper()
+	e.tp = topicstest.MustRun(e.t, topics.Config{Log: e.log})
+	return e
+}
+
+// withBuckets runs a bucket map on e's log and a scheduler; the nodes
+// started afterwards plan their rounds by bucket and may defer some.
+func (e *env) withBuckets() *env {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	bm, err := buckets.Open(ctx, buckets.Config{Log: e.log})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- bm.Run(runCtx) }()
+	e.t.Cleanup(func() {
+		stop()
+		if err := <-done; err != nil {
+			e.t.Errorf("buckets run: %v", err)
+		}
+		_ = bm.Close()
+	})
+	e.bm, e.sched = bm, buckets.NewScheduler(buckets.SchedulerConfig{})
+	return e
 }
 
 func (e *env) node(mod func(*gateway.Config)) *node {
@@ -77,7 +115,10 @@ type node struct {
 
 func (e *env) startNode(mod func(*gateway.Config), withTLS bool) *node {
 	e.t.Helper()
-	cfg := gateway.Config{Inbox: e.in, Tokens: gateway.NewVerifier(e.pub)}
+	cfg := gateway.Config{Inbox: e.in, Tokens: gateway.NewVerifier(e.pub), Topics: e.tp}
+	if e.bm != nil {
+		cfg.Buckets, cfg.Scheduler = e.bm, e.sched
+	}
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -170,7 +211,8 @@ func (e *env) serverPoints(device string) map[string]oplog.SyncPoint {
 	return sp
 }
 
-// recorder keeps the items handlers received, by business.
+// recorder keeps the items handlers received, by business; topic items
+// by "#" and their topic.
 type recorder struct {
 	mu    sync.Mutex
 	items map[string][]*client.Item
@@ -182,7 +224,11 @@ func newRecorder() *recorder { return &recorder{items: map[string][]*client.Item
 func (r *recorder) handle(_ context.Context, it *client.Item) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.items[it.Business] = append(r.items[it.Business], it)
+	key := it.Business
+	if it.Topic != "" {
+		key = "#" + it.Topic
+	}
+	r.items[key] = append(r.items[key], it)
 	if r.fail != nil {
 		return r.fail(it)
 	}

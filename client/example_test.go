@@ -51,3 +51,32 @@ func Example() {
 		fmt.Println(err)
 	}
 }
+
+// Topics the user follows, and "_all" (every device), come on the same
+// link: a topic item goes to its topic's handler, else to its business's,
+// else to the default one. The client keeps a cursor per topic beside the
+// sync points, and a reset topic goes to HandleTopicReset.
+func ExampleClient_HandleTopic() {
+	c, err := client.New(client.Config{
+		URL:      "wss://gw.example.com:7481/v1/ws",
+		Token:    fetchToken,
+		StateDir: filepath.Join(os.TempDir(), "sluice-example"),
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	c.HandleTopic("news", func(ctx context.Context, it *client.Item) error {
+		fmt.Printf("news %d: %s\n", it.Id, it.Payload)
+		return nil
+	})
+	c.HandleTopic("_all", func(ctx context.Context, it *client.Item) error {
+		fmt.Printf("announcement: %s\n", it.Payload)
+		return nil
+	})
+	c.HandleTopicReset(func(ctx context.Context, topic string) error {
+		fmt.Println("topic recreated, dropping what we had of", topic)
+		return nil
+	})
+	_ = c.Run(context.Background())
+}

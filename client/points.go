@@ -10,8 +10,9 @@ import (
 )
 
 // SyncPoint is the highest id of one business the client has processed,
-// with the epoch of the oplog shard that id belongs to. Ids are comparable
-// only within one epoch.
+// with the epoch of the oplog shard that id belongs to; or, as a topic
+// cursor, the highest id of one topic, with the epoch of the topic stream.
+// Ids are comparable only within one epoch.
 type SyncPoint struct {
 	ID    uint64 `json:"id"`
 	Epoch uint64 `json:"epoch"`
@@ -20,16 +21,21 @@ type SyncPoint struct {
 // stateFile is the name of the sync point file in Config.StateDir.
 const stateFile = "points.json"
 
-// stateVersion is the version of the file's format.
+// stateVersion is the version of the file's format. Fields added since
+// are optional and keep it: a file without them loads as before, and a
+// client that does not know them ignores them (it then drops them at its
+// next save, which costs a resync of what they covered, nothing more).
 const stateVersion = 1
 
-// stateDoc is the file's content: the sync points, and the user bound
-// when they were earned (ids of a user's businesses mean nothing for
-// another user).
+// stateDoc is the file's content: the sync points, the user bound when
+// they were earned (ids of a user's businesses mean nothing for another
+// user), and the topic cursors (ids of topic streams, the same for every
+// user; absent in files of older clients).
 type stateDoc struct {
 	Version int                  `json:"version"`
 	User    string               `json:"user"`
 	Points  map[string]SyncPoint `json:"points"`
+	Topics  map[string]SyncPoint `json:"topics,omitempty"`
 }
 
 // loadPoints reads the state persisted in dir: none if there is no file
@@ -43,7 +49,7 @@ func loadPoints(dir string) (stateDoc, error) {
 	path := filepath.Join(dir, stateFile)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return stateDoc{Version: stateVersion, Points: map[string]SyncPoint{}}, nil
+		return stateDoc{Version: stateVersion, Points: map[string]SyncPoint{}, Topics: map[string]SyncPoint{}}, nil
 	}
 	if err != nil {
 		return stateDoc{}, fmt.Errorf("client: read state: %w", err)
@@ -58,14 +64,18 @@ func loadPoints(dir string) (stateDoc, error) {
 	if doc.Points == nil {
 		doc.Points = map[string]SyncPoint{}
 	}
+	if doc.Topics == nil {
+		doc.Topics = map[string]SyncPoint{}
+	}
 	return doc, nil
 }
 
-// savePoints replaces the state file in dir atomically: it writes a
+// savePoints replaces the state file in dir atomically with the sync
+// points earned under user and the topic cursors: it writes a
 // temporary file, syncs it, renames it over the old one and syncs the
 // directory, so a crash leaves either the old state or the new one.
-func savePoints(dir, user string, points map[string]SyncPoint) (err error) {
-	b, err := json.Marshal(stateDoc{Version: stateVersion, User: user, Points: points})
+func savePoints(dir, user string, points, topics map[string]SyncPoint) (err error) {
+	b, err := json.Marshal(stateDoc{Version: stateVersion, User: user, Points: points, Topics: topics})
 	if err != nil {
 		return fmt.Errorf("client: encode state: %w", err)
 	}

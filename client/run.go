@@ -1,10 +1,10 @@
 package client
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"time"
 
@@ -13,8 +13,53 @@ import (
 	"github.com/sluicehq/sluice/gateway/wire"
 )
 
-// maxPoints is the most sync points the server takes in one Hello or Ack.
-const maxPoints = 1000
+// maxPoints is the most sync points the server takes in one Hello or Ack;
+// maxTopics the most topic cursors.
+const (
+	maxPoints = 1000
+	maxTopics = 1000
+)
+
+// marks are what the client processed of one kind of stream: sync points
+// by business, or topic cursors by topic; and which of them the server was
+// not sent yet.
+type marks struct {
+	at      map[string]SyncPoint
+	unacked map[string]bool
+}
+
+func newMarks(at map[string]SyncPoint) marks {
+	if at == nil {
+		at = map[string]SyncPoint{}
+	}
+	return marks{at: at, unacked: map[string]bool{}}
+}
+
+// has reports whether a stored item of name with id and epoch is at or
+// below the mark of the same epoch: a duplicate. Ids of another epoch are
+// not comparable, so they are never duplicates.
+func (m marks) has(name string, id, epoch uint64) bool {
+	p, ok := m.at[name]
+	return ok && p.Epoch == epoch && id <= p.ID
+}
+
+// advance sets the mark of name, to be acked.
+func (m marks) advance(name string, id, epoch uint64) {
+	m.at[name] = SyncPoint{ID: id, Epoch: epoch}
+	m.unacked[name] = true
+}
+
+// drop forgets the mark of name.
+func (m marks) drop(name string) {
+	delete(m.at, name)
+	delete(m.unacked, name)
+}
+
+// pending returns the names whose mark the server was not sent yet, in
+// order.
+func (m marks) pending() []string {
+	return slices.Sorted(maps.Keys(m.unacked))
+}
 
 // run is the state of one Run across its links. Only Run's goroutine
 // touches it: it delivers items, so handlers never run concurrently.
@@ -22,15 +67,22 @@ type run struct {
 	c   *Client
 	log zerolog.Logger
 
-	points  map[string]SyncPoint // processed, by business
-	owner   string               // the user bound when the points were earned
-	dirty   bool                 // points (or owner) differ from the file
-	unacked map[string]bool      // businesses whose point the server was not sent yet
-	session string               // the last Welcome's session id, for the next Hello
+	points  marks  // sync points, by business
+	topics  marks  // topic cursors, by topic: kept when the user changes
+	owner   string // the user bound when the points were earned
+	dirty   bool   // points, topics (or owner) differ from the file
+	session string // the last Welcome's session id, for the next Hello
 
 	timer        *time.Timer // persist-and-ack timer, running while armed
 	armed        bool
 	persistErrAt time.Time // when a failed persist was last logged
+
+	// retry asks the server for the buckets it deferred (a FOREGROUND
+	// event) on the link of the round that deferred them: armed by the
+	// round's done frame, disarmed by a done frame without deferrals and
+	// when the link ends.
+	retry      *time.Timer
+	retryArmed bool
 }
 
 // linkResult is how one connection attempt ended, and what Run does next.
@@ -45,11 +97,13 @@ type linkResult struct {
 
 func newRun(c *Client) *run {
 	c.mu.Lock()
-	points, owner := maps.Clone(c.persisted), c.persistedUser
+	points, owner, topics := maps.Clone(c.persisted), c.persistedUser, maps.Clone(c.persistedTopics)
 	c.mu.Unlock()
 	t := time.NewTimer(time.Hour)
 	t.Stop()
-	return &run{c: c, log: c.log, points: points, owner: owner, unacked: map[string]bool{}, timer: t}
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	return &run{c: c, log: c.log, points: newMarks(points), topics: newMarks(topics), owner: owner, timer: t, retry: retry}
 }
 
 // runLink makes one connection and serves it until it ends.
@@ -130,35 +184,46 @@ func (r *run) open(ctx context.Context, ep endpoint, token string) (*link, linkR
 // switchUser reports that the client must say Hello again without them.
 // The client does not know which businesses are the user's, so it drops
 // all: the server resumes each from its recorded sync point (device
-// businesses as acked, user ones as acked under this user).
+// businesses as acked, user ones as acked under this user). Topic cursors
+// stay: topic ids are the same for every user.
 func (r *run) switchUser(user string) (again bool) {
 	if user == r.owner {
 		return false
 	}
-	again = len(r.points) > 0
+	again = len(r.points.at) > 0
 	if again {
-		r.log.Info().Str("user", user).Str("previous", r.owner).Int("points", len(r.points)).Msg("bound user changed: sync points dropped")
+		r.log.Info().Str("user", user).Str("previous", r.owner).Int("points", len(r.points.at)).Msg("bound user changed: sync points dropped")
 	}
 	r.owner = user
-	clear(r.points)
-	clear(r.unacked)
+	clear(r.points.at)
+	clear(r.points.unacked)
 	r.dirty = true
 	r.flush(context.Background(), nil)
 	return again
 }
 
 // hello is the Hello frame for ep: the token, the attributes, the sync
-// points, the compression the client takes, the previous session.
+// points and topic cursors, the compression the client takes, the
+// previous session.
 func (r *run) hello(ep endpoint, token string) *gatewaypb.Frame {
 	h := &gatewaypb.Hello{Version: wire.Version, Token: token, Attrs: r.c.attrs, SessionId: r.session, PointsUser: r.owner}
-	for _, biz := range slices.Sorted(maps.Keys(r.points)) {
+	for _, biz := range slices.Sorted(maps.Keys(r.points.at)) {
 		if len(h.Points) == maxPoints {
 			// Omitted businesses resume from the device's recorded points.
-			r.log.Warn().Int("points", len(r.points)).Msg("too many sync points for one hello")
+			r.log.Warn().Int("points", len(r.points.at)).Msg("too many sync points for one hello")
 			break
 		}
-		p := r.points[biz]
+		p := r.points.at[biz]
 		h.Points = append(h.Points, &gatewaypb.SyncPoint{Business: biz, Id: p.ID, Epoch: p.Epoch})
+	}
+	for _, topic := range slices.Sorted(maps.Keys(r.topics.at)) {
+		if len(h.Topics) == maxTopics {
+			// Omitted topics resume from the device's recorded cursors.
+			r.log.Warn().Int("topics", len(r.topics.at)).Msg("too many topic cursors for one hello")
+			break
+		}
+		p := r.topics.at[topic]
+		h.Topics = append(h.Topics, &gatewaypb.TopicCursor{Topic: topic, Id: p.ID, Epoch: p.Epoch})
 	}
 	if !r.c.cfg.NoCompression && !(ep.ws && r.c.cfg.JSON) {
 		h.Compression = []gatewaypb.Compression{gatewaypb.Compression_COMPRESSION_ZSTD}
@@ -235,7 +300,8 @@ func (r *run) serve(ctx context.Context, l *link) linkResult {
 	started := time.Now()
 	roundDone := false
 	l.start()
-	if len(r.unacked) > 0 {
+	defer r.disarmRetry() // a deferral is the link's: the next Hello starts a round anyway
+	if len(r.points.unacked) > 0 || len(r.topics.unacked) > 0 {
 		r.arm() // acks the previous link could not send
 	}
 	for {
@@ -252,6 +318,9 @@ func (r *run) serve(ctx context.Context, l *link) linkResult {
 		case <-r.timer.C:
 			r.armed = false
 			r.flush(context.Background(), l)
+		case <-r.retry.C:
+			r.retryArmed = false
+			r.retryDeferred(l)
 		case f, ok := <-l.frames:
 			if !ok {
 				l.stop(false)
@@ -277,15 +346,21 @@ func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done boo
 	switch b := f.Body.(type) {
 	case *gatewaypb.Frame_Sync:
 		for _, biz := range b.Sync.Resets {
-			if err := r.reset(ctx, biz); err != nil || ctx.Err() != nil {
+			if err := r.reset(ctx, biz, false); err != nil || ctx.Err() != nil {
+				return false, err
+			}
+		}
+		for _, topic := range b.Sync.TopicResets {
+			if err := r.reset(ctx, topic, true); err != nil || ctx.Err() != nil {
 				return false, err
 			}
 		}
 		if err := r.deliver(ctx, l, b.Sync.Items); err != nil || ctx.Err() != nil {
 			return false, err
 		}
-		if b.Sync.Done {
+		if b.Sync.Done { // its items, if any, are delivered: it may have none
 			r.c.count(func(s *Stats) { s.Rounds++ })
+			r.deferred(b.Sync)
 			r.flush(context.Background(), l)
 			return true, nil
 		}
@@ -295,45 +370,101 @@ func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done boo
 	return false, nil
 }
 
-// reset forgets a business whose stream the server recreated, after the
-// app dropped its state.
-func (r *run) reset(ctx context.Context, biz string) error {
-	if h := r.c.resetHandler(); h != nil {
-		if err := h(ctx, biz); err != nil {
+// reset forgets a business (or a topic) whose stream the server
+// recreated, after the app dropped its state.
+func (r *run) reset(ctx context.Context, name string, topic bool) error {
+	what, m := "business", r.points
+	if topic {
+		what, m = "topic", r.topics
+	}
+	if h := r.c.resetHandler(topic); h != nil {
+		if err := h(ctx, name); err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
 			r.c.count(func(s *Stats) { s.HandlerErrors++ })
-			return fmt.Errorf("reset handler of %s failed: %v", biz, err)
+			return fmt.Errorf("reset handler of %s %s failed: %v", what, name, err)
 		}
 	}
-	r.log.Info().Str("business", biz).Msg("business reset by the server")
-	delete(r.points, biz)
-	delete(r.unacked, biz)
+	if topic {
+		r.log.Info().Str("topic", name).Msg("topic reset by the server")
+		r.c.count(func(s *Stats) { s.TopicResets++ })
+	} else {
+		r.log.Info().Str("business", name).Msg("business reset by the server")
+		r.c.count(func(s *Stats) { s.Resets++ })
+	}
+	m.drop(name)
 	r.dirty = true
 	r.arm()
-	r.c.count(func(s *Stats) { s.Resets++ })
 	return nil
 }
 
+// deferred arms the deferral retry when the done frame s lists buckets the
+// server deferred, re-arming one already armed; without any it disarms
+// it, as the round read everything.
+func (r *run) deferred(s *gatewaypb.Sync) {
+	if len(s.Deferred) == 0 {
+		r.disarmRetry()
+		return
+	}
+	d := deferDelay(s.RetryAfterMs)
+	r.log.Info().Strs("bucket", s.Deferred).Dur("retry_in", d).Msg("buckets deferred by the server")
+	r.c.count(func(st *Stats) { st.Deferrals++ })
+	r.retry.Reset(d)
+	r.retryArmed = true
+}
+
+// deferDelay is the wait before asking again for deferred buckets:
+// retry_after_ms (DefaultDeferRetry if 0) plus a uniform jitter of up to
+// DeferJitter of it.
+func deferDelay(retryAfterMs uint32) time.Duration {
+	d := time.Duration(retryAfterMs) * time.Millisecond
+	if d <= 0 {
+		d = DefaultDeferRetry
+	}
+	return d + rand.N(time.Duration(float64(d)*DeferJitter)+1)
+}
+
+func (r *run) disarmRetry() {
+	if r.retryArmed {
+		r.retry.Stop()
+		r.retryArmed = false
+	}
+}
+
+// retryDeferred asks the server for the buckets it deferred: a FOREGROUND
+// event starts a round. If the link is gone the next Hello's round reads
+// them.
+func (r *run) retryDeferred(l *link) {
+	ev := &gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_FOREGROUND}}}
+	if err := l.send(context.Background(), ev); err != nil {
+		l.log.Debug().Err(err).Msg("deferral retry not sent")
+		return
+	}
+	r.c.count(func(s *Stats) { s.DeferRetries++ })
+}
+
 // deliver passes items to their handlers in order, dropping duplicates
-// and expired items, and advances the sync points.
+// and expired items, and advances the sync points (of businesses, or the
+// cursors of topics for topic items).
 func (r *run) deliver(ctx context.Context, l *link, items []*Item) error {
 	for _, it := range items {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if it.Id != 0 {
-			if p, ok := r.points[it.Business]; ok && p.Epoch == it.Epoch && it.Id <= p.ID {
-				r.c.count(func(s *Stats) { s.Duplicates++ })
-				continue
-			}
+		m, name := r.points, it.Business
+		if it.Topic != "" {
+			m, name = r.topics, it.Topic
 		}
-		switch h := r.c.handler(it.Business); {
+		if it.Id != 0 && m.has(name, it.Id, it.Epoch) {
+			r.c.count(func(s *Stats) { s.Duplicates++ })
+			continue
+		}
+		switch h := r.c.handler(it); {
 		case it.ExpiresMs != 0 && it.ExpiresMs <= time.Now().Add(l.offset).UnixMilli():
 			r.c.count(func(s *Stats) { s.Expired++ })
 		case h == nil:
-			r.log.Debug().Str("business", it.Business).Uint64("id", it.Id).Msg("no handler: item dropped")
+			r.log.Debug().Str("business", it.Business).Str("topic", it.Topic).Uint64("id", it.Id).Msg("no handler: item dropped")
 			r.c.count(func(s *Stats) { s.Unhandled++ })
 		default:
 			if err := h(ctx, it); err != nil {
@@ -342,17 +473,24 @@ func (r *run) deliver(ctx context.Context, l *link, items []*Item) error {
 				}
 				r.c.count(func(s *Stats) { s.HandlerErrors++ })
 				if it.Id == 0 { // transient: it cannot come again
-					r.log.Warn().Err(err).Str("business", it.Business).Msg("handler failed on a transient item")
+					r.log.Warn().Err(err).Str("business", it.Business).Str("topic", it.Topic).Msg("handler failed on a transient item")
 					continue
 				}
 				// Run logs it as the reason the link ended.
+				if it.Topic != "" {
+					return fmt.Errorf("handler of topic %s failed at id %d: %v", it.Topic, it.Id, err)
+				}
 				return fmt.Errorf("handler of %s failed at id %d: %v", it.Business, it.Id, err)
 			}
-			r.c.count(func(s *Stats) { s.Delivered++ })
+			r.c.count(func(s *Stats) {
+				s.Delivered++
+				if it.Topic != "" {
+					s.TopicItems++
+				}
+			})
 		}
 		if it.Id != 0 {
-			r.points[it.Business] = SyncPoint{ID: it.Id, Epoch: it.Epoch}
-			r.unacked[it.Business] = true
+			m.advance(name, it.Id, it.Epoch)
 			r.dirty = true
 			r.arm()
 		}
@@ -368,16 +506,16 @@ func (r *run) arm() {
 	}
 }
 
-// flush persists the sync points if they changed, then acks on l (if not
-// nil), within ctx, those the server was not sent. Points reach the disk
-// before the server hears of them.
+// flush persists the sync points and topic cursors if they changed, then
+// acks on l (if not nil), within ctx, those the server was not sent. They
+// reach the disk before the server hears of them.
 func (r *run) flush(ctx context.Context, l *link) {
 	if r.armed {
 		r.timer.Stop()
 		r.armed = false
 	}
 	if r.dirty {
-		if err := savePoints(r.c.cfg.StateDir, r.owner, r.points); err != nil {
+		if err := savePoints(r.c.cfg.StateDir, r.owner, r.points.at, r.topics.at); err != nil {
 			if time.Since(r.persistErrAt) >= time.Minute {
 				r.log.Error().Err(err).Msg("sync points not persisted; acks wait")
 				r.persistErrAt = time.Now()
@@ -386,26 +524,34 @@ func (r *run) flush(ctx context.Context, l *link) {
 			return
 		}
 		r.dirty = false
-		r.c.setPersisted(r.owner, maps.Clone(r.points))
+		r.c.setPersisted(r.owner, maps.Clone(r.points.at), maps.Clone(r.topics.at))
 	}
-	if l == nil || len(r.unacked) == 0 {
+	if l == nil {
 		return
 	}
-	points := make([]*gatewaypb.SyncPoint, 0, len(r.unacked))
-	for biz := range r.unacked {
-		p := r.points[biz]
-		points = append(points, &gatewaypb.SyncPoint{Business: biz, Id: p.ID, Epoch: p.Epoch})
-	}
-	slices.SortFunc(points, func(a, b *gatewaypb.SyncPoint) int { return cmp.Compare(a.Business, b.Business) })
-	for chunk := range slices.Chunk(points, maxPoints) {
-		ack := &gatewaypb.Frame{Body: &gatewaypb.Frame_Ack{Ack: &gatewaypb.Ack{Points: chunk}}}
-		if err := l.send(ctx, ack); err != nil {
+	bizs, topics := r.points.pending(), r.topics.pending()
+	for len(bizs) > 0 || len(topics) > 0 {
+		nb, nt := min(len(bizs), maxPoints), min(len(topics), maxTopics)
+		ack := &gatewaypb.Ack{}
+		for _, biz := range bizs[:nb] {
+			p := r.points.at[biz]
+			ack.Points = append(ack.Points, &gatewaypb.SyncPoint{Business: biz, Id: p.ID, Epoch: p.Epoch})
+		}
+		for _, topic := range topics[:nt] {
+			p := r.topics.at[topic]
+			ack.Topics = append(ack.Topics, &gatewaypb.TopicCursor{Topic: topic, Id: p.ID, Epoch: p.Epoch})
+		}
+		if err := l.send(ctx, &gatewaypb.Frame{Body: &gatewaypb.Frame_Ack{Ack: ack}}); err != nil {
 			l.log.Debug().Err(err).Msg("ack not sent")
 			return // the next link sends them
 		}
 		r.c.count(func(s *Stats) { s.Acks++ })
-		for _, p := range chunk {
-			delete(r.unacked, p.Business)
+		for _, biz := range bizs[:nb] {
+			delete(r.points.unacked, biz)
 		}
+		for _, topic := range topics[:nt] {
+			delete(r.topics.unacked, topic)
+		}
+		bizs, topics = bizs[nb:], topics[nt:]
 	}
 }

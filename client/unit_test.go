@@ -2,9 +2,12 @@ package client
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -31,11 +34,12 @@ func TestBackoff(t *testing.T) {
 
 func TestPointsFile(t *testing.T) {
 	dir := t.TempDir()
-	if st, err := loadPoints(dir); err != nil || len(st.Points) != 0 || st.User != "" {
+	if st, err := loadPoints(dir); err != nil || len(st.Points) != 0 || len(st.Topics) != 0 || st.Topics == nil || st.User != "" {
 		t.Fatalf("empty dir: %+v, %v", st, err)
 	}
 	want := map[string]SyncPoint{"chat": {ID: 7, Epoch: 3}, "config": {ID: 9, Epoch: 4}}
-	if err := savePoints(dir, "ann", want); err != nil {
+	wantTopics := map[string]SyncPoint{"news": {ID: 12, Epoch: 5}, "_all": {ID: 2, Epoch: 5}}
+	if err := savePoints(dir, "ann", want, wantTopics); err != nil {
 		t.Fatal(err)
 	}
 	// A crash's leftover is removed at load.
@@ -43,19 +47,62 @@ func TestPointsFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	st, err := loadPoints(dir)
-	if got := st.Points; err != nil || st.User != "ann" || len(got) != 2 || got["chat"] != want["chat"] || got["config"] != want["config"] {
-		t.Fatalf("got %+v, %v; want %v of ann", st, err, want)
+	if err != nil || st.User != "ann" || !maps.Equal(st.Points, want) || !maps.Equal(st.Topics, wantTopics) {
+		t.Fatalf("got %+v, %v; want %v and topics %v of ann", st, err, want, wantTopics)
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "*.tmp-*")); len(left) != 0 {
 		t.Fatalf("temporary files left: %v", left)
 	}
-	for _, bad := range []string{"{", `{"version":2,"points":{}}`} {
+	for _, bad := range []string{"{", `{"version":2,"points":{}}`, `{"version":1,"points":{},"topics":[]}`} {
 		if err := os.WriteFile(filepath.Join(dir, stateFile), []byte(bad), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := New(Config{URL: "tcp://127.0.0.1:1", StateDir: dir, Token: func(ctx context.Context) (string, error) { return "", nil }}); !errors.Is(err, ErrBadState) {
 			t.Fatalf("state %q: New returned %v, want ErrBadState", bad, err)
 		}
+	}
+}
+
+// TestPointsFileCompatible: the topic cursors are an optional field of
+// format version 1. A file of an older client, without them, loads; a
+// client without topic cursors writes what an older client wrote; and
+// what the client wrote carries the cursors under "topics".
+func TestPointsFileCompatible(t *testing.T) {
+	dir := t.TempDir()
+	const old = `{"version":1,"user":"ann","points":{"chat":{"id":7,"epoch":3}}}`
+	if err := os.WriteFile(filepath.Join(dir, stateFile), []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(Config{URL: "tcp://127.0.0.1:1", StateDir: dir, Token: func(ctx context.Context) (string, error) { return "", nil }})
+	if err != nil {
+		t.Fatalf("New with an older file: %v", err)
+	}
+	if p, tc := c.Points(), c.TopicCursors(); !maps.Equal(p, map[string]SyncPoint{"chat": {ID: 7, Epoch: 3}}) || len(tc) != 0 || tc == nil {
+		t.Fatalf("older file: points %v, topic cursors %v", p, tc)
+	}
+
+	if err := savePoints(dir, "ann", map[string]SyncPoint{"chat": {ID: 7, Epoch: 3}}, map[string]SyncPoint{}); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, stateFile)); string(b) != old {
+		t.Fatalf("without topic cursors the file is %s, want %s", b, old)
+	}
+
+	if err := savePoints(dir, "", nil, map[string]SyncPoint{"news": {ID: 1, Epoch: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	var doc map[string]any
+	b, _ := os.ReadFile(filepath.Join(dir, stateFile))
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{"version": 1.0, "user": "", "points": nil, "topics": map[string]any{"news": map[string]any{"id": 1.0, "epoch": 2.0}}}
+	if !reflect.DeepEqual(doc, want) {
+		t.Fatalf("file %s, want %v", b, want)
+	}
+	st, err := loadPoints(dir)
+	if err != nil || st.Points == nil || len(st.Points) != 0 || st.Topics["news"] != (SyncPoint{ID: 1, Epoch: 2}) {
+		t.Fatalf("loaded %+v, %v", st, err)
 	}
 }
 

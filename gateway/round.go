@@ -408,8 +408,8 @@ var errStaleRound = errors.New("gateway: sync round of a previous user")
 
 // deferLocked records the businesses (and topics) a round deferred: their
 // live entries are dropped until a later round reads them. The client is
-// told when to come back; if it does not, a round runs by itself a
-// quarter later than that.
+// told when to come back (it adds up to a quarter of jitter); if it does
+// not, a round runs by itself half as late again.
 func (ss *session) deferLocked(biz map[string]bool, topics bool, retry time.Duration) {
 	if len(biz) == 0 && !topics {
 		ss.deferred, ss.deferTopics = nil, false
@@ -420,7 +420,7 @@ func (ss *session) deferLocked(biz map[string]bool, topics bool, retry time.Dura
 	}
 	ss.deferred, ss.deferTopics = biz, topics
 	after := max(retry, 100*time.Millisecond)
-	after += after / 4
+	after += after / 2
 	if ss.retry == nil {
 		ss.retry = time.AfterFunc(after, ss.startRound)
 	} else {

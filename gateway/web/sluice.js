@@ -6,6 +6,7 @@
  *
  *   const c = new Sluice.Client({token: () => fetchToken()});
  *   c.handle("chat", async (item) => { await save(item.id, item.text); });
+ *   c.handleTopic("news", (item) => showNews(item.text));
  *   c.start();
  *
  * Delivery: items reach handlers one at a time, in arrival order (per
@@ -31,6 +32,25 @@
  * gateway resets the user's businesses in the next round (opts.onReset is
  * told), and opts.token must return tokens for the new user from then on.
  *
+ * Topics (read diffusion): the gateway merges the messages of the topics
+ * the user follows, and of the built-in topic "_all" (every device), into
+ * the same rounds and live items. A topic item has item.topic set; its id
+ * and epoch are the topic stream's, so the client keeps a cursor per topic
+ * beside the points (topicCursors()), presents them in Hello.topics, drops
+ * duplicates against them and acknowledges them (Ack.topics) like points.
+ * A topic item goes to the handler of its topic (handleTopic), else to
+ * that of its business (item.business, when the message names one), else
+ * to the default handler. A topic the gateway resets (Sync.topicResets:
+ * its stream was recreated) loses its cursor, and opts.onTopicReset(topic)
+ * is told. Topic ids are the same for every user: cursors stay when the
+ * user changes.
+ *
+ * Deferred buckets: under load the gateway may defer lower-priority
+ * buckets of businesses; the round's done frame lists them (deferred) with
+ * retryAfterMs. The client then sends a FOREGROUND event after retryAfterMs
+ * (1000 if 0) plus a random 0-25%, once; another deferral re-arms it, a
+ * round without deferrals or the end of the link cancels it.
+ *
  * Ids and epochs are unsigned 64-bit integers: the client compares them as
  * BigInt and hands them to handlers as decimal strings.
  */
@@ -40,12 +60,15 @@
   var PROTOCOL = "sluice.v1.json";
   var VERSION = 1;
   var MAX_POINTS = 1000; // sync points per Hello or Ack (gateway limit)
+  var MAX_TOPICS = 1000; // topic cursors per Hello or Ack (gateway limit)
+  var DEFER_RETRY_MS = 1000; // wait for deferred buckets when the gateway names none
+  var DEFER_JITTER = 0.25; // of the wait, at most
   var ZERO = typeof BigInt === "function" ? BigInt(0) : null;
 
   var ERROR_CODES = ["CODE_UNSPECIFIED", "CODE_BAD_FRAME", "CODE_FRAME_TOO_LARGE", "CODE_UNAUTHENTICATED",
     "CODE_TOKEN_EXPIRED", "CODE_UNSUPPORTED_VERSION", "CODE_INVALID", "CODE_RATE_LIMITED",
     "CODE_SLOW_CONSUMER", "CODE_UNAVAILABLE", "CODE_INTERNAL", "CODE_TOO_MANY_CONNECTIONS"];
-  var STATE_VERSION = 1; // format of the saved points
+  var STATE_VERSION = 1; // format of the saved points; "topics" is an optional key of it
   var GOAWAY_REASONS = ["REASON_UNSPECIFIED", "REASON_SHUTDOWN", "REASON_REPLACED", "REASON_SLOW_CONSUMER",
     "REASON_IDLE", "REASON_DEAD_LINK", "REASON_PROTOCOL", "REASON_AUTH"];
   var ATTRS = ["appVersion", "os", "osVersion", "model", "region", "network", "channel", "sdk"];
@@ -91,6 +114,7 @@
       id: id.toString(),
       epoch: epoch.toString(),
       business: r.business || "",
+      topic: r.topic || "",
       kind: r.kind || 0,
       payload: payload,
       text: utf8 ? utf8.decode(payload) : "",
@@ -101,6 +125,22 @@
       transient: id === ZERO,
     };
     return { item: item, id: id, epoch: epoch };
+  }
+
+  // marksObject returns sync points or topic cursors as saved and shown:
+  // {name: {id, epoch}} with decimal strings.
+  function marksObject(m) {
+    var out = {};
+    m.forEach(function (p, k) { out[k] = { id: p.id.toString(), epoch: p.epoch.toString() }; });
+    return out;
+  }
+
+  // loadMarks fills m from a saved marksObject, if any.
+  function loadMarks(m, o) {
+    o = o || {};
+    for (var k in o) {
+      if (Object.prototype.hasOwnProperty.call(o, k) && o[k]) m.set(k, { id: u64(o[k].id), epoch: u64(o[k].epoch) });
+    }
   }
 
   function defaultURL() {
@@ -146,13 +186,17 @@
         onState: typeof opts.onState === "function" ? opts.onState : noop,
         onError: typeof opts.onError === "function" ? opts.onError : noop,
         onReset: typeof opts.onReset === "function" ? opts.onReset : null,
+        onTopicReset: typeof opts.onTopicReset === "function" ? opts.onTopicReset : null,
       };
       if (!this._o.url) throw new Error("sluice: no url and no page location");
       this._handlers = new Map();
+      this._topicHandlers = new Map();
       this._default = null;
       this._points = new Map(); // business -> {id, epoch} (BigInt)
+      this._topics = new Map(); // topic -> {id, epoch} (BigInt): the topic cursors
       this._owner = ""; // the user bound when the points were earned
       this._dirty = new Set(); // businesses whose point is not acknowledged yet
+      this._tdirty = new Set(); // topics whose cursor is not acknowledged yet
       this._unsaved = false;
       this._running = false;
       this._gen = 0; // bumped by start and stop: a connect of an older generation gives up
@@ -161,6 +205,8 @@
       this._failures = 0; // handler failures in a row
       this._retryTimer = null;
       this._ackTimer = null;
+      this._deferTimer = null; // asks for deferred buckets on _deferLink
+      this._deferLink = null;
       this._queue = []; // {link, sync|live}
       this._pumping = false;
       this._state = "closed";
@@ -169,7 +215,7 @@
       this._pagehide = () => this._flushAck();
       this._s = {
         connects: 0, welcomes: 0, delivered: 0, duplicates: 0, transient: 0, resets: 0,
-        expired: 0, acks: 0, pings: 0, pongs: 0, probes: 0, rttMs: 0, framesIn: 0, framesOut: 0, errors: 0,
+        topicItems: 0, topicResets: 0, deferrals: 0, deferRetries: 0, expired: 0, acks: 0, pings: 0, pongs: 0, probes: 0, rttMs: 0, framesIn: 0, framesOut: 0, errors: 0,
       };
       this._load();
     }
@@ -182,8 +228,16 @@
       return this;
     }
 
-    // handleDefault sets the handler of items of businesses without their
-    // own. Items nobody handles still advance their sync point.
+    // handleTopic sets the handler of one topic's items (item.topic). It
+    // comes before the handler of the item's business.
+    handleTopic(topic, fn) {
+      if (typeof fn !== "function") throw new TypeError("sluice: handler must be a function");
+      this._topicHandlers.set(topic, fn);
+      return this;
+    }
+
+    // handleDefault sets the handler of items no other handler takes.
+    // Items nobody handles still advance their sync point (or cursor).
     handleDefault(fn) {
       if (typeof fn !== "function") throw new TypeError("sluice: handler must be a function");
       this._default = fn;
@@ -233,9 +287,13 @@
     // points returns the saved sync points: {business: {id, epoch}} with
     // decimal strings.
     points() {
-      var out = {};
-      this._points.forEach(function (p, b) { out[b] = { id: p.id.toString(), epoch: p.epoch.toString() }; });
-      return out;
+      return marksObject(this._points);
+    }
+
+    // topicCursors returns the saved topic cursors: {topic: {id, epoch}}
+    // with decimal strings.
+    topicCursors() {
+      return marksObject(this._topics);
     }
 
     // stats returns counters and the link's state.
@@ -246,7 +304,7 @@
       s.user = this._owner;
       s.protocol = this._link && this._link.ws ? this._link.ws.protocol : "";
       s.queued = this._queue.length;
-      s.unacked = this._dirty.size;
+      s.unacked = this._dirty.size + this._tdirty.size;
       return s;
     }
 
@@ -297,7 +355,12 @@
       this._points.forEach(function (p, b) {
         if (points.length < MAX_POINTS) points.push({ business: b, id: p.id.toString(), epoch: p.epoch.toString() });
       });
+      var topics = [];
+      this._topics.forEach(function (p, t) {
+        if (topics.length < MAX_TOPICS) topics.push({ topic: t, id: p.id.toString(), epoch: p.epoch.toString() });
+      });
       var hello = { version: VERSION, token: link.token, attrs: this._attrs(), points: points, pointsUser: this._owner };
+      if (topics.length) hello.topics = topics;
       if (this._sessionId) hello.sessionId = this._sessionId;
       this._send(link, { hello: hello });
     }
@@ -369,7 +432,8 @@
       if (link.user !== this._owner) {
         // Points of another user: drop them all (which businesses are the
         // user's is the gateway's knowledge) and say Hello again without
-        // them, to resume from the points the gateway recorded.
+        // them, to resume from the points the gateway recorded. Topic
+        // cursors stay: topic ids are the same for every user.
         var again = this._points.size > 0;
         this._owner = link.user;
         this._points.clear();
@@ -383,7 +447,7 @@
       }
       link.beat = setInterval(() => this._beat(link), link.heartbeatMs);
       this._setState("syncing", { sessionId: this._sessionId, user: w.user || "", device: w.device || "" });
-      if (this._dirty.size) this._flushAck(); // handled while disconnected
+      if (this._dirty.size || this._tdirty.size) this._flushAck(); // handled while disconnected
     }
 
     // _beat pings, and drops a link silent for three heartbeats.
@@ -424,6 +488,7 @@
       link.down = true;
       clearTimeout(link.timer);
       clearInterval(link.beat);
+      if (this._deferLink === link) this._disarmDefer();
       if (this._link === link) this._link = null;
       this._flushAck(); // saves; the ack goes out on the next link
       if (!this._running) return;
@@ -469,6 +534,7 @@
       this._gen++;
       clearTimeout(this._retryTimer);
       this._retryTimer = null;
+      this._disarmDefer();
       this._queue.length = 0;
       this._flushAck();
       var l = this._link;
@@ -546,14 +612,57 @@
           }
         }
       }
+      var tresets = s.topicResets || [];
+      for (var j = 0; j < tresets.length; j++) {
+        // Likewise for a topic's stream: its cursor is void.
+        var tp = tresets[j];
+        this._s.topicResets++;
+        this._topics.delete(tp);
+        this._tdirty.delete(tp);
+        this._unsaved = true;
+        if (this._o.onTopicReset) {
+          try {
+            await this._o.onTopicReset(tp);
+          } catch (e) {
+            this._report({ code: "HANDLER", message: "onTopicReset(" + tp + "): " + (e && e.message || e), fatal: false });
+          }
+        }
+      }
+      // The done frame may carry no items.
       if (!(await this._items(link, s.items || []))) return;
       if (s.done) {
         this._flushAck();
         if (this._link === link && !link.down) {
           this._attempt = 0;
+          this._deferred(link, s);
           this._setState("live", { sessionId: this._sessionId });
         }
       }
+    }
+
+    // _deferred arms the request for the buckets the gateway deferred in
+    // the round that s ends (a FOREGROUND event after retryAfterMs plus up
+    // to 25%), replacing one armed before; a round without deferrals
+    // disarms it.
+    _deferred(link, s) {
+      this._disarmDefer();
+      var buckets = s.deferred || [];
+      if (!buckets.length) return;
+      this._s.deferrals++;
+      var wait = Number(s.retryAfterMs || 0) || DEFER_RETRY_MS;
+      wait += Math.floor(Math.random() * (wait * DEFER_JITTER + 1));
+      this._deferLink = link;
+      this._deferTimer = setTimeout(() => {
+        this._deferTimer = null;
+        this._deferLink = null;
+        if (this._link === link && !link.down && this._send(link, { event: { type: "TYPE_FOREGROUND" } })) this._s.deferRetries++;
+      }, wait);
+    }
+
+    _disarmDefer() {
+      if (this._deferTimer !== null) clearTimeout(this._deferTimer);
+      this._deferTimer = null;
+      this._deferLink = null;
     }
 
     // _items delivers items in order; false if a handler failed (the link
@@ -573,19 +682,23 @@
           return false;
         }
         var it = d.item;
-        var fn = this._handlers.get(it.business) || this._default;
+        var fn = (it.topic && this._topicHandlers.get(it.topic)) || this._handlers.get(it.business) || this._default;
         if (it.transient) {
           this._s.transient++;
           if (fn) {
             try {
               await fn(it);
             } catch (e) {
-              this._report({ code: "HANDLER", message: it.business + " transient item: " + (e && e.message || e), fatal: false });
+              this._report({ code: "HANDLER", message: (it.topic ? "topic " + it.topic : it.business) + " transient item: " + (e && e.message || e), fatal: false });
             }
           }
           continue;
         }
-        var p = this._points.get(it.business);
+        // A topic item's id is its topic stream's: it is deduped, and
+        // advances, the topic's cursor.
+        var marks = it.topic ? this._topics : this._points, name = it.topic || it.business;
+        var dirty = it.topic ? this._tdirty : this._dirty;
+        var p = marks.get(name);
         if (p && p.epoch === d.epoch && d.id <= p.id) {
           this._s.duplicates++;
           continue;
@@ -597,16 +710,17 @@
             await fn(it);
           } catch (e) {
             this._failures++;
-            this._report({ code: "HANDLER", message: it.business + " item " + it.id + ": " + (e && e.message || e), fatal: false });
+            this._report({ code: "HANDLER", message: (it.topic ? "topic " + it.topic : it.business) + " item " + it.id + ": " + (e && e.message || e), fatal: false });
             this._fail(link, "handler failed");
             return false;
           }
         }
         this._failures = 0;
-        this._points.set(it.business, { id: d.id, epoch: d.epoch });
-        this._dirty.add(it.business);
+        marks.set(name, { id: d.id, epoch: d.epoch });
+        dirty.add(name);
         this._unsaved = true;
         this._s.delivered++;
+        if (it.topic) this._s.topicItems++;
         this._scheduleAck();
       }
       return true;
@@ -629,36 +743,45 @@
       }, this._o.ackInterval);
     }
 
-    // _flushAck saves the points, then acknowledges those that advanced,
-    // if a link is up (else the next Welcome does). A failed save is
-    // reported, and the ack still goes out: the gateway's recorded points
-    // then serve the next Hello's omissions.
+    // _flushAck saves the points and topic cursors, then acknowledges
+    // those that advanced, if a link is up (else the next Welcome does). A
+    // failed save is reported, and the ack still goes out: the gateway's
+    // recorded points then serve the next Hello's omissions.
     _flushAck() {
       if (this._ackTimer !== null) {
         clearTimeout(this._ackTimer);
         this._ackTimer = null;
       }
       this._save();
-      if (!this._dirty.size) return;
+      if (!this._dirty.size && !this._tdirty.size) return;
       var l = this._link;
       if (!l || !l.welcomed || l.down) return;
-      var points = [];
+      var points = [], topics = [];
       this._dirty.forEach((b) => {
         var p = this._points.get(b);
         if (p) points.push({ business: b, id: p.id.toString(), epoch: p.epoch.toString() });
       });
-      for (var i = 0; i < points.length; i += MAX_POINTS) {
-        if (!this._send(l, { ack: { points: points.slice(i, i + MAX_POINTS) } })) return;
+      this._tdirty.forEach((t) => {
+        var p = this._topics.get(t);
+        if (p) topics.push({ topic: t, id: p.id.toString(), epoch: p.epoch.toString() });
+      });
+      for (var i = 0, j = 0; i < points.length || j < topics.length; i += MAX_POINTS, j += MAX_TOPICS) {
+        var ack = {};
+        if (i < points.length) ack.points = points.slice(i, i + MAX_POINTS);
+        if (j < topics.length) ack.topics = topics.slice(j, j + MAX_TOPICS);
+        if (!this._send(l, { ack: ack })) return;
         this._s.acks++;
       }
       this._dirty.clear();
+      this._tdirty.clear();
     }
 
     _save() {
       if (!this._unsaved) return true;
       try {
-        this._o.storage.setItem(this._o.storageKey,
-          JSON.stringify({ version: STATE_VERSION, user: this._owner, points: this.points() }));
+        var doc = { version: STATE_VERSION, user: this._owner, points: this.points() };
+        if (this._topics.size) doc.topics = this.topicCursors();
+        this._o.storage.setItem(this._o.storageKey, JSON.stringify(doc));
         this._unsaved = false;
         return true;
       } catch (e) {
@@ -681,16 +804,16 @@
         if (!doc || doc.version !== STATE_VERSION || typeof doc.points !== "object") {
           throw new Error("not version " + STATE_VERSION + " sync points");
         }
-        var o = doc.points || {};
-        for (var b in o) {
-          if (Object.prototype.hasOwnProperty.call(o, b) && o[b]) {
-            this._points.set(b, { id: u64(o[b].id), epoch: u64(o[b].epoch) });
-          }
+        if (doc.topics !== undefined && (!doc.topics || typeof doc.topics !== "object")) {
+          throw new Error("topic cursors are not an object");
         }
+        loadMarks(this._points, doc.points);
+        loadMarks(this._topics, doc.topics); // absent in older clients' points
         this._owner = typeof doc.user === "string" ? doc.user : "";
       } catch (e) {
         // Unreadable: start from the gateway's recorded points.
         this._points.clear();
+        this._topics.clear();
         this._report({ code: "STORAGE", message: "bad saved sync points: " + (e && e.message || e), fatal: false });
       }
     }
