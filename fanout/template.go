@@ -6,7 +6,6 @@ import (
 
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
-	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // checkTemplate validates a job's event template as the oplog validates an
@@ -72,60 +71,6 @@ func (f *Fanout) checkTemplate(ev *oplogpb.Event, now time.Time) error {
 	if ev.Topic != "" {
 		return fmt.Errorf("topic is only for topic events: %w", oplog.ErrInvalid)
 	}
-	if max := f.lg.Limits().MaxPayload; len(ev.Payload) > max {
-		return fmt.Errorf("payload of %d bytes, limit %d: %w", len(ev.Payload), max, oplog.ErrPayloadTooLarge)
-	}
-	if len(ev.ContentType) > 128 {
-		return fmt.Errorf("content type longer than 128: %w", oplog.ErrInvalid)
-	}
-	if ev.CreatedAt == nil {
-		ev.CreatedAt = timestamppb.New(now)
-	} else if err := ev.CreatedAt.CheckValid(); err != nil {
-		return fmt.Errorf("created_at: %v: %w", err, oplog.ErrInvalid)
-	}
-	if ev.ExpiresAt != nil {
-		if err := ev.ExpiresAt.CheckValid(); err != nil {
-			return fmt.Errorf("expires_at: %v: %w", err, oplog.ErrInvalid)
-		}
-		if !ev.ExpiresAt.AsTime().After(now) {
-			return fmt.Errorf("expired at %s: %w", ev.ExpiresAt.AsTime().Format(time.RFC3339), oplog.ErrExpired)
-		}
-	}
-	return checkConditions(ev.Conditions)
+	return oplog.CheckContent(ev, f.lg.Limits(), now)
 }
 
-// checkConditions is oplog's check of delivery conditions.
-func checkConditions(c *oplogpb.Conditions) error {
-	if c == nil {
-		return nil
-	}
-	for _, v := range []string{c.AppVersionMin, c.AppVersionMax, c.OsVersionMin, c.OsVersionMax} {
-		if !validVersion(v) {
-			return fmt.Errorf("conditions: version %q: %w", clip(v), oplog.ErrInvalid)
-		}
-	}
-	for _, l := range [][]string{c.Os, c.Models, c.Regions, c.Networks, c.Channels} {
-		if len(l) > 64 {
-			return fmt.Errorf("conditions: more than 64 values in a list: %w", oplog.ErrInvalid)
-		}
-		for _, v := range l {
-			if len(v) == 0 || len(v) > 64 {
-				return fmt.Errorf("conditions: value %q: %w", clip(v), oplog.ErrInvalid)
-			}
-		}
-	}
-	return nil
-}
-
-func validVersion(s string) bool {
-	if len(s) > 32 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '.' || c == '-' || c == '+') {
-			return false
-		}
-	}
-	return true
-}

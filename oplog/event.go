@@ -144,6 +144,18 @@ func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim
 		}
 		seen[t] = struct{}{}
 	}
+	if ev.Topic != "" {
+		return fmt.Errorf("topic is only for topic events: %w", ErrInvalid)
+	}
+	return CheckContent(ev, lim, now)
+}
+
+// CheckContent checks what every stored event carries whatever its
+// audience (inbox entries, topic messages, fanout templates): payload
+// size, content type, message id, timestamps (created_at defaults to now;
+// an expires_at not after now is ErrExpired) and delivery conditions.
+func CheckContent(ev *oplogpb.Event, lim Limits, now time.Time) error {
+	lim = lim.withDefaults()
 	if len(ev.Payload) > lim.MaxPayload {
 		return fmt.Errorf("payload of %d bytes, limit %d: %w", len(ev.Payload), lim.MaxPayload, ErrPayloadTooLarge)
 	}
@@ -165,9 +177,6 @@ func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim
 		if !ev.ExpiresAt.AsTime().After(now) {
 			return fmt.Errorf("expired at %s: %w", ev.ExpiresAt.AsTime().Format(time.RFC3339), ErrExpired)
 		}
-	}
-	if ev.Topic != "" {
-		return fmt.Errorf("topic is only for topic events: %w", ErrInvalid)
 	}
 	return checkConditions(ev.Conditions)
 }
