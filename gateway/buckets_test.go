@@ -65,14 +65,17 @@ func TestBucketsReadOncePerBucket(t *testing.T) {
 			t.Logf("%s: %d items in %d reads (%v)", mode, len(items), reads, st.Buckets)
 			if mode == "per-business" {
 				perBiz, perBizReads = items, reads
-				if reads != len(bizs)+2 { // the env's chat and config too
-					t.Fatalf("per-business computation took %d reads, want %d", reads, len(bizs)+2)
+				// One per business (the env's chat and config too), and the
+				// device's recorded sync points once.
+				if reads != len(bizs)+2+1 {
+					t.Fatalf("per-business computation took %d reads, want %d", reads, len(bizs)+2+1)
 				}
 				return
 			}
-			// device, multi-device and user buckets: one read each.
-			if reads != 3 {
-				t.Fatalf("bucketed computation took %d reads, want 3", reads)
+			// device, multi-device and user buckets: one read each, and the
+			// sync points.
+			if reads != 4 {
+				t.Fatalf("bucketed computation took %d reads, want 4", reads)
 			}
 			if reads*5 > perBizReads {
 				t.Fatalf("bucketed %d reads vs per-business %d: not 80%% fewer", reads, perBizReads)
@@ -308,5 +311,75 @@ func TestDeferredBucket(t *testing.T) {
 	}
 	if !slices.Equal(got, []uint64{p1, p2}) {
 		t.Fatalf("after the deferral promo items %v, want [%d %d]", got, p1, p2)
+	}
+}
+
+// TestOverloadDefersLowerBuckets: with the node overloaded (more bucket
+// computations in flight than OverloadAt), buckets of priority > 0 are
+// deferred while the global bucket (priority 0) proceeds; every client
+// still gets all its entries once it comes back as told.
+func TestOverloadDefersLowerBuckets(t *testing.T) {
+	bizs := manyBusinesses(10)
+	e := newEnvWith(t, envOptions{buckets: true, businesses: bizs, scheduler: buckets.SchedulerConfig{OverloadAt: 1}}, nil)
+	if err := e.bm.Assign(tctx(t), "b00", buckets.Global); err != nil {
+		t.Fatal(err)
+	}
+	const clients = 24
+	want := make([]int, clients)
+	for i := range clients {
+		for _, b := range bizs {
+			e.append(b.Code, targetOf(b, fmt.Sprintf("u%d", i), fmt.Sprintf("d%d", i)))
+			want[i]++
+		}
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	deferredRounds, globalDeferred := 0, 0
+	for i := range clients {
+		wg.Go(func() {
+			c := e.dialTCP()
+			c.send(hello(e.token(fmt.Sprintf("u%d", i), fmt.Sprintf("d%d", i), time.Hour)))
+			got := map[string]bool{}
+			firstRound := true
+			for len(got) < want[i] {
+				f, err := c.read(10 * time.Second)
+				if err != nil {
+					t.Errorf("client %d: %v after %d of %d items", i, err, len(got), want[i])
+					return
+				}
+				s := f.GetSync()
+				for _, it := range append(s.GetItems(), f.GetLive().GetItems()...) {
+					got[fmt.Sprintf("%s/%d", it.Business, it.Id)] = true
+				}
+				if s.GetDone() {
+					mu.Lock()
+					if len(s.Deferred) > 0 {
+						deferredRounds++
+						if slices.Contains(s.Deferred, buckets.Global) {
+							globalDeferred++
+						}
+					}
+					mu.Unlock()
+					if firstRound && len(s.Deferred) == 0 && len(got) < want[i] {
+						t.Errorf("client %d: round done with %d of %d items and nothing deferred", i, len(got), want[i])
+						return
+					}
+					firstRound = false
+					if len(s.Deferred) > 0 {
+						time.Sleep(time.Duration(s.RetryAfterMs) * time.Millisecond)
+						c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Type: gatewaypb.ClientEvent_TYPE_FOREGROUND}}})
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	st := e.sched.Stats()
+	t.Logf("%d clients; %d rounds deferred something; global computed %d times, deferred %d; totals %+v", clients, deferredRounds, st.Buckets[buckets.Global].Computations, st.Buckets[buckets.Global].Deferrals, st.Totals)
+	if globalDeferred != 0 || st.Buckets[buckets.Global].Deferrals != 0 {
+		t.Fatalf("the priority-0 bucket was deferred %d times", st.Buckets[buckets.Global].Deferrals)
+	}
+	if deferredRounds == 0 {
+		t.Skip("no computation overlapped another on this run: overload not reached (the client count is too small for this machine)")
 	}
 }

@@ -153,6 +153,7 @@ type round struct {
 	user    string
 	attrs   oplog.Attrs
 	points  map[string]oplog.SyncPoint
+	stored  map[string]oplog.SyncPoint // the device's recorded points, read once per round
 	cursors map[string]topics.Cursor
 	resets  []string // businesses to report in the first frame
 	tresets []string // topics likewise
@@ -198,12 +199,17 @@ func (ss *session) syncRound() error {
 		ss.mu.Unlock()
 	}()
 
+	// The device's recorded sync points: one read for the whole round.
+	var err error
+	if r.stored, err = cfg.Inbox.SyncPoints(ctx, ss.device); err != nil {
+		return r.end(err)
+	}
+	total := 1
 	sched := cfg.Scheduler
 	var deferred []string
 	deferredBiz := map[string]bool{}
 	deferTopics := false
 	var retry time.Duration
-	total := 0
 	for _, c := range ss.srv.plan() {
 		if sched != nil {
 			if ok, after := sched.Admit(c.bucket, time.Now()); !ok {
@@ -288,7 +294,7 @@ func (r *round) businesses(ctx context.Context, codes []string) (int, error) {
 	reads := 0
 	for first := true; ; first = false {
 		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: r.user, Device: r.ss.device, Points: r.points,
-			Attrs: r.attrs, Limit: 4 * cfg.SyncBatch, Businesses: codes})
+			Attrs: r.attrs, Limit: 4 * cfg.SyncBatch, Businesses: codes, Recorded: r.stored})
 		if err != nil {
 			return reads, err
 		}

@@ -408,6 +408,10 @@ type BacklogRequest struct {
 	// Businesses restricts the backlog to these business codes (a bucket);
 	// nil means every registered business.
 	Businesses []string
+	// Recorded are the device's recorded sync points (SyncPoints), when
+	// the caller read them already: a round of several bucket reads reads
+	// them once. Nil: Backlog reads them (and counts the read).
+	Recorded map[string]SyncPoint
 }
 
 // Backlog is the answer to a BacklogRequest.
@@ -420,8 +424,9 @@ type Backlog struct {
 	// Reset names businesses whose client sync point was of an old epoch:
 	// their backlog starts from the beginning of the current epoch.
 	Reset []string
-	// Reads is the number of inbox scans the backlog took: one per inbox
-	// (user, device) holding a business asked for.
+	// Reads is the number of store reads the backlog took: one per inbox
+	// (user, device) holding a business asked for, plus the device's sync
+	// points unless the request carried them.
 	Reads int
 }
 
@@ -441,9 +446,14 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 	if req.Limit <= 0 {
 		req.Limit = 10_000
 	}
-	stored, err := in.SyncPoints(ctx, req.Device)
-	if err != nil {
-		return nil, err
+	out := &Backlog{}
+	stored := req.Recorded
+	if stored == nil {
+		var err error
+		if stored, err = in.SyncPoints(ctx, req.Device); err != nil {
+			return nil, err
+		}
+		out.Reads++
 	}
 	// Group the businesses by the inbox they live in: at most two scans.
 	type scan struct {
@@ -453,7 +463,6 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 		from   map[string]uint64 // business -> first id wanted
 	}
 	scans := map[oplogpb.Dimension]*scan{}
-	out := &Backlog{}
 	var businesses []*oplogpb.Business
 	if req.Businesses == nil {
 		businesses = in.lg.Businesses()
