@@ -159,6 +159,23 @@ type round struct {
 	tresets []string // topics likewise
 	told    bool     // the resets went out
 	pending *gatewaypb.Sync
+	sched   *buckets.Scheduler
+	readFor time.Duration // store time of the computation under way
+}
+
+// read runs one store read of the round, counted in flight by the
+// scheduler only while it reads: time spent waiting for a slow client's
+// queue to drain is not load on the node.
+func (r *round) read(fn func() error) error {
+	if r.sched == nil {
+		return fn()
+	}
+	r.sched.Begin()
+	start := time.Now()
+	err := fn()
+	r.readFor += time.Since(start)
+	r.sched.End()
+	return err
 }
 
 // errClosing ends a round whose session is closing.
@@ -200,12 +217,15 @@ func (ss *session) syncRound() error {
 	}()
 
 	// The device's recorded sync points: one read for the whole round.
-	var err error
-	if r.stored, err = cfg.Inbox.SyncPoints(ctx, ss.device); err != nil {
+	sched := cfg.Scheduler
+	r.sched = sched
+	if err := r.read(func() (err error) {
+		r.stored, err = cfg.Inbox.SyncPoints(ctx, ss.device)
+		return err
+	}); err != nil {
 		return r.end(err)
 	}
 	total := 1
-	sched := cfg.Scheduler
 	var deferred []string
 	deferredBiz := map[string]bool{}
 	deferTopics := false
@@ -221,18 +241,16 @@ func (ss *session) syncRound() error {
 				retry = max(retry, after)
 				continue
 			}
-			sched.Begin()
 		}
-		start := time.Now()
+		r.readFor = 0
 		reads, err := r.businesses(ctx, c.businesses)
 		if err == nil && c.topics {
 			var n int
 			n, err = r.topics(ctx)
 			reads += n
 		}
-		if sched != nil {
-			sched.End()
-			sched.Record(c.bucket.Name, reads, time.Since(start))
+		if sched != nil && err == nil {
+			sched.Record(c.bucket.Name, reads, r.readFor)
 		}
 		total += reads
 		if err != nil {
@@ -293,8 +311,12 @@ func (r *round) businesses(ctx context.Context, codes []string) (int, error) {
 	cfg := &r.ss.srv.cfg
 	reads := 0
 	for first := true; ; first = false {
-		bl, err := cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: r.user, Device: r.ss.device, Points: r.points,
-			Attrs: r.attrs, Limit: 4 * cfg.SyncBatch, Businesses: codes, Recorded: r.stored})
+		var bl *oplog.Backlog
+		err := r.read(func() (err error) {
+			bl, err = cfg.Inbox.Backlog(ctx, oplog.BacklogRequest{User: r.user, Device: r.ss.device, Points: r.points,
+				Attrs: r.attrs, Limit: 4 * cfg.SyncBatch, Businesses: codes, Recorded: r.stored})
+			return err
+		})
 		if err != nil {
 			return reads, err
 		}
@@ -417,6 +439,9 @@ var errStaleRound = errors.New("gateway: sync round of a previous user")
 // told when to come back (it adds up to a quarter of jitter); if it does
 // not, a round runs by itself half as late again.
 func (ss *session) deferLocked(biz map[string]bool, topics bool, retry time.Duration) {
+	if ss.closing {
+		return
+	}
 	if len(biz) == 0 && !topics {
 		ss.deferred, ss.deferTopics = nil, false
 		if ss.retry != nil {

@@ -227,7 +227,7 @@ func (ss *session) hello() bool {
 	ss.points = points
 	ss.resets = resets
 	if cfg.Topics != nil {
-		ss.topics = &topicState{points: cursors, sent: map[string]topics.Cursor{}, watches: map[string]*topics.Watch{}}
+		ss.topics = newTopicState(cursors)
 	}
 	ss.mu.Unlock()
 
@@ -370,7 +370,7 @@ func (ss *session) bindUser(user string, round bool) error {
 		ss.room.Broadcast()
 	}
 	ss.user, ss.userWatch = user, uw
-	oldTopics := ss.applyTopicsLocked(plan)
+	oldTopics, late := ss.applyTopicsLocked(plan)
 	closed := ss.closed
 	if round {
 		ss.startRoundLocked()
@@ -385,6 +385,16 @@ func (ss *session) bindUser(user string, round bool) error {
 			uw.Stop()
 		}
 		ss.stopTopicWatches()
+		return nil
+	}
+	if len(late) > 0 {
+		// Followed while the index was read: watch, then read again.
+		for _, name := range late {
+			if err := ss.watchTopic(user, name); err != nil {
+				return err
+			}
+		}
+		ss.startRound()
 	}
 	return nil
 }
@@ -570,7 +580,9 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 		return
 	}
 	if e.Id == 0 { // transient: now or never, unordered with stored items
-		ss.enqueueLocked(liveFrame(e), true)
+		if !ss.deferred[e.Business] { // a deferred bucket gets nothing live
+			ss.enqueueLocked(liveFrame(e), true)
+		}
 		return
 	}
 	if ss.syncing {
@@ -598,8 +610,8 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	}
 	last, ok := ss.sent[e.Business]
 	if ok && last.Epoch != e.Epoch && last.ID != 0 {
-		// The stream was recreated while the client was online: resync.
-		ss.again = true
+		// The stream was recreated while the client was online: resync
+		// (startRoundLocked asks the running round for another, if any).
 		ss.startRoundLocked()
 		return
 	}

@@ -18,50 +18,130 @@ import (
 // topic message is stored once; the node's topics projection hands it to
 // the watches of its topic (one registration per session and topic, no
 // NATS subscription per session), and the session sends it if the user's
-// follow covers its id: from < id <= until (until 0 while following).
-// Follow and unfollow events of the user reach the session through
-// WatchFollows once the follows projection has applied them; a follow
-// starts a round (its backfill and anything published before the watch
-// existed), an unfollow too (what is left up to until).
+// follow covers its id (topics.Follow.Covers: from < id, and id <= until
+// once unfollowed). Follow and unfollow events of the user reach the
+// session through a follow watch once the follows projection has applied
+// them; a follow registers the topic's watch and then starts a round (its
+// backfill and anything published before the watch existed), an unfollow
+// starts one too (what is left up to until). The topics package hands an
+// unfollow to the watchers before any message past its until, so a
+// session never sends one.
 //
 // Topic ids are the topic stream's, shared by every user: a cursor is the
 // device's, and needs no reset when the user changes.
+//
+// An idle session pays for Everyone only: its watch and two cursors. The
+// maps of followed topics are allocated when the user follows something.
 
 // topicState is a session's topic bookkeeping, allocated when the server
-// serves topics.
+// serves topics. Guarded by the session's mutex.
 type topicState struct {
+	all      *topics.Watch // Everyone's
+	allPoint topics.Cursor // Everyone's cursor: the next round starts there
+	allSent  topics.Cursor // Everyone's highest id sent
+
+	// Other topics; nil until used.
 	points  map[string]topics.Cursor // the next round's starting cursors
 	sent    map[string]topics.Cursor // highest id sent per topic
-	follows map[string]topics.Follow
+	follows map[string]topics.Follow // the bound user's follows
 	watches map[string]*topics.Watch
-	fwatch  *topics.FollowWatch
+
+	fwatch *topics.FollowWatch
+}
+
+// cursor returns where the next round starts a topic.
+func (ts *topicState) cursor(topic string) (topics.Cursor, bool) {
+	if topic == topics.Everyone {
+		return ts.allPoint, ts.allPoint != topics.Cursor{}
+	}
+	c, ok := ts.points[topic]
+	return c, ok
+}
+
+// sentOf returns the highest id sent of a topic.
+func (ts *topicState) sentOf(topic string) (topics.Cursor, bool) {
+	if topic == topics.Everyone {
+		return ts.allSent, ts.allSent != topics.Cursor{}
+	}
+	c, ok := ts.sent[topic]
+	return c, ok
+}
+
+func (ts *topicState) setSent(topic string, c topics.Cursor) {
+	if topic == topics.Everyone {
+		ts.allSent = c
+		return
+	}
+	if ts.sent == nil {
+		ts.sent = map[string]topics.Cursor{}
+	}
+	ts.sent[topic] = c
+}
+
+// covers reports whether the session delivers a live message of a topic:
+// Everyone's always, another topic's when the user's follow covers it. A
+// follow of another epoch (the topic stream was recreated) covers the new
+// epoch while it lasts: the backlog reads it from the start.
+func (ts *topicState) covers(e *oplogpb.Entry) bool {
+	if e.Topic == topics.Everyone {
+		return true
+	}
+	f, ok := ts.follows[e.Topic]
+	if !ok {
+		return false
+	}
+	if f.Epoch != e.Epoch {
+		return f.Following
+	}
+	return f.Covers(e.Id)
+}
+
+// newTopicState starts a session's topic state from its Hello's cursors.
+func newTopicState(cursors map[string]topics.Cursor) *topicState {
+	ts := &topicState{}
+	for t, c := range cursors {
+		if t == topics.Everyone {
+			ts.allPoint = c
+			continue
+		}
+		if ts.points == nil {
+			ts.points = make(map[string]topics.Cursor, len(cursors))
+		}
+		ts.points[t] = c
+	}
+	return ts
 }
 
 // topicPlan is what a session needs to follow a user's topics, prepared
-// before the critical section that binds the user (see bindUser).
+// before the critical section that binds the user (see bindUser). Follow
+// events that arrive before it is applied are kept in pending and applied
+// after the snapshot, newest (by Seq) winning.
 type topicPlan struct {
 	fwatch  *topics.FollowWatch
-	follows map[string]topics.Follow
-	watches []*topics.Watch // new registrations, by topic in names
-	names   []string
+	follows map[string]topics.Follow // the snapshot: Following's answer
+	all     *topics.Watch            // Everyone's, when the session has none yet
+	names   []string                 // new registrations, by topic
+	watches []*topics.Watch
+	applied bool
+	pending []topics.Follow
 }
 
 // prepareTopics registers what following user's topics (and
 // topics.Everyone) takes: the follow watch first, so a follow made while
-// the index is read is not missed; then the index (one prefix scan); then
-// a watch per followed topic the session does not watch yet. Until
-// applyTopicsLocked swaps the session's follows, the new topics' messages
-// are filtered out, and with it a round starts: nothing is sent live ahead
-// of the round that reads it.
+// the index is read is not missed (it is kept in the plan until applied);
+// then the index (one prefix scan); then a watch per followed topic the
+// session does not watch yet. Until applyTopicsLocked swaps the session's
+// follows, the new topics' messages are filtered out, and with it a round
+// starts: nothing is sent live ahead of the round that reads it.
 func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 	tp := ss.srv.cfg.Topics
 	if tp == nil {
 		return nil, nil
 	}
-	plan := &topicPlan{follows: map[string]topics.Follow{topics.Everyone: {Topic: topics.Everyone, Following: true}}}
+	plan := &topicPlan{}
 	if user != "" {
 		var err error
-		if plan.fwatch, err = tp.WatchFollows(user, ss.onFollow); err != nil {
+		if plan.fwatch, err = tp.WatchFollows(user, func(f topics.Follow) { ss.onFollow(plan, f) }); err != nil {
 			return nil, fmt.Errorf("watch follows: %w", err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
@@ -72,13 +152,17 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 			return nil, fmt.Errorf("following: %w", err)
 		}
 		for _, f := range list {
+			if plan.follows == nil {
+				plan.follows = make(map[string]topics.Follow, len(list))
+			}
 			plan.follows[f.Topic] = f
 		}
 	}
 	ss.mu.Lock()
 	var watching map[string]*topics.Watch
+	needAll := true
 	if ss.topics != nil {
-		watching = ss.topics.watches
+		watching, needAll = ss.topics.watches, ss.topics.all == nil
 	}
 	for name, f := range plan.follows {
 		if _, ok := watching[name]; !ok && f.Following {
@@ -86,6 +170,14 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 		}
 	}
 	ss.mu.Unlock()
+	if needAll {
+		w, err := tp.Watch(topics.Everyone, ss.onTopic)
+		if err != nil {
+			plan.release()
+			return nil, fmt.Errorf("watch %s: %w", topics.Everyone, err)
+		}
+		plan.all = w
+	}
 	for _, name := range plan.names {
 		w, err := tp.Watch(name, ss.onTopic)
 		if err != nil {
@@ -105,22 +197,28 @@ func (p *topicPlan) release() {
 	if p.fwatch != nil {
 		p.fwatch.Stop()
 	}
+	if p.all != nil {
+		p.all.Stop()
+	}
 	for _, w := range p.watches {
 		w.Stop()
 	}
 }
 
-// applyTopicsLocked makes plan the session's topics. It returns what the
-// caller must release after unlocking: the previous user's registrations.
-func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan) {
+// applyTopicsLocked makes plan the session's topics (ss.topics exists: the
+// server serves topics). It returns what the caller must release after
+// unlocking (the previous user's registrations), and the topics followed
+// by events that came while the plan was prepared: the caller registers
+// their watches after unlocking, then asks for a round.
+func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan, late []string) {
 	if plan == nil {
-		return nil
-	}
-	if ss.topics == nil {
-		ss.topics = &topicState{points: map[string]topics.Cursor{}, sent: map[string]topics.Cursor{}, watches: map[string]*topics.Watch{}}
+		return nil, nil
 	}
 	ts := ss.topics
 	old = &topicPlan{fwatch: ts.fwatch}
+	if ts.all == nil {
+		ts.all, plan.all = plan.all, nil
+	}
 	ts.fwatch, ts.follows = plan.fwatch, plan.follows
 	for name, w := range ts.watches {
 		if f, ok := plan.follows[name]; !ok || !f.Following {
@@ -133,13 +231,51 @@ func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan) {
 			old.watches = append(old.watches, plan.watches[i])
 			continue
 		}
+		if ts.watches == nil {
+			ts.watches = map[string]*topics.Watch{}
+		}
 		ts.watches[name] = plan.watches[i]
 	}
-	return old
+	plan.applied = true
+	for _, f := range plan.pending {
+		if ss.followLocked(f) {
+			late = append(late, f.Topic)
+		}
+	}
+	plan.pending = nil
+	if plan.all != nil {
+		old.watches = append(old.watches, plan.all)
+	}
+	return old, late
 }
 
-// watchTopic registers the session for a topic's live messages.
-func (ss *session) watchTopic(name string) error {
+// followLocked applies a follow event to the session's follows unless a
+// newer state of the relation is known. It reports whether the topic now
+// needs a watch the session does not have.
+func (ss *session) followLocked(f topics.Follow) bool {
+	ts := ss.topics
+	if cur, ok := ts.follows[f.Topic]; ok && f.Seq != 0 && cur.Seq >= f.Seq {
+		return false // a state at least as new is known
+	}
+	if ts.follows == nil {
+		ts.follows = map[string]topics.Follow{}
+	}
+	ts.follows[f.Topic] = f
+	if f.Following {
+		if _, ok := ts.sent[f.Topic]; !ok {
+			// The device gets the topic from the follow point on: that is
+			// its cursor, so an unfollow's remainder is read for it even
+			// if nothing was sent before.
+			ts.setSent(f.Topic, topics.Cursor{ID: f.From, Epoch: f.Epoch})
+		}
+	}
+	_, watching := ts.watches[f.Topic]
+	return f.Following && !watching
+}
+
+// watchTopic registers the session for a topic's live messages, unless it
+// no longer needs to: the user changed, or no longer follows the topic.
+func (ss *session) watchTopic(user, name string) error {
 	w, err := ss.srv.cfg.Topics.Watch(name, ss.onTopic)
 	if err != nil {
 		return fmt.Errorf("watch topic %s: %w", name, err)
@@ -147,7 +283,10 @@ func (ss *session) watchTopic(name string) error {
 	ss.mu.Lock()
 	ts := ss.topics
 	_, have := ts.watches[name]
-	if !have && !ss.closing {
+	if !have && !ss.closing && ss.user == user && ts.follows[name].Following {
+		if ts.watches == nil {
+			ts.watches = map[string]*topics.Watch{}
+		}
 		ts.watches[name] = w
 		w = nil
 	}
@@ -169,6 +308,10 @@ func (ss *session) stopTopicWatches() {
 			ws = append(ws, w)
 		}
 		clear(ts.watches)
+		if ts.all != nil {
+			ws = append(ws, ts.all)
+			ts.all = nil
+		}
 		fw, ts.fwatch = ts.fwatch, nil
 	}
 	ss.mu.Unlock()
@@ -180,33 +323,46 @@ func (ss *session) stopTopicWatches() {
 	}
 }
 
-// onFollow receives a follow or unfollow of the session's user, on the
-// follows projection's goroutine. It never blocks.
-func (ss *session) onFollow(f topics.Follow) {
+// onFollow receives a follow or unfollow of the plan's user, on the
+// follows projection's goroutine, after the follows projection applied it
+// and before any topic message past an unfollow's until is dispatched. It
+// never blocks. A follow registers the topic's watch first, then starts a
+// round: the round reads what was published before the watch existed.
+func (ss *session) onFollow(plan *topicPlan, f topics.Follow) {
 	ss.mu.Lock()
-	if ss.closing || ss.topics == nil || f.User != ss.user {
+	if ss.closing || ss.topics == nil {
 		ss.mu.Unlock()
 		return
 	}
-	ts := ss.topics
-	ts.follows[f.Topic] = f
-	w, watching := ts.watches[f.Topic]
-	if !f.Following && watching {
-		delete(ts.watches, f.Topic)
+	if !plan.applied {
+		plan.pending = append(plan.pending, f) // applied with the plan
+		ss.mu.Unlock()
+		return
 	}
-	// A new follow reads its backfill and whatever was published before
-	// the watch existed; an unfollow, what is left up to until.
-	ss.startRoundLocked()
+	if ss.topics.fwatch != plan.fwatch || f.User != ss.user {
+		ss.mu.Unlock()
+		return // a previous user's
+	}
+	need := ss.followLocked(f)
+	var stop *topics.Watch
+	if !f.Following {
+		stop = ss.topics.watches[f.Topic]
+		delete(ss.topics.watches, f.Topic)
+	}
+	if !need {
+		ss.startRoundLocked() // an unfollow's remainder up to until
+	}
 	ss.mu.Unlock()
-	switch {
-	case !f.Following && watching:
-		w.Stop()
-	case f.Following && !watching:
+	if stop != nil {
+		stop.Stop()
+	}
+	if need {
 		// Registering takes the topics hub's lock, never held while it
 		// calls out, so it is safe on the projection's goroutine.
-		if err := ss.watchTopic(f.Topic); err != nil {
+		if err := ss.watchTopic(f.User, f.Topic); err != nil {
 			ss.logAt(zerolog.ErrorLevel).Err(err).Str("topic", f.Topic).Msg("topic not followed live")
 		}
+		ss.startRound()
 	}
 }
 
@@ -218,10 +374,7 @@ func (ss *session) onTopic(e *oplogpb.Entry) {
 	}
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if ss.closing || ss.topics == nil || !oplog.Match(e.Conditions, ss.attrs) {
-		return
-	}
-	if f, ok := ss.topics.follows[e.Topic]; !ok || !f.Covers(e.Id) {
+	if ss.closing || ss.topics == nil || !oplog.Match(e.Conditions, ss.attrs) || !ss.topics.covers(e) {
 		return
 	}
 	if ss.syncing {
@@ -242,22 +395,21 @@ func (ss *session) sendTopicLocked(e *oplogpb.Entry) {
 	if ts == nil || ss.deferTopics {
 		return // deferred: a later round reads it
 	}
-	if f, ok := ts.follows[e.Topic]; !ok || !f.Covers(e.Id) {
+	if !ts.covers(e) {
 		return // held before an unfollow or a change of user
 	}
-	last, ok := ts.sent[e.Topic]
+	last, ok := ts.sentOf(e.Topic)
 	if ok && last.Epoch != e.Epoch && last.ID != 0 {
-		ss.again = true // the topic stream was recreated: resync
-		ss.startRoundLocked()
+		ss.startRoundLocked() // the topic stream was recreated: resync
 		return
 	}
 	if ok && e.Id <= last.ID {
 		return
 	}
-	if p, ok := ts.points[e.Topic]; ok && p.Epoch == e.Epoch && e.Id <= p.ID {
+	if p, ok := ts.cursor(e.Topic); ok && p.Epoch == e.Epoch && e.Id <= p.ID {
 		return
 	}
-	ts.sent[e.Topic] = topics.Cursor{ID: e.Id, Epoch: e.Epoch}
+	ts.setSent(e.Topic, topics.Cursor{ID: e.Id, Epoch: e.Epoch})
 	ss.enqueueLocked(liveFrame(e), true)
 }
 
@@ -267,7 +419,7 @@ func (ss *session) topicCursorsLocked() map[string]topics.Cursor {
 	if ts == nil {
 		return nil
 	}
-	out := make(map[string]topics.Cursor, len(ts.points)+len(ts.sent))
+	out := make(map[string]topics.Cursor, len(ts.points)+len(ts.sent)+1)
 	for t, c := range ts.points {
 		out[t] = c
 	}
@@ -276,18 +428,33 @@ func (ss *session) topicCursorsLocked() map[string]topics.Cursor {
 			out[t] = c
 		}
 	}
+	all := ts.allPoint
+	if s := ts.allSent; s != (topics.Cursor{}) && (all.Epoch != s.Epoch || all.ID < s.ID) {
+		all = s
+	}
+	if all != (topics.Cursor{}) {
+		out[topics.Everyone] = all
+	}
 	return out
 }
 
+// setTopicCursorsLocked records where a round left each topic.
 func (ss *session) setTopicCursorsLocked(c map[string]topics.Cursor) {
-	if ss.topics != nil && c != nil {
-		ss.topics.points = c
+	ts := ss.topics
+	if ts == nil || c == nil {
+		return
 	}
+	ts.allPoint = c[topics.Everyone]
+	delete(c, topics.Everyone)
+	if len(c) == 0 {
+		c = nil
+	}
+	ts.points = c
 }
 
 func (ss *session) topicSentLocked(topic string, c topics.Cursor) {
 	if ss.topics != nil {
-		ss.topics.sent[topic] = c
+		ss.topics.setSent(topic, c)
 	}
 }
 
@@ -297,8 +464,12 @@ func (r *round) topics(ctx context.Context) (int, error) {
 	cfg := &r.ss.srv.cfg
 	reads := 0
 	for first := true; ; first = false {
-		bl, err := cfg.Topics.Backlog(ctx, topics.BacklogRequest{User: r.user, Device: r.ss.device, Cursors: r.cursors,
-			Attrs: r.attrs, Limit: 4 * cfg.SyncBatch})
+		var bl *topics.Backlog
+		err := r.read(func() (err error) {
+			bl, err = cfg.Topics.Backlog(ctx, topics.BacklogRequest{User: r.user, Device: r.ss.device, Cursors: r.cursors,
+				Attrs: r.attrs, Limit: 4 * cfg.SyncBatch})
+			return err
+		})
 		if err != nil {
 			return reads, err
 		}
@@ -311,8 +482,7 @@ func (r *round) topics(ctx context.Context) (int, error) {
 		}
 		items := make([]*gatewaypb.Item, 0, len(bl.Entries))
 		for _, e := range bl.Entries {
-			it := itemOf(e)
-			items = append(items, it)
+			items = append(items, itemOf(e))
 			r.cursors[e.Topic] = topics.Cursor{ID: e.Id, Epoch: e.Epoch}
 		}
 		if err := r.emit(items); err != nil {
@@ -329,10 +499,13 @@ func topicCursors(in []*gatewaypb.TopicCursor) (map[string]topics.Cursor, error)
 	if len(in) > maxTopics {
 		return nil, fmt.Errorf("%d topic cursors, at most %d", len(in), maxTopics)
 	}
-	out := make(map[string]topics.Cursor, len(in))
+	var out map[string]topics.Cursor
 	for _, c := range in {
-		if !oplog.ValidID(c.Topic) && c.Topic != topics.Everyone {
+		if !oplog.ValidID(c.Topic) {
 			return nil, fmt.Errorf("cursor of topic %.40q: bad name", c.Topic)
+		}
+		if out == nil {
+			out = make(map[string]topics.Cursor, len(in))
 		}
 		out[c.Topic] = topics.Cursor{ID: c.Id, Epoch: c.Epoch}
 	}

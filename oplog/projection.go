@@ -40,9 +40,11 @@ type ProjectionConfig struct {
 	// (return nil), or the projection stalls.
 	Apply func(txn *badger.Txn, r *Record) error
 	// Committed, if set, is called on the projection's goroutine after each
-	// commit with the records of that commit, in sequence order; a record
-	// may be passed again after a rebuild or a restart of the consumer. It
-	// must not block: live delivery hangs off it.
+	// commit with the records of that commit, in sequence order, before
+	// Applied moves past them (so WaitFor and CatchUp return after it); a
+	// record may be passed again after a rebuild or a restart of the
+	// consumer. It must not block, nor wait for its own projection: live
+	// delivery hangs off it.
 	Committed func([]Record)
 	// Logger. Default zerolog.Nop().
 	Logger *zerolog.Logger

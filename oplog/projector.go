@@ -516,10 +516,13 @@ func (p *projector) write(batch []Record) error {
 		if err := txn.Commit(); err != nil {
 			return fmt.Errorf("commit: %w", err)
 		}
-		p.advanced(last)
+		// Hooks first: whoever waits for this sequence (WaitFor, CatchUp)
+		// then finds its live watchers told already. Topics rely on it:
+		// an unfollow returns only once the follower's sessions know.
 		if p.committed != nil {
 			p.committed(batch[start:end])
 		}
+		p.advanced(last)
 		start = end
 		txn = p.db.NewTransaction(true)
 		return nil

@@ -34,6 +34,10 @@ type Follow struct {
 	Epoch     uint64    `json:"epoch"`
 	At        time.Time `json:"at"`
 	Following bool      `json:"following"`
+	// Seq is the follows-stream sequence of the event that set this state
+	// (0 when unknown, as in answers of the remote API): of two states of
+	// one relation, the higher Seq is the newer.
+	Seq uint64 `json:"seq,omitempty"`
 }
 
 // Covers reports whether the follower gets the topic message id.
@@ -80,7 +84,7 @@ func decodeRelation(v []byte) (relation, bool) {
 }
 
 func (r relation) follow(user, topic string) Follow {
-	return Follow{User: user, Topic: topic, From: r.from, Until: r.until, Epoch: r.epoch, At: time.Unix(0, r.at).UTC(), Following: !r.unfollowed}
+	return Follow{User: user, Topic: topic, From: r.from, Until: r.until, Epoch: r.epoch, At: time.Unix(0, r.at).UTC(), Following: !r.unfollowed, Seq: r.seq}
 }
 
 func getRelation(txn *badger.Txn, key []byte) (relation, bool, error) {
@@ -151,12 +155,15 @@ func (s *Topics) Follow(ctx context.Context, user, topic string) (Follow, error)
 			return Follow{}, err
 		}
 		ev := &topicspb.Follow{User: user, Topic: topic, From: from, Epoch: s.epoch, At: timestamppb.Now()}
-		if err := s.relate(ctx, ev, seq); errors.Is(err, errConflict) {
+		at, err := s.relate(ctx, ev, seq)
+		if errors.Is(err, errConflict) {
 			continue
 		} else if err != nil {
 			return Follow{}, err
 		}
-		return followOf(ev), nil
+		f := followOf(ev)
+		f.Seq = at
+		return f, nil
 	}
 	return Follow{}, fmt.Errorf("follow of %q by %q keeps changing: %w", topic, user, oplog.ErrUnavailable)
 }
@@ -202,29 +209,32 @@ func (s *Topics) Unfollow(ctx context.Context, user, topic string) (Follow, erro
 		s.unfollowing.Lock()
 		until := max(s.msgs.Applied(), from)
 		ev := &topicspb.Follow{User: user, Topic: topic, From: from, Until: until, Epoch: s.epoch, At: timestamppb.Now(), Unfollowed: true}
-		err = s.relate(ctx, ev, seq)
+		at, err := s.relate(ctx, ev, seq)
 		s.unfollowing.Unlock()
 		if errors.Is(err, errConflict) {
 			continue
 		} else if err != nil {
 			return Follow{}, err
 		}
-		return followOf(ev), nil
+		f := followOf(ev)
+		f.Seq = at
+		return f, nil
 	}
 	return Follow{}, fmt.Errorf("unfollow of %q by %q keeps changing: %w", topic, user, oplog.ErrUnavailable)
 }
 
 // relate writes a relation event expecting its subject's last sequence to
-// be last, and waits until this node has applied it.
-func (s *Topics) relate(ctx context.Context, ev *topicspb.Follow, last uint64) error {
+// be last, and waits until this node has applied it (and handed it to its
+// watchers); it returns the event's sequence.
+func (s *Topics) relate(ctx context.Context, ev *topicspb.Follow, last uint64) (uint64, error) {
 	seq, err := s.write(ctx, subjectRelation(ev.Topic, ev.User), ev, &last)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if err := s.follows.WaitFor(ctx, seq); err != nil {
-		return err
+		return 0, err
 	}
-	return nil
+	return seq, nil
 }
 
 // readRelation returns a live topic's definition and the user's relation

@@ -347,6 +347,7 @@ func (s *Topics) committedFollows(recs []oplog.Record) {
 			continue // logged by applyFollows
 		}
 		fl := followOf(f)
+		fl.Seq = r.Seq
 		for _, w := range ws {
 			if !w.stopped.Load() {
 				w.fn(fl)
