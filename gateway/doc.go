@@ -16,6 +16,13 @@
 // does a round whose held entries overflowed (the live path's gap goes
 // back to the backlog).
 //
+// A round reads per bucket of businesses (Config.Buckets; round.go): one
+// read per non-empty bucket in priority order, each admitted by the
+// scheduler, which defers lower buckets under load. The global bucket
+// also reads the user's topics and Everyone (Config.Topics; topics.go):
+// topic messages are stored once and reach sessions through one
+// in-process watch per topic and session.
+//
 // Goroutines per link: a flusher only while frames are queued (an idle
 // link has no writer); a sync round only while it runs; the liveness
 // timer's callback briefly; and a reader. Hello is read on a goroutine of
@@ -23,8 +30,9 @@
 // link past Hello has no reader goroutine either: an epoll poller
 // (poll_linux.go) watches it and a short-lived goroutine reads it when it
 // is readable. WebSocket and TLS links keep a reader, blocked in their
-// library's read. Measured at 10,000 idle links: 3.9 KiB per TLV link and
-// 13 KiB per WebSocket link (README, Performance). Live entries are
+// library's read. Measured at 10,000 idle links: 4.4 KiB per TLV link and
+// 13.7 KiB per WebSocket link (README, Performance); topics add no map to
+// an idle session (see topics.go). Live entries are
 // queued on the inbox's goroutine and never block it: a client whose
 // queue overflows (Config.SendQueue, SendBytes) is a slow consumer and is
 // disconnected; it resyncs from its sync point when it comes back.
