@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog"
 )
 
@@ -272,6 +273,25 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	w.summary(res)
 	return nil
+}
+
+// prepareClients readies this process to drive clients against server
+// children: it raises the open-file limit (recorded in cfg.files), makes
+// the token key, keeps the source addresses that work, and returns a
+// dialer.
+func prepareClients(ctx context.Context, cfg *gatewayConfig, log zerolog.Logger) (*dialer, error) {
+	soft, hard, err := raiseFileLimit()
+	if err != nil {
+		log.Warn().Err(err).Msg("open-file limit not raised")
+	}
+	cfg.files = [2]uint64{soft, hard}
+	if _, cfg.tokenKey, err = ed25519.GenerateKey(rand.Reader); err != nil {
+		return nil, fmt.Errorf("token key: %w", err)
+	}
+	if err := checkSources(ctx, cfg); err != nil {
+		return nil, err
+	}
+	return newDialer(cfg)
 }
 
 // checkSources makes sure clients can dial from every source address;

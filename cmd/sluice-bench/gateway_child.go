@@ -39,8 +39,16 @@ type child struct {
 const childReadyWait = 90 * time.Second
 
 // startChild starts a server in mode with extra flags; label names it in
-// progress and profile file names.
-func startChild(ctx context.Context, cfg *gatewayConfig, mode, label string, extra ...string) (_ *child, err error) {
+// progress and profile file names. Its data lives in its own temporary
+// directory.
+func startChild(ctx context.Context, cfg *gatewayConfig, mode, label string, extra ...string) (*child, error) {
+	return startChildOn(ctx, cfg, mode, label, "", extra...)
+}
+
+// startChildOn is startChild with the Sluice data in dataDir ("": in the
+// child's temporary directory): several children, one after the other,
+// can then serve the same data. stop leaves dataDir in place.
+func startChildOn(ctx context.Context, cfg *gatewayConfig, mode, label, dataDir string, extra ...string) (_ *child, err error) {
 	dir, err := os.MkdirTemp("", "sluice-bench-gw-")
 	if err != nil {
 		return nil, fmt.Errorf("temp dir: %w", err)
@@ -56,7 +64,10 @@ func startChild(ctx context.Context, cfg *gatewayConfig, mode, label string, ext
 	if err != nil {
 		return nil, fmt.Errorf("own executable: %w", err)
 	}
-	args := []string{childCommand, "-mode", mode, "-dir", filepath.Join(dir, "data"),
+	if dataDir == "" {
+		dataDir = filepath.Join(dir, "data")
+	}
+	args := []string{childCommand, "-mode", mode, "-dir", dataDir,
 		"-heartbeat", cfg.heartbeat.String(), "-payload", strconv.Itoa(cfg.payload)}
 	if mode == modeSluice {
 		args = append(args, "-token-key", base64.StdEncoding.EncodeToString(cfg.tokenKey.Public().(ed25519.PublicKey)),
@@ -158,6 +169,18 @@ func (c *child) stop() {
 
 // call sends an admin request and decodes the JSON answer into out.
 func (c *child) call(ctx context.Context, method, path string, q url.Values, out any) error {
+	return c.do(ctx, c.http, method, path, q, out)
+}
+
+// callFor is call for requests that may take longer than the client's
+// two minutes (bulk loads): limit bounds it instead.
+func (c *child) callFor(ctx context.Context, limit time.Duration, method, path string, q url.Values, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	return c.do(ctx, &http.Client{}, method, path, q, out)
+}
+
+func (c *child) do(ctx context.Context, hc *http.Client, method, path string, q url.Values, out any) error {
 	u := c.info.Admin + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -166,7 +189,7 @@ func (c *child) call(ctx context.Context, method, path string, q url.Values, out
 	if err != nil {
 		return err
 	}
-	resp, err := c.http.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("%s server %s %s: %w", c.mode, method, path, err)
 	}

@@ -6,10 +6,15 @@ package main
 // apart from the clients. It serves one mode until its standard input
 // closes, it is signalled, or the admin API is told to quit:
 //
-//   - sluice: embedded NATS and JetStream (fsync always) under -dir,
-//     oplog.Log (atomic batches as sluiced sets them), Inbox (LocalFeed),
-//     Service, and gateway.Server on a loopback TLV listener and an HTTP
-//     server with its WebSocket handler at /v1/ws.
+//   - sluice: embedded NATS and JetStream (fsync always, or -fsync
+//     interval) under -dir, oplog.Log (atomic batches as sluiced sets
+//     them), Inbox (LocalFeed), Service, and gateway.Server on a loopback
+//     TLV listener and an HTTP server with its WebSocket handler at /v1/ws.
+//     With -topics, topics.Topics (SoleWriter, as sluiced) and its
+//     Service, set as gateway.Config.Topics; with -buckets, buckets.Map
+//     and a buckets.Scheduler (sluiced's defaults) as Config.Buckets and
+//     Scheduler, and with -per-business Config.PerBusiness too.
+//     -businesses replaces the two default businesses (chat, dev).
 //   - naive-ws: a coder/websocket server with one reader and one writer
 //     goroutine (fed by a channel) per connection.
 //   - naive-tcp: a TCP server with one reader (bufio.Reader, 4 KiB) and one
@@ -26,6 +31,10 @@ package main
 //	GET  /stats               connections and sessions now
 //	POST /broadcast?round=&t0=   raw-broadcast: one frame to every connection
 //	POST /catchup             sluice: wait until the inbox applied every entry
+//	POST /topics/follow-many?topic=&from=&n=   sluice -topics: users from..from+n-1
+//	                          (userID5) follow topic, with topics.FollowMany
+//	GET  /scheduler           sluice -buckets: buckets.Scheduler.Stats()
+//	POST /scheduler/reset     sluice -buckets: Scheduler.Reset()
 //	POST /profile/cpu/start?path=, /profile/cpu/stop, /profile/heap?path=
 //	POST /quit
 
@@ -43,20 +52,24 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/coder/websocket"
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"github.com/sluicehq/sluice/topics"
 )
 
 // childCommand is the hidden subcommand that runs a server under test.
@@ -113,15 +126,20 @@ type broadcastReply struct {
 }
 
 type childConfig struct {
-	mode       string
-	dir        string
-	tokenKey   ed25519.PublicKey
-	heartbeat  time.Duration
-	maxTargets int
-	atomic     int
-	catchup    int
-	payload    int
-	verbose    bool
+	mode        string
+	dir         string
+	tokenKey    ed25519.PublicKey
+	heartbeat   time.Duration
+	maxTargets  int
+	atomic      int
+	fsync       string
+	topics      bool
+	buckets     bool
+	perBusiness bool
+	businesses  []*oplogpb.Business // nil: bizUser and bizDevice
+	catchup     int
+	payload     int
+	verbose     bool
 }
 
 // benchServer is one mode's server.
@@ -144,7 +162,12 @@ func runGatewayServer(ctx context.Context, args []string, stdout, stderr io.Writ
 	key := fs.String("token-key", "", "base64 Ed25519 public key that signs client tokens (sluice)")
 	fs.DurationVar(&c.heartbeat, "heartbeat", 5*time.Minute, "gateway heartbeat (sluice)")
 	fs.IntVar(&c.maxTargets, "max-targets", 0, "oplog Limits.MaxTargets (sluice; 0: default 1000)")
-	fs.IntVar(&c.atomic, "atomic-batch", oplog.DefaultAtomicBatch, "oplog Config.AtomicBatch (sluice; 0: never)")
+	fs.IntVar(&c.atomic, "atomic-batch", oplog.DefaultAtomicBatch, "oplog Config.AtomicBatch (sluice; 0: never; -1: as sluiced, by -fsync)")
+	fs.StringVar(&c.fsync, "fsync", fsyncAlways, "JetStream fsync: always or interval (sluice)")
+	fs.BoolVar(&c.topics, "topics", false, "serve topics: topics.Topics (SoleWriter) and its Service, as gateway.Config.Topics (sluice)")
+	fs.BoolVar(&c.buckets, "buckets", false, "compute sync rounds by bucket: buckets.Map and a buckets.Scheduler in the gateway (sluice)")
+	fs.BoolVar(&c.perBusiness, "per-business", false, "with -buckets: gateway.Config.PerBusiness, one read per business (sluice)")
+	biz := fs.String("businesses", "", "businesses to register instead of chat and dev: code:user|device[:single], comma-separated (sluice)")
 	fs.IntVar(&c.catchup, "catchup", 0, "one-item sync frames sent after every hello (raw-broadcast)")
 	fs.IntVar(&c.payload, "payload", 128, "payload bytes of those frames (raw-broadcast)")
 	fs.BoolVar(&c.verbose, "v", false, "log the components' warnings to stderr")
@@ -159,6 +182,18 @@ func runGatewayServer(ctx context.Context, args []string, stdout, stderr io.Writ
 		c.tokenKey = k
 		if c.dir == "" {
 			return errors.New("-dir is required in mode sluice")
+		}
+		if c.fsync != fsyncAlways && c.fsync != fsyncInterval {
+			return fmt.Errorf("-fsync %q: want always or interval", c.fsync)
+		}
+		if c.perBusiness && !c.buckets {
+			return errors.New("-per-business needs -buckets")
+		}
+		if *biz != "" {
+			var err error
+			if c.businesses, err = parseBusinesses(*biz); err != nil {
+				return err
+			}
 		}
 	}
 	if _, _, err := raiseFileLimit(); err != nil {
@@ -346,6 +381,9 @@ func writeHeapProfile(path string) error {
 // gateway needs: no dispatch registry, no admin API of its own.
 type sluiceServer struct {
 	*stack
+	topics *topics.Topics     // nil without -topics
+	bmap   *buckets.Map       // nil without -buckets
+	sched  *buckets.Scheduler // nil without -buckets
 	gw     *gateway.Server
 	tcp    net.Listener
 	ws     net.Listener
@@ -361,24 +399,60 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 			_ = s.close()
 		}
 	}()
-	// As sluiced's default --fsync always: an ack means on disk.
-	s.stack, s.gctx, err = startStack(context.Background(), stackConfig{
-		dir: c.dir, transport: transportInproc, syncAlways: true, service: true,
-		atomicBatch: c.atomic,
-		limits:      oplog.Limits{MaxTargets: c.maxTargets},
-		businesses: []*oplogpb.Business{
+	businesses := c.businesses
+	if businesses == nil {
+		businesses = []*oplogpb.Business{
 			{Code: bizUser, Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench gateway"},
 			{Code: bizDevice, Dimension: oplogpb.Dimension_DIMENSION_DEVICE, Description: "sluice-bench gateway"},
-		},
+		}
+	}
+	// By default as sluiced's default --fsync always: an ack means on
+	// disk.
+	s.stack, s.gctx, err = startStack(context.Background(), stackConfig{
+		dir: c.dir, transport: transportInproc, syncAlways: c.fsync != fsyncInterval, service: true,
+		atomicBatch: c.atomic,
+		limits:      oplog.Limits{MaxTargets: c.maxTargets},
+		businesses:  businesses,
 	}, log)
 	if err != nil {
 		return nil, err
 	}
+	octx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	var ready []<-chan struct{}
+	if c.topics {
+		// As sluiced with its embedded server.
+		if s.topics, err = topics.Open(octx, topics.Config{Log: s.lg, Dir: filepath.Join(c.dir, "topics"), SoleWriter: true, Logger: &log}); err != nil {
+			return nil, err
+		}
+		tp := s.topics
+		s.closers = append(s.closers, tp.Close)
+		svc, err := topics.NewService(topics.ServiceConfig{Topics: tp, Logger: &log})
+		if err != nil {
+			return nil, err
+		}
+		s.g.Go(func() error { return tp.Run(s.gctx) })
+		s.g.Go(func() error { return svc.Run(s.gctx) })
+		ready = append(ready, svc.Ready())
+	}
+	if c.buckets {
+		if s.bmap, err = buckets.Open(octx, buckets.Config{Log: s.lg, Logger: &log}); err != nil {
+			return nil, err
+		}
+		bm := s.bmap
+		s.closers = append(s.closers, bm.Close)
+		s.g.Go(func() error { return bm.Run(s.gctx) })
+		s.sched = buckets.NewScheduler(buckets.SchedulerConfig{})
+	}
 	s.gw, err = gateway.NewServer(gateway.Config{
-		Inbox:     s.inbox,
-		Tokens:    gateway.NewVerifier(c.tokenKey),
-		Heartbeat: c.heartbeat,
-		Logger:    &log,
+		Inbox:       s.inbox,
+		Topics:      s.topics,
+		Buckets:     s.bmap,
+		Scheduler:   s.sched,
+		PerBusiness: c.perBusiness,
+		Tokens:      gateway.NewVerifier(c.tokenKey),
+		Heartbeat:   c.heartbeat,
+		Logger:      &log,
 	})
 	if err != nil {
 		return nil, err
@@ -400,12 +474,14 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 		}
 		return nil
 	})
-	select {
-	case <-s.svc.Ready():
-	case <-s.gctx.Done():
-		return nil, fmt.Errorf("sluice components: %w", s.g.Wait())
-	case <-time.After(time.Minute):
-		return nil, errors.New("producer API not ready after 1m")
+	for _, r := range append(ready, s.svc.Ready()) {
+		select {
+		case <-r:
+		case <-s.gctx.Done():
+			return nil, fmt.Errorf("sluice components: %w", s.g.Wait())
+		case <-time.After(time.Minute):
+			return nil, errors.New("producer APIs not ready after 1m")
+		}
 	}
 	info.TCP = s.tcp.Addr().String()
 	info.WS = "ws://" + s.ws.Addr().String() + "/v1/ws"
@@ -436,6 +512,13 @@ func (s *sluiceServer) stats() childStats {
 	return childStats{Conns: st.Conns, Sessions: st.Sessions}
 }
 
+// followManyReply is the answer to POST /topics/follow-many.
+type followManyReply struct {
+	Written   int    `json:"written"`
+	Followers uint64 `json:"followers"` // of the topic afterwards
+	TookNS    int64  `json:"took_ns"`   // FollowMany alone
+}
+
 func (s *sluiceServer) routes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /catchup", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
@@ -446,10 +529,84 @@ func (s *sluiceServer) routes(mux *http.ServeMux) {
 		}
 		writeJSON(w, struct{}{})
 	})
+	mux.HandleFunc("POST /topics/follow-many", func(w http.ResponseWriter, r *http.Request) {
+		if s.topics == nil {
+			http.Error(w, "no topics (-topics)", http.StatusNotFound)
+			return
+		}
+		q := r.URL.Query()
+		from, err1 := strconv.Atoi(q.Get("from"))
+		n, err2 := strconv.Atoi(q.Get("n"))
+		if err1 != nil || err2 != nil || from < 0 || n < 1 || n > 10_000_000 {
+			http.Error(w, "want from >= 0 and 1 <= n <= 10000000", http.StatusBadRequest)
+			return
+		}
+		users := make([]string, n)
+		for i := range users {
+			users[i] = userID5(from + i)
+		}
+		start := time.Now()
+		written, err := s.topics.FollowMany(r.Context(), q.Get("topic"), users)
+		took := time.Since(start)
+		if err != nil {
+			http.Error(w, fmt.Sprintf("follow many (%d written): %v", written, err), http.StatusInternalServerError)
+			return
+		}
+		followers, err := s.topics.Followers(r.Context(), q.Get("topic"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeJSON(w, followManyReply{Written: written, Followers: followers, TookNS: int64(took)})
+	})
+	mux.HandleFunc("GET /scheduler", func(w http.ResponseWriter, r *http.Request) {
+		if s.sched == nil {
+			http.Error(w, "no scheduler (-buckets)", http.StatusNotFound)
+			return
+		}
+		writeJSON(w, s.sched.Stats())
+	})
+	mux.HandleFunc("POST /scheduler/reset", func(w http.ResponseWriter, r *http.Request) {
+		if s.sched == nil {
+			http.Error(w, "no scheduler (-buckets)", http.StatusNotFound)
+			return
+		}
+		s.sched.Reset()
+		writeJSON(w, struct{}{})
+	})
 }
 
-// close shuts down in sluiced's order: gateway, HTTP, components, inbox,
-// log, connection, server. Safe after a partial start.
+// parseBusinesses reads code:user|device[:single], comma-separated, as
+// sluiced's --businesses does.
+func parseBusinesses(s string) ([]*oplogpb.Business, error) {
+	var out []*oplogpb.Business
+	for item := range strings.SplitSeq(s, ",") {
+		parts := strings.Split(strings.TrimSpace(item), ":")
+		b := &oplogpb.Business{Code: parts[0], Dimension: oplogpb.Dimension_DIMENSION_USER, Description: "sluice-bench"}
+		if len(parts) < 2 || len(parts) > 3 || !oplog.ValidBusiness(b.Code) {
+			return nil, fmt.Errorf("-businesses %q: want code:user|device[:single]", item)
+		}
+		switch parts[1] {
+		case "user":
+		case "device":
+			b.Dimension = oplogpb.Dimension_DIMENSION_DEVICE
+		default:
+			return nil, fmt.Errorf("-businesses %q: dimension %q: want user or device", item, parts[1])
+		}
+		if len(parts) == 3 {
+			if parts[2] != "single" {
+				return nil, fmt.Errorf("-businesses %q: mode %q: want single", item, parts[2])
+			}
+			b.DeviceMode = oplogpb.DeviceMode_DEVICE_MODE_SINGLE
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+// close shuts down in sluiced's order: gateway, HTTP, components, bucket
+// map and topics, inbox, log, connection, server. Safe after a partial
+// start.
 func (s *sluiceServer) close() error {
 	select {
 	case <-s.closed:

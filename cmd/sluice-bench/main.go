@@ -3,6 +3,9 @@
 //
 //	sluice-bench oplog [flags]     producer path vs raw JetStream publish
 //	sluice-bench gateway [flags]   gateway memory, fan-out, latency, catch-up vs baselines
+//	sluice-bench fanout [flags]    one event to a million users (fanout) vs raw JetStream publish
+//	sluice-bench topic [flags]     a topic message to its online followers vs write diffusion
+//	sluice-bench storm [flags]     a connect storm: bucketed vs per-business sync rounds
 //
 // Every benchmark starts its own embedded NATS servers on temporary
 // directories (loopback or in-process only), is bounded in time and count,
@@ -53,6 +56,54 @@
 // see gateway_server.go) so its memory is measured apart from the
 // clients, which run in this process on loopback. Children run in their
 // own process group and die with this process.
+//
+// # fanout
+//
+// One event to -users (default 1,000,000) users through fanout.Fanout,
+// wired as sluiced wires it (oplog.Log with the atomic batch of the fsync
+// mode, Inbox with LocalFeed and SoleWriter, fanout with its own Dir and
+// the default Concurrency), all in this process on one embedded server
+// (-fsync interval by default; always on request). A list job is created,
+// fed in chunks of 1,000 by AddRecipients, sealed, and polled with Status
+// until DONE; the time until the inbox projection applied every entry is
+// reported too. Baseline, on the same server in the same run: raw
+// js.PublishAsync of as many messages of the stored entry's size into a
+// bare file stream, one subject per recipient. Ratio = fanout rate / raw
+// rate, goal at least 0.5. While the fanout runs, -lat-n single appends
+// through oplog.Log.Append, 10 ms apart, are timed next to the same on
+// the idle server. At the end the oplog stream must hold exactly the
+// recipients (plus the single appends) more, and Status must say DONE
+// with total == done == users and failed 0.
+//
+// # topic
+//
+// A topic with -followers (default 1,000,000) followers loaded by
+// topics.FollowMany (timed), -online (default 15,000) of them connected to
+// a gateway child with topics enabled; -messages (default 50) topic
+// messages are published one at a time, at most every 100 ms, each timed
+// until the last online client has it, with lost and duplicate counts,
+// the messages the topic stream and the oplog stored per message (1 and
+// 0). Baseline on the same child and clients: the same payload as one
+// oplog entry per online user (write diffusion, events of up to 1,000
+// targets through the producer API), with its latency and its copies
+// (one per online user). 15,000 client links here and as many in the
+// child fit this machine's 20,000 open files per process.
+//
+// # storm
+//
+// -devices (default 10,000) devices, each its own user, with backlogs
+// across -businesses (default 80: 60 user-dimension multi-device, 10
+// user-dimension single-device, 10 device-dimension; each device has
+// entries in 10 random ones) reconnect at once (128 dialling at a time)
+// with no sync points, as devices that never acked: each reads its whole
+// backlog. Measured per storm: the time until every device's sync round
+// is done with all its entries, and the store reads per connect from the
+// child's buckets.Scheduler Stats (reset before each storm), for rounds
+// computed by bucket (gateway.Config.Buckets and Scheduler, as sluiced)
+// and for every business on its own (Config.PerBusiness). Each storm runs
+// in a fresh child over one shared data directory, the modes alternating.
+// Goal: bucketed at least 80% fewer reads per connect and a lower total
+// time. Every device must get exactly its entries.
 package main
 
 import (
@@ -96,7 +147,7 @@ func progressLogger(stderr io.Writer) zerolog.Logger {
 }
 
 // errUsage marks a command line that names no known benchmark.
-var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway")
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm")
 
 // run runs the benchmark named by args[0] with the rest of args as its flags.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -108,6 +159,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runOplog(ctx, args[1:], stdout, stderr)
 	case "gateway":
 		return runGateway(ctx, args[1:], stdout, stderr)
+	case "fanout":
+		return runFanoutBench(ctx, args[1:], stdout, stderr)
+	case "topic":
+		return runTopic(ctx, args[1:], stdout, stderr)
+	case "storm":
+		return runStorm(ctx, args[1:], stdout, stderr)
 	case childCommand: // the gateway benchmark's server, run as a child
 		return runGatewayServer(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":

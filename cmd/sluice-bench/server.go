@@ -103,6 +103,10 @@ type stack struct {
 	svc    *oplog.Service // nil without stackConfig.service
 	cancel context.CancelFunc
 	g      *errgroup.Group // more components may join it
+	// closers release what components that joined g hold (topics,
+	// fanout, ...): Close calls them, last added first, once every
+	// component has stopped and before the inbox closes.
+	closers []func() error
 }
 
 // stackConfig says how to build a stack.
@@ -185,8 +189,9 @@ func startStack(ctx context.Context, c stackConfig, log zerolog.Logger) (*stack,
 }
 
 // Close stops the components and returns the first error one of them
-// failed with; then closes the inbox, the log, the connection and the
-// server, in reverse build order. Safe after a partial start.
+// failed with; then runs the closers and closes the inbox, the log, the
+// connection and the server, in reverse build order. Safe after a partial
+// start.
 func (s *stack) Close() error {
 	var err error
 	if s.cancel != nil {
@@ -195,6 +200,12 @@ func (s *stack) Close() error {
 			err = fmt.Errorf("sluice components: %w", werr)
 		}
 	}
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		if cerr := s.closers[i](); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	s.closers = nil
 	if s.inbox != nil {
 		if cerr := s.inbox.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("close inbox: %w", cerr)
