@@ -33,6 +33,7 @@ const fanoutJob = "bench-fanout"
 
 // fanoutConfig is the command line of the fanout benchmark.
 type fanoutConfig struct {
+	cpuprofile  string
 	users       int
 	chunk       int
 	concurrency int
@@ -84,6 +85,7 @@ flags:`)
 	fs.BoolVar(&c.rawMsgID, "raw-msgid", false, "give every raw message a Nats-Msg-Id, as every fanout entry has one (a diagnostic: the baseline is a bare stream)")
 	fs.DurationVar(&c.timeout, "timeout", 20*time.Minute, "abort the whole run after this long")
 	fs.BoolVar(&c.verbose, "v", false, "also log the Sluice components' warnings and errors")
+	fs.StringVar(&c.cpuprofile, "cpuprofile", "", "write a CPU profile of the fanout phase to this file")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -395,6 +397,12 @@ func runFanoutJob(ctx context.Context, cfg *fanoutConfig, st *stack, fan *fanout
 		payload[i] = byte(i)
 	}
 	chunks := (cfg.users + cfg.chunk - 1) / cfg.chunk
+	if cfg.cpuprofile != "" {
+		if err := startCPUProfile(cfg.cpuprofile); err != nil {
+			return err
+		}
+		defer func() { _ = stopCPUProfile() }()
+	}
 	m := startMeter()
 	t0 := m.start
 	if _, err := fan.Create(ctx, &fanoutpb.Job{Id: fanoutJob, Audience: &fanoutpb.Job_List{List: &fanoutpb.List{}},
