@@ -4,14 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
-	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/fanout/fanoutpb"
 	"github.com/sluicehq/sluice/oplog"
-	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
@@ -86,57 +82,20 @@ func (s *Service) Ready() <-chan struct{} { return s.ready }
 // Run serves until ctx ends, then unsubscribes and waits for the requests
 // under way.
 func (s *Service) Run(ctx context.Context) error {
-	nc := s.f.lg.Conn()
-	reqs := make(chan *nats.Msg, 4*s.workers)
-	var subs []*nats.Subscription
-	unsubscribe := func() {
-		for _, sub := range subs {
-			_ = sub.Unsubscribe()
-		}
+	err := oplog.ServeRequests(ctx, oplog.RequestsConfig{Conn: s.f.lg.Conn(), Subjects: []string{SubjectCreate, SubjectAdd,
+		SubjectSeal, SubjectStatus, SubjectList, SubjectCancel, SubjectSegmentAdd, SubjectSegmentRemove, SubjectSegmentSize},
+		Queue: s.queue, Workers: s.workers, Handle: s.handle, Logger: s.log}, s.ready)
+	if err != nil {
+		return fmt.Errorf("fanout: %w", err)
 	}
-	for _, subj := range []string{SubjectCreate, SubjectAdd, SubjectSeal, SubjectStatus, SubjectList, SubjectCancel,
-		SubjectSegmentAdd, SubjectSegmentRemove, SubjectSegmentSize} {
-		sub, err := nc.ChanQueueSubscribe(subj, s.queue, reqs)
-		if err != nil {
-			unsubscribe()
-			return fmt.Errorf("fanout: subscribe %s: %w", subj, err)
-		}
-		subs = append(subs, sub)
-	}
-	if err := nc.Flush(); err != nil {
-		unsubscribe()
-		return fmt.Errorf("fanout: flush subscriptions: %w", err)
-	}
-	close(s.ready)
-	var wg sync.WaitGroup
-	for range s.workers {
-		wg.Go(func() {
-			for m := range reqs {
-				s.handle(context.WithoutCancel(ctx), m)
-			}
-		})
-	}
-	<-ctx.Done()
-	unsubscribe()
-	close(reqs)
-	wg.Wait()
 	return nil
 }
 
-// handle answers one request. Every decode or validation failure becomes
-// a typed error reply and one log line.
-func (s *Service) handle(ctx context.Context, m *nats.Msg) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	ct := m.Header.Get(oplog.HeaderContentType)
-	reply, err := s.serve(ctx, m.Subject, ct, m.Data)
+// handle answers one request: the reply carries the typed error, if any.
+func (s *Service) handle(ctx context.Context, subject, ct string, body []byte) (proto.Message, error) {
+	reply, err := s.serve(ctx, subject, ct, body)
 	if err != nil {
 		e := oplog.ErrorPB(err)
-		if e.Code == oplogpb.ErrorCode_ERROR_CODE_INTERNAL || e.Code == oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE {
-			s.log.Warn().Err(err).Str("subject", m.Subject).Msg("request failed")
-		} else {
-			s.log.Info().Str("subject", m.Subject).Str("code", e.Code.String()).Str("reason", e.Message).Msg("request refused")
-		}
 		switch r := reply.(type) {
 		case *fanoutpb.JobReply:
 			r.Status, r.Error = nil, e
@@ -146,22 +105,7 @@ func (s *Service) handle(ctx context.Context, m *nats.Msg) {
 			r.Size, r.Error = 0, e
 		}
 	}
-	if m.Reply == "" {
-		return
-	}
-	data, err := oplog.Encode(ct, reply)
-	if err != nil {
-		s.log.Error().Err(err).Msg("encode reply")
-		return
-	}
-	out := nats.NewMsg(m.Reply)
-	out.Data = data
-	if ct == oplog.ContentTypeJSON {
-		out.Header.Set(oplog.HeaderContentType, oplog.ContentTypeJSON)
-	}
-	if err := s.f.lg.Conn().PublishMsg(out); err != nil {
-		s.log.Warn().Err(err).Msg("reply lost")
-	}
+	return reply, err
 }
 
 // serve decodes and runs one request. The reply is never nil; on error

@@ -73,4 +73,3 @@ func (f *Fanout) checkTemplate(ev *oplogpb.Event, now time.Time) error {
 	}
 	return oplog.CheckContent(ev, f.lg.Limits(), now)
 }
-

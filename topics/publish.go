@@ -114,4 +114,3 @@ func (s *Topics) validate(ev *oplogpb.Event, now time.Time) error {
 	}
 	return oplog.CheckContent(ev, s.lg.Limits(), now)
 }
-

@@ -4,10 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
-	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
@@ -66,72 +63,16 @@ var serviceSubjects = []string{SubjectCreate, SubjectDelete, SubjectPublish, Sub
 // Run serves until ctx ends, then unsubscribes and waits for the requests
 // under way.
 func (sv *Service) Run(ctx context.Context) error {
-	reqs := make(chan *nats.Msg, 4*sv.workers)
-	nc := sv.s.lg.Conn()
-	var subs []*nats.Subscription
-	unsubscribe := func() {
-		for _, sub := range subs {
-			_ = sub.Unsubscribe()
-		}
+	err := oplog.ServeRequests(ctx, oplog.RequestsConfig{Conn: sv.s.lg.Conn(), Subjects: serviceSubjects,
+		Queue: sv.queue, Workers: sv.workers, Handle: sv.serve, Logger: sv.log}, sv.ready)
+	if err != nil {
+		return fmt.Errorf("topics: %w", err)
 	}
-	for _, subj := range serviceSubjects {
-		sub, err := nc.ChanQueueSubscribe(subj, sv.queue, reqs)
-		if err != nil {
-			unsubscribe()
-			return fmt.Errorf("topics: subscribe %s: %w", subj, err)
-		}
-		subs = append(subs, sub)
-	}
-	if err := nc.Flush(); err != nil {
-		unsubscribe()
-		return fmt.Errorf("topics: flush subscriptions: %w", err)
-	}
-	close(sv.ready)
-	var wg sync.WaitGroup
-	for range sv.workers {
-		wg.Go(func() {
-			for m := range reqs {
-				sv.handle(context.WithoutCancel(ctx), m)
-			}
-		})
-	}
-	<-ctx.Done()
-	unsubscribe()
-	close(reqs)
-	wg.Wait()
 	return nil
 }
 
 // Ready is closed once the API is subscribed.
 func (sv *Service) Ready() <-chan struct{} { return sv.ready }
-
-// handle answers one request. It never panics on input: every decode or
-// validation failure becomes a typed error reply.
-func (sv *Service) handle(ctx context.Context, m *nats.Msg) {
-	ct := m.Header.Get(oplog.HeaderContentType)
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	reply, err := sv.serve(ctx, m.Subject, ct, m.Data)
-	if err != nil {
-		sv.log.Info().Err(err).Str("subject", m.Subject).Str("code", oplog.CodeOf(err).String()).Msg("request refused")
-	}
-	if m.Reply == "" {
-		return
-	}
-	data, err := oplog.Encode(ct, reply)
-	if err != nil {
-		sv.log.Error().Err(err).Msg("encode reply")
-		return
-	}
-	out := nats.NewMsg(m.Reply)
-	out.Data = data
-	if ct == oplog.ContentTypeJSON {
-		out.Header.Set(oplog.HeaderContentType, oplog.ContentTypeJSON)
-	}
-	if err := sv.s.lg.Conn().PublishMsg(out); err != nil {
-		sv.log.Warn().Err(err).Msg("reply lost")
-	}
-}
 
 // serve runs one request and returns its reply, with the error the reply
 // carries (for the log).
