@@ -98,9 +98,14 @@
 // node's store after the call, once (never again after a rebuild), in id
 // order. A reader that watches first and reads the backlog second misses
 // nothing and dedupes by id. WatchFollows delivers a user's relation
-// changes once this node has applied them. Between a publish and the
-// arrival of an unfollow at a gateway, a live message above Until may
-// already have been delivered; the backlog never returns one.
+// changes once this node has applied them, before any message past an
+// unfollow's Until is dispatched to watchers: Unfollow reads Until and
+// applies its event while live dispatch is held (the unfollowing lock),
+// and dispatch first waits for the follows projection to hold every
+// relation event already written. That order holds within one process;
+// with several nodes, an unfollow made on another node can still race a
+// message published at the same moment, which a gateway here may then
+// deliver. The backlog never returns a message past Until.
 //
 // With Config.SoleWriter (this process writes every message of the three
 // streams, as sluiced does with its embedded server) each publish ack is
