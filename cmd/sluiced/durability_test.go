@@ -18,7 +18,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -90,9 +89,10 @@ func buildSluiced(t *testing.T) string {
 			return
 		}
 		sluicedBinDir = dir
-		gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-		if _, err := os.Stat(gobin); err != nil {
-			gobin = "go"
+		gobin, err := exec.LookPath("go")
+		if err != nil {
+			sluicedBuildErr = fmt.Errorf("no go command to build sluiced: %w", err)
+			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
