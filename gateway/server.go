@@ -17,6 +17,7 @@ import (
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"github.com/sluicehq/sluice/topics"
 )
 
@@ -139,6 +140,7 @@ type Server struct {
 	sessions  map[*session]struct{}
 	byDevice  map[string]*session // the newest session of each app/device
 	listeners map[net.Listener]struct{}
+	everyone  *topics.Watch // Everyone's messages, for every session
 	done      chan struct{} // closed by Shutdown
 	wg        sync.WaitGroup
 }
@@ -168,7 +170,32 @@ func NewServer(cfg Config) (*Server, error) {
 			s.log.Warn().Err(err).Msg("no poller: every link keeps a reader goroutine")
 		}
 	}
+	if cfg.Topics != nil {
+		// Everyone's messages go to every session: one watch for the
+		// node, not one per link.
+		if s.everyone, err = cfg.Topics.Watch(topics.Everyone, s.onEveryone); err != nil {
+			if s.poller != nil {
+				s.poller.close()
+			}
+			return nil, fmt.Errorf("gateway: watch %s: %w", topics.Everyone, err)
+		}
+	}
 	return s, nil
+}
+
+// onEveryone hands a message of topics.Everyone to every session past
+// Hello, on the topics projection's goroutine. A session registers before
+// its first round reads the backlog, so none misses one.
+func (s *Server) onEveryone(e *oplogpb.Entry) {
+	s.mu.Lock()
+	sessions := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		sessions = append(sessions, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range sessions {
+		ss.onTopic(e)
+	}
 }
 
 // Stats is a snapshot of the server's load.
@@ -285,6 +312,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		close(finished)
 	}()
 	defer func() {
+		if s.everyone != nil {
+			s.everyone.Stop()
+		}
 		if s.poller != nil {
 			s.poller.close()
 		}

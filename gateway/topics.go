@@ -30,13 +30,14 @@ import (
 // Topic ids are the topic stream's, shared by every user: a cursor is the
 // device's, and needs no reset when the user changes.
 //
-// An idle session pays for Everyone only: its watch and two cursors. The
-// maps of followed topics are allocated when the user follows something.
+// Everyone's messages reach every session through one watch of the
+// server's (Server.onEveryone). An idle session pays for Everyone two
+// cursors; the maps of followed topics are allocated when the user follows
+// something.
 
 // topicState is a session's topic bookkeeping, allocated when the server
 // serves topics. Guarded by the session's mutex.
 type topicState struct {
-	all      *topics.Watch // Everyone's
 	allPoint topics.Cursor // Everyone's cursor: the next round starts there
 	allSent  topics.Cursor // Everyone's highest id sent
 
@@ -47,6 +48,7 @@ type topicState struct {
 	watches map[string]*topics.Watch
 
 	fwatch *topics.FollowWatch
+	gate   *followGate // fwatch's
 }
 
 // cursor returns where the next round starts a topic.
@@ -119,9 +121,14 @@ func newTopicState(cursors map[string]topics.Cursor) *topicState {
 type topicPlan struct {
 	fwatch  *topics.FollowWatch
 	follows map[string]topics.Follow // the snapshot: Following's answer
-	all     *topics.Watch            // Everyone's, when the session has none yet
 	names   []string                 // new registrations, by topic
 	watches []*topics.Watch
+	gate    *followGate
+}
+
+// followGate holds a follow watch's events until its plan is applied. The
+// watch's callback keeps it (not the plan) for the life of the session.
+type followGate struct {
 	applied bool
 	pending []topics.Follow
 }
@@ -138,10 +145,11 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 	if tp == nil {
 		return nil, nil
 	}
-	plan := &topicPlan{}
+	plan := &topicPlan{gate: &followGate{}}
 	if user != "" {
 		var err error
-		if plan.fwatch, err = tp.WatchFollows(user, func(f topics.Follow) { ss.onFollow(plan, f) }); err != nil {
+		gate := plan.gate
+		if plan.fwatch, err = tp.WatchFollows(user, func(f topics.Follow) { ss.onFollow(gate, f) }); err != nil {
 			return nil, fmt.Errorf("watch follows: %w", err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
@@ -160,9 +168,8 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 	}
 	ss.mu.Lock()
 	var watching map[string]*topics.Watch
-	needAll := true
 	if ss.topics != nil {
-		watching, needAll = ss.topics.watches, ss.topics.all == nil
+		watching = ss.topics.watches
 	}
 	for name, f := range plan.follows {
 		if _, ok := watching[name]; !ok && f.Following {
@@ -170,14 +177,6 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 		}
 	}
 	ss.mu.Unlock()
-	if needAll {
-		w, err := tp.Watch(topics.Everyone, ss.onTopic)
-		if err != nil {
-			plan.release()
-			return nil, fmt.Errorf("watch %s: %w", topics.Everyone, err)
-		}
-		plan.all = w
-	}
 	for _, name := range plan.names {
 		w, err := tp.Watch(name, ss.onTopic)
 		if err != nil {
@@ -197,9 +196,6 @@ func (p *topicPlan) release() {
 	if p.fwatch != nil {
 		p.fwatch.Stop()
 	}
-	if p.all != nil {
-		p.all.Stop()
-	}
 	for _, w := range p.watches {
 		w.Stop()
 	}
@@ -216,10 +212,7 @@ func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan, late []st
 	}
 	ts := ss.topics
 	old = &topicPlan{fwatch: ts.fwatch}
-	if ts.all == nil {
-		ts.all, plan.all = plan.all, nil
-	}
-	ts.fwatch, ts.follows = plan.fwatch, plan.follows
+	ts.fwatch, ts.follows, ts.gate = plan.fwatch, plan.follows, plan.gate
 	for name, w := range ts.watches {
 		if f, ok := plan.follows[name]; !ok || !f.Following {
 			old.watches = append(old.watches, w)
@@ -236,16 +229,13 @@ func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan, late []st
 		}
 		ts.watches[name] = plan.watches[i]
 	}
-	plan.applied = true
-	for _, f := range plan.pending {
+	plan.gate.applied = true
+	for _, f := range plan.gate.pending {
 		if ss.followLocked(f) {
 			late = append(late, f.Topic)
 		}
 	}
-	plan.pending = nil
-	if plan.all != nil {
-		old.watches = append(old.watches, plan.all)
-	}
+	plan.gate.pending = nil
 	return old, late
 }
 
@@ -308,10 +298,6 @@ func (ss *session) stopTopicWatches() {
 			ws = append(ws, w)
 		}
 		clear(ts.watches)
-		if ts.all != nil {
-			ws = append(ws, ts.all)
-			ts.all = nil
-		}
 		fw, ts.fwatch = ts.fwatch, nil
 	}
 	ss.mu.Unlock()
@@ -328,18 +314,18 @@ func (ss *session) stopTopicWatches() {
 // and before any topic message past an unfollow's until is dispatched. It
 // never blocks. A follow registers the topic's watch first, then starts a
 // round: the round reads what was published before the watch existed.
-func (ss *session) onFollow(plan *topicPlan, f topics.Follow) {
+func (ss *session) onFollow(gate *followGate, f topics.Follow) {
 	ss.mu.Lock()
 	if ss.closing || ss.topics == nil {
 		ss.mu.Unlock()
 		return
 	}
-	if !plan.applied {
-		plan.pending = append(plan.pending, f) // applied with the plan
+	if !gate.applied {
+		gate.pending = append(gate.pending, f) // applied with the plan
 		ss.mu.Unlock()
 		return
 	}
-	if ss.topics.fwatch != plan.fwatch || f.User != ss.user {
+	if ss.topics.gate != gate || f.User != ss.user {
 		ss.mu.Unlock()
 		return // a previous user's
 	}

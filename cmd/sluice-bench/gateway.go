@@ -47,6 +47,7 @@ const (
 
 // gatewayConfig is the command line of the gateway benchmark.
 type gatewayConfig struct {
+	asSluiced    bool // Sluice children run topics and buckets, as sluiced
 	scenarios    []string
 	idleN        int
 	bcastN       int
@@ -96,6 +97,7 @@ flags:`)
 		fs.PrintDefaults()
 	}
 	scen := fs.String("scenario", "all", "scenarios to run, comma-separated: idle, broadcast, latency, catchup, or all")
+	fs.BoolVar(&c.asSluiced, "as-sluiced", true, "run Sluice servers with topics and buckets, as sluiced does (false: the gateway on the inbox alone)")
 	n := fs.Int("n", 0, fmt.Sprintf("connections of every scenario (0: idle %d, broadcast %d, latency %d, catchup %d)", defaultIdleN, defaultBcastN, defaultLatN, defaultCatchupN))
 	fs.IntVar(&c.idleN, "idle-n", defaultIdleN, "idle connections per server and transport")
 	fs.IntVar(&c.bcastN, "broadcast-n", defaultBcastN, "online clients of the broadcast")

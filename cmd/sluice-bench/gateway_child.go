@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -42,6 +43,11 @@ const childReadyWait = 90 * time.Second
 // progress and profile file names. Its data lives in its own temporary
 // directory.
 func startChild(ctx context.Context, cfg *gatewayConfig, mode, label string, extra ...string) (*child, error) {
+	if mode == modeSluice && cfg.asSluiced && !slices.Contains(extra, "-topics") {
+		// The gateway as sluiced runs it: topics (every session also
+		// follows Everyone) and rounds by bucket.
+		extra = append([]string{"-topics", "-buckets"}, extra...)
+	}
 	return startChildOn(ctx, cfg, mode, label, "", extra...)
 }
 
