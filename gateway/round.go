@@ -186,8 +186,11 @@ var errClosing = errors.New("gateway: session closing")
 func (ss *session) syncRound() error {
 	cfg := &ss.srv.cfg
 	ss.mu.Lock()
-	r := &round{ss: ss, gen: ss.gen, user: ss.user, attrs: ss.attrs, resets: ss.resets, tresets: ss.tresets}
-	ss.resets, ss.tresets = nil, nil
+	r := &round{ss: ss, gen: ss.gen, user: ss.user, attrs: ss.attrs, resets: ss.resets}
+	ss.resets = nil
+	if ss.topics != nil {
+		r.tresets, ss.topics.resets = ss.topics.resets, nil
+	}
 	r.points = make(map[string]oplog.SyncPoint, len(ss.points)+len(ss.sent))
 	for b, p := range ss.points {
 		r.points[b] = p
@@ -295,7 +298,9 @@ func (r *round) end(err error) error {
 			// Not told yet: the next round tells them.
 			r.ss.mu.Lock()
 			r.ss.resets = append(r.resets, r.ss.resets...)
-			r.ss.tresets = append(r.tresets, r.ss.tresets...)
+			if r.ss.topics != nil {
+				r.ss.topics.resets = append(r.tresets, r.ss.topics.resets...)
+			}
 			r.ss.mu.Unlock()
 		}
 	}
@@ -434,6 +439,21 @@ const (
 // errStaleRound ends a round read for a user no longer bound.
 var errStaleRound = errors.New("gateway: sync round of a previous user")
 
+// deferral is what a round deferred: the businesses (and whether the
+// topics) whose live entries wait for a later round, and the timer that
+// runs that round if the client does not ask for it. Allocated only when
+// a round defers something: an idle session keeps a nil pointer.
+type deferral struct {
+	businesses map[string]bool
+	topics     bool
+	retry      *time.Timer
+}
+
+// deferredLocked reports whether a business's bucket was deferred.
+func (ss *session) deferredLocked(business string) bool {
+	return ss.deferral != nil && ss.deferral.businesses[business]
+}
+
 // deferLocked records the businesses (and topics) a round deferred: their
 // live entries are dropped until a later round reads them. The client is
 // told when to come back (it adds up to a quarter of jitter); if it does
@@ -443,18 +463,18 @@ func (ss *session) deferLocked(biz map[string]bool, topics bool, retry time.Dura
 		return
 	}
 	if len(biz) == 0 && !topics {
-		ss.deferred, ss.deferTopics = nil, false
-		if ss.retry != nil {
-			ss.retry.Stop()
+		if ss.deferral != nil {
+			ss.deferral.retry.Stop()
+			ss.deferral = nil
 		}
 		return
 	}
-	ss.deferred, ss.deferTopics = biz, topics
 	after := max(retry, 100*time.Millisecond)
 	after += after / 2
-	if ss.retry == nil {
-		ss.retry = time.AfterFunc(after, ss.startRound)
+	if ss.deferral == nil {
+		ss.deferral = &deferral{retry: time.AfterFunc(after, ss.startRound)}
 	} else {
-		ss.retry.Reset(after)
+		ss.deferral.retry.Reset(after)
 	}
+	ss.deferral.businesses, ss.deferral.topics = biz, topics
 }

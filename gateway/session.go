@@ -77,10 +77,7 @@ type session struct {
 	points      map[string]oplog.SyncPoint // the next round's starting points
 	resets      []string                   // businesses to report reset in the next Sync
 	topics      *topicState                // nil unless the server serves topics
-	tresets     []string                   // topics to report reset in the next Sync
-	deferred    map[string]bool            // businesses the last round deferred
-	deferTopics bool                       // the last round deferred the topics
-	retry       *time.Timer                // runs a round after a deferral
+	deferral    *deferral                  // nil unless a round deferred buckets
 	closeOnce   sync.Once
 }
 
@@ -580,7 +577,7 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 		return
 	}
 	if e.Id == 0 { // transient: now or never, unordered with stored items
-		if !ss.deferred[e.Business] { // a deferred bucket gets nothing live
+		if !ss.deferredLocked(e.Business) { // a deferred bucket gets nothing live
 			ss.enqueueLocked(liveFrame(e), true)
 		}
 		return
@@ -605,7 +602,7 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	if !ss.ownsLocked(e) {
 		return // held before the user changed
 	}
-	if ss.deferred[e.Business] {
+	if ss.deferredLocked(e.Business) {
 		return // its bucket was deferred: a later round reads it
 	}
 	last, ok := ss.sent[e.Business]
@@ -874,8 +871,8 @@ func (ss *session) shut() {
 		if ss.timer != nil {
 			ss.timer.Stop()
 		}
-		if ss.retry != nil {
-			ss.retry.Stop()
+		if ss.deferral != nil {
+			ss.deferral.retry.Stop()
 		}
 		ss.mu.Unlock()
 		ss.stopWatches()

@@ -49,6 +49,7 @@ type topicState struct {
 
 	fwatch *topics.FollowWatch
 	gate   *followGate // fwatch's
+	resets []string    // topics to report reset in the next round
 }
 
 // cursor returns where the next round starts a topic.
@@ -378,7 +379,7 @@ func (ss *session) onTopic(e *oplogpb.Entry) {
 // sendTopicLocked queues a live topic message unless the client has it.
 func (ss *session) sendTopicLocked(e *oplogpb.Entry) {
 	ts := ss.topics
-	if ts == nil || ss.deferTopics {
+	if ts == nil || (ss.deferral != nil && ss.deferral.topics) {
 		return // deferred: a later round reads it
 	}
 	if !ts.covers(e) {
