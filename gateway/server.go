@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -140,9 +141,13 @@ type Server struct {
 	sessions  map[*session]struct{}
 	byDevice  map[string]*session // the newest session of each app/device
 	listeners map[net.Listener]struct{}
-	everyone  *topics.Watch // Everyone's messages, for every session
-	done      chan struct{} // closed by Shutdown
-	wg        sync.WaitGroup
+	everyone  *topics.Watch       // Everyone's messages, for every session
+	follows   *topics.FollowWatch // every user's follow events
+
+	umu    sync.Mutex
+	byUser map[string][]userWatch // sessions following a user's follow events
+	done   chan struct{}          // closed by Shutdown
+	wg     sync.WaitGroup
 }
 
 // NewServer returns a server; serve links with ServeTCP and
@@ -179,8 +184,54 @@ func NewServer(cfg Config) (*Server, error) {
 			}
 			return nil, fmt.Errorf("gateway: watch %s: %w", topics.Everyone, err)
 		}
+		// Follow events likewise: one watch, routed to the user's sessions.
+		s.byUser = map[string][]userWatch{}
+		if s.follows, err = cfg.Topics.WatchAllFollows(s.onFollowEvent); err != nil {
+			s.everyone.Stop()
+			if s.poller != nil {
+				s.poller.close()
+			}
+			return nil, fmt.Errorf("gateway: watch follows: %w", err)
+		}
 	}
 	return s, nil
+}
+
+// userWatch is a session following a user's follow events, with the gate
+// of the plan that registered it.
+type userWatch struct {
+	ss   *session
+	gate *followGate
+}
+
+// watchUser routes user's follow events to ss (through gate) until
+// unwatchUser.
+func (s *Server) watchUser(user string, ss *session, gate *followGate) {
+	s.umu.Lock()
+	s.byUser[user] = append(s.byUser[user], userWatch{ss, gate})
+	s.umu.Unlock()
+}
+
+func (s *Server) unwatchUser(user string, gate *followGate) {
+	s.umu.Lock()
+	defer s.umu.Unlock()
+	list := slices.DeleteFunc(s.byUser[user], func(w userWatch) bool { return w.gate == gate })
+	if len(list) == 0 {
+		delete(s.byUser, user)
+		return
+	}
+	s.byUser[user] = list
+}
+
+// onFollowEvent hands a follow event to the sessions of its user, on the
+// follows projection's goroutine.
+func (s *Server) onFollowEvent(f topics.Follow) {
+	s.umu.Lock()
+	list := slices.Clone(s.byUser[f.User])
+	s.umu.Unlock()
+	for _, w := range list {
+		w.ss.onFollow(w.gate, f)
+	}
 }
 
 // onEveryone hands a message of topics.Everyone to every session past
@@ -314,6 +365,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	defer func() {
 		if s.everyone != nil {
 			s.everyone.Stop()
+			s.follows.Stop()
 		}
 		if s.poller != nil {
 			s.poller.close()

@@ -47,8 +47,8 @@ type topicState struct {
 	follows map[string]topics.Follow // the bound user's follows
 	watches map[string]*topics.Watch
 
-	fwatch *topics.FollowWatch
-	gate   *followGate // fwatch's
+	fuser  string      // the user whose follow events reach the session (Server.watchUser)
+	gate   *followGate // its gate
 	resets []string    // topics to report reset in the next round
 }
 
@@ -120,7 +120,8 @@ func newTopicState(cursors map[string]topics.Cursor) *topicState {
 // events that arrive before it is applied are kept in pending and applied
 // after the snapshot, newest (by Seq) winning.
 type topicPlan struct {
-	fwatch  *topics.FollowWatch
+	ss      *session
+	user    string                   // whose follow events are routed to the session, if any
 	follows map[string]topics.Follow // the snapshot: Following's answer
 	names   []string                 // new registrations, by topic
 	watches []*topics.Watch
@@ -146,13 +147,10 @@ func (ss *session) prepareTopics(user string) (*topicPlan, error) {
 	if tp == nil {
 		return nil, nil
 	}
-	plan := &topicPlan{gate: &followGate{}}
+	plan := &topicPlan{ss: ss, gate: &followGate{}}
 	if user != "" {
-		var err error
-		gate := plan.gate
-		if plan.fwatch, err = tp.WatchFollows(user, func(f topics.Follow) { ss.onFollow(gate, f) }); err != nil {
-			return nil, fmt.Errorf("watch follows: %w", err)
-		}
+		plan.user = user
+		ss.srv.watchUser(user, ss, plan.gate)
 		ctx, cancel := context.WithTimeout(context.Background(), ss.srv.cfg.WriteTimeout)
 		list, err := tp.Following(ctx, user)
 		cancel()
@@ -194,8 +192,8 @@ func (p *topicPlan) release() {
 	if p == nil {
 		return
 	}
-	if p.fwatch != nil {
-		p.fwatch.Stop()
+	if p.user != "" {
+		p.ss.srv.unwatchUser(p.user, p.gate)
 	}
 	for _, w := range p.watches {
 		w.Stop()
@@ -212,8 +210,8 @@ func (ss *session) applyTopicsLocked(plan *topicPlan) (old *topicPlan, late []st
 		return nil, nil
 	}
 	ts := ss.topics
-	old = &topicPlan{fwatch: ts.fwatch}
-	ts.fwatch, ts.follows, ts.gate = plan.fwatch, plan.follows, plan.gate
+	old = &topicPlan{ss: ss, user: ts.fuser, gate: ts.gate}
+	ts.fuser, ts.follows, ts.gate = plan.user, plan.follows, plan.gate
 	for name, w := range ts.watches {
 		if f, ok := plan.follows[name]; !ok || !f.Following {
 			old.watches = append(old.watches, w)
@@ -293,20 +291,21 @@ func (ss *session) stopTopicWatches() {
 	ss.mu.Lock()
 	ts := ss.topics
 	var ws []*topics.Watch
-	var fw *topics.FollowWatch
+	var user string
+	var gate *followGate
 	if ts != nil {
 		for _, w := range ts.watches {
 			ws = append(ws, w)
 		}
 		clear(ts.watches)
-		fw, ts.fwatch = ts.fwatch, nil
+		user, gate, ts.fuser, ts.gate = ts.fuser, ts.gate, "", nil
 	}
 	ss.mu.Unlock()
 	for _, w := range ws {
 		w.Stop()
 	}
-	if fw != nil {
-		fw.Stop()
+	if user != "" {
+		ss.srv.unwatchUser(user, gate)
 	}
 }
 

@@ -124,6 +124,22 @@ func (s *Topics) WatchFollows(user string, fn func(Follow)) (*FollowWatch, error
 	return w, nil
 }
 
+// allUsers is the registry key of WatchAllFollows: not a valid user id.
+const allUsers = "*"
+
+// WatchAllFollows is WatchFollows for every user: one registration for a
+// node that routes follow events to its own sessions (a gateway), rather
+// than one per online user.
+func (s *Topics) WatchAllFollows(fn func(Follow)) (*FollowWatch, error) {
+	w := &FollowWatch{s: s, key: allUsers, fn: fn}
+	lv := s.live
+	lv.mu.Lock()
+	lv.users.add(allUsers, w)
+	lv.nu.Store(int64(len(lv.users)))
+	lv.mu.Unlock()
+	return w, nil
+}
+
 // Stop ends the watch; fn is not called after Stop returns, except by a
 // delivery already under way. Idempotent.
 func (w *Watch) Stop() {
@@ -338,8 +354,8 @@ func (s *Topics) committedFollows(recs []oplog.Record) {
 		if !ok || user == "" {
 			continue
 		}
-		ws := lv.followWatchers(user)
-		if len(ws) == 0 {
+		ws, all := lv.followWatchers(user), lv.followWatchers(allUsers)
+		if len(ws) == 0 && len(all) == 0 {
 			continue
 		}
 		f := new(topicspb.Follow)
@@ -348,9 +364,11 @@ func (s *Topics) committedFollows(recs []oplog.Record) {
 		}
 		fl := followOf(f)
 		fl.Seq = r.Seq
-		for _, w := range ws {
-			if !w.stopped.Load() {
-				w.fn(fl)
+		for _, list := range [][]*FollowWatch{ws, all} {
+			for _, w := range list {
+				if !w.stopped.Load() {
+					w.fn(fl)
+				}
 			}
 		}
 	}
