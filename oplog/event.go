@@ -84,10 +84,9 @@ func Encode(contentType string, m proto.Message) ([]byte, error) {
 	return proto.Marshal(m)
 }
 
-// validate checks ev against the registry and limits, fills the defaults
-// taken from its business, and returns the resolved business. It never
-// changes anything outside ev.
-func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim Limits, now time.Time) error {
+// validateKind checks an event's kind, business, dimension and device
+// mode, filling the defaults taken from its business.
+func validateKind(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool)) error {
 	switch ev.Kind {
 	case oplogpb.Kind_KIND_SYNC, oplogpb.Kind_KIND_PUSH, oplogpb.Kind_KIND_RELEASE,
 		oplogpb.Kind_KIND_SWITCH, oplogpb.Kind_KIND_COMMAND:
@@ -128,6 +127,16 @@ func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim
 	if ev.DeviceMode == oplogpb.DeviceMode_DEVICE_MODE_SINGLE && ev.Dimension != oplogpb.Dimension_DIMENSION_USER {
 		return fmt.Errorf("single-device mode needs the user dimension: %w", ErrInvalid)
 	}
+	return nil
+}
+
+// validate checks ev against the registry and limits, fills the defaults
+// taken from its business, and returns the resolved business. It never
+// changes anything outside ev.
+func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim Limits, now time.Time) error {
+	if err := validateKind(ev, biz); err != nil {
+		return err
+	}
 	if len(ev.Targets) == 0 {
 		return ErrNoTargets
 	}
@@ -148,6 +157,20 @@ func validate(ev *oplogpb.Event, biz func(string) (*oplogpb.Business, bool), lim
 		return fmt.Errorf("topic is only for topic events: %w", ErrInvalid)
 	}
 	return CheckContent(ev, lim, now)
+}
+
+// CheckTemplate checks an event that names no targets yet (a fanout's
+// template: the audience supplies them) by the rules of Append: kind,
+// business, dimension and device mode (defaults filled from the
+// business), no topic, and CheckContent.
+func (l *Log) CheckTemplate(ev *oplogpb.Event, now time.Time) error {
+	if err := validateKind(ev, l.Business); err != nil {
+		return err
+	}
+	if ev.Topic != "" {
+		return fmt.Errorf("topic is only for topic events: %w", ErrInvalid)
+	}
+	return CheckContent(ev, l.lim, now)
 }
 
 // CheckContent checks what every stored event carries whatever its
