@@ -582,19 +582,28 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 		}
 		return
 	}
-	if ss.syncing {
-		if len(ss.held) >= ss.srv.cfg.HeldLive {
-			// Too much arrived during the round: drop what is held and
-			// read it from the inbox in another round (a gap on the live
-			// path triggers a backlog read).
-			ss.held = ss.held[:0]
-			ss.again = true
-			return
-		}
-		ss.held = append(ss.held, e)
+	if ss.holdLocked(e) {
 		return
 	}
 	ss.sendLiveLocked(e)
+}
+
+// holdLocked keeps a stored live entry (inbox or topic) while a sync round
+// runs, and reports whether it did; the round's end sends what is held.
+// Too much arriving during a round drops what is held and asks for
+// another round, which reads it from the store (a gap on the live path
+// becomes a backlog read).
+func (ss *session) holdLocked(e *oplogpb.Entry) bool {
+	if !ss.syncing {
+		return false
+	}
+	if len(ss.held) >= ss.srv.cfg.HeldLive {
+		ss.held = ss.held[:0]
+		ss.again = true
+		return true
+	}
+	ss.held = append(ss.held, e)
+	return true
 }
 
 // sendLiveLocked queues a stored live entry unless the client has it.

@@ -363,13 +363,7 @@ func (ss *session) onTopic(e *oplogpb.Entry) {
 	if ss.closing || ss.topics == nil || !oplog.Match(e.Conditions, ss.attrs) || !ss.topics.covers(e) {
 		return
 	}
-	if ss.syncing {
-		if len(ss.held) >= ss.srv.cfg.HeldLive {
-			ss.held = ss.held[:0]
-			ss.again = true
-			return
-		}
-		ss.held = append(ss.held, e)
+	if ss.holdLocked(e) {
 		return
 	}
 	ss.sendTopicLocked(e)
