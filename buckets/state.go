@@ -58,7 +58,7 @@ func (m *model) exists(name string) bool {
 // valid bucket event is skipped with an error (it still counts as applied):
 // only Map writes these subjects, after validating, so a bad event is a
 // foreign writer's, and skipping it is as deterministic as applying it.
-func (m *model) apply(seq uint64, subject string, data []byte) (changed bool, err error) {
+func (m *model) Apply(seq uint64, subject string, data []byte) (changed bool, err error) {
 	if seq <= m.applied {
 		return false, nil // redelivered
 	}
@@ -143,7 +143,7 @@ func (m *model) applyAssign(key string, data []byte) (bool, error) {
 }
 
 // snapshot is an immutable view of a model, published by a Map for
-// lock-free reads. next is closed when a newer snapshot replaces it.
+// lock-free reads.
 type snapshot struct {
 	applied  uint64
 	version  uint64
@@ -154,11 +154,10 @@ type snapshot struct {
 	rejected []uint64
 	// Indexes of the default rule's buckets in order.
 	device, user, multi int
-	next                chan struct{}
 }
 
 // snapshot builds the immutable view of the model.
-func (m *model) snapshot() *snapshot {
+func (m *model) Snapshot() *snapshot {
 	s := &snapshot{
 		applied:  m.applied,
 		version:  m.version,
@@ -167,7 +166,6 @@ func (m *model) snapshot() *snapshot {
 		assign:   make(map[string]int, len(m.assign)),
 		names:    maps.Clone(m.assign),
 		rejected: slices.Clone(m.rejected),
-		next:     make(chan struct{}),
 	}
 	for _, b := range defaults {
 		if _, ok := m.defined[b.Name]; !ok {

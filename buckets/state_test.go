@@ -52,7 +52,7 @@ func (f *feed) put(t *testing.T, subject string, msg proto.Message) error {
 		t.Fatal(err)
 	}
 	f.seq++
-	_, err = f.m.apply(f.seq, subject, data)
+	_, err = f.m.Apply(f.seq, subject, data)
 	return err
 }
 
@@ -78,12 +78,12 @@ func TestModel_Apply(t *testing.T) {
 	if err := f.assign(t, "chat", "gone"); err == nil {
 		t.Error("assignment to a missing bucket applied")
 	}
-	if s := f.m.snapshot(); !s.wasRejected(f.seq) || s.names["chat"] != "vip" || f.m.version != v {
+	if s := f.m.Snapshot(); !s.wasRejected(f.seq) || s.names["chat"] != "vip" || f.m.version != v {
 		t.Errorf("after a rejected assignment: rejected %v, chat in %q, version %d→%d", s.rejected, s.names["chat"], v, f.m.version)
 	}
 	// Redelivery of an applied sequence is a no-op.
 	data, _ := proto.Marshal(&bucketspb.Assignment{Business: "chat"})
-	if changed, _ := f.m.apply(2, oplog.SubjectControl("assign", "chat"), data); changed || f.m.assign["chat"] != "vip" {
+	if changed, _ := f.m.Apply(2, oplog.SubjectControl("assign", "chat"), data); changed || f.m.assign["chat"] != "vip" {
 		t.Errorf("redelivered event changed the model: chat in %q", f.m.assign["chat"])
 	}
 	// A removal of a default bucket (which Remove refuses) reverts its
@@ -97,7 +97,7 @@ func TestModel_Apply(t *testing.T) {
 	if err := f.define(t, &bucketspb.Bucket{Name: OneShot, Removed: true}); err != nil {
 		t.Fatal(err)
 	}
-	s := f.m.snapshot()
+	s := f.m.Snapshot()
 	if b := s.order[s.pos[OneShot]]; b.Priority != 3 || b.Rate != 0 || s.names["cmd"] != OneShot {
 		t.Errorf("after removing one-shot: %+v, cmd in %q; want the built-in settings and cmd kept", b, s.names["cmd"])
 	}
@@ -142,7 +142,7 @@ func TestPlan_Sizes(t *testing.T) {
 		}
 	}
 	bs = append(bs, nil)
-	plan := f.m.snapshot().plan(bs)
+	plan := f.m.Snapshot().plan(bs)
 	total := 0
 	for i, g := range plan {
 		total += len(g.Businesses)
