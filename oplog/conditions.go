@@ -18,6 +18,7 @@ type Attrs struct {
 	Region     string
 	Network    string
 	Channel    string
+	CPU        string // CPU architecture: "arm64", "armv7", "x86_64", ...
 }
 
 // Match reports whether a client with attributes a may receive an entry
@@ -57,33 +58,69 @@ func inRange(v, min, max string) bool {
 
 // CompareVersions compares dotted versions ("10.2.1" > "9.8"): numeric
 // segments numerically, others as text; a missing segment counts as 0.
+// It does not allocate.
 func CompareVersions(a, b string) int {
-	as, bs := strings.Split(a, "."), strings.Split(b, ".")
-	for i := 0; i < len(as) || i < len(bs); i++ {
-		x, y := "0", "0"
-		if i < len(as) {
-			x = as[i]
-		}
-		if i < len(bs) {
-			y = bs[i]
-		}
-		xn, xerr := strconv.ParseUint(x, 10, 64)
-		yn, yerr := strconv.ParseUint(y, 10, 64)
-		switch {
-		case xerr == nil && yerr == nil:
-			if xn != yn {
-				if xn < yn {
-					return -1
-				}
-				return 1
-			}
-		default:
-			if c := strings.Compare(x, y); c != 0 {
-				return c
-			}
+	for a != "" || b != "" {
+		var x, y string
+		x, a = nextSegment(a)
+		y, b = nextSegment(b)
+		if c := compareSegment(x, y); c != 0 {
+			return c
 		}
 	}
 	return 0
+}
+
+// nextSegment splits the first dot-separated segment off v; an exhausted
+// version yields "0".
+func nextSegment(v string) (seg, rest string) {
+	if v == "" {
+		return "0", ""
+	}
+	if i := strings.IndexByte(v, '.'); i >= 0 {
+		return v[:i], v[i+1:]
+	}
+	return v, ""
+}
+
+// compareSegment compares two segments: numerically when both are
+// decimal numbers (that fit in 64 bits), as text otherwise.
+func compareSegment(x, y string) int {
+	xn, xok := parseDecimal(x)
+	yn, yok := parseDecimal(y)
+	if xok && yok {
+		return cmpUint(xn, yn)
+	}
+	return strings.Compare(x, y)
+}
+
+func cmpUint(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func parseDecimal(s string) (uint64, bool) {
+	if s == "" || len(s) > 19 {
+		if len(s) > 19 {
+			n, err := strconv.ParseUint(s, 10, 64)
+			return n, err == nil
+		}
+		return 0, false
+	}
+	var n uint64
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + uint64(c-'0')
+	}
+	return n, true
 }
 
 const maxConditionValues = 64
