@@ -279,14 +279,20 @@ func (c *Control[S]) WaitApplied(ctx context.Context, seq uint64) (S, error) {
 // Write stores a control event with JetStream (the ack means it is stored)
 // and waits until the model has applied it. It returns the event's
 // sequence and the first snapshot that includes it. A failed publish is
-// ErrUnavailable.
-func (c *Control[S]) Write(ctx context.Context, subject string, ev proto.Message) (uint64, S, error) {
+// ErrUnavailable; one refused because an expectation in opts (e.g.
+// jetstream.WithExpectLastSequencePerSubject) did not hold is ErrConflict.
+func (c *Control[S]) Write(ctx context.Context, subject string, ev proto.Message, opts ...jetstream.PublishOpt) (uint64, S, error) {
 	var zero S
 	data, err := proto.Marshal(ev)
 	if err != nil {
 		return 0, zero, fmt.Errorf("%s: marshal: %w", c.cfg.Name, err)
 	}
-	ack, err := c.js.Publish(ctx, subject, data)
+	ack, err := c.js.Publish(ctx, subject, data, opts...)
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		return 0, zero, fmt.Errorf("%s: %s changed meanwhile: %w", c.cfg.Name, subject, ErrConflict)
+	}
 	if err != nil {
 		return 0, zero, fmt.Errorf("%s: publish %s: %v: %w", c.cfg.Name, subject, err, ErrUnavailable)
 	}

@@ -37,6 +37,12 @@ var (
 	ErrUnknownTopic = errors.New("oplog: unknown topic")
 	// ErrNotFound: the named object (a job, a bucket, ...) does not exist.
 	ErrNotFound = errors.New("oplog: not found")
+	// ErrConflict: the object changed since the caller read it (an
+	// expected version did not hold), or the operation is not allowed in
+	// its current state (a release that is not gray cannot go full).
+	ErrConflict = errors.New("oplog: conflict")
+	// ErrSignature: a required signature is missing or does not verify.
+	ErrSignature = errors.New("oplog: bad signature")
 )
 
 var codes = []struct {
@@ -55,6 +61,8 @@ var codes = []struct {
 	{ErrUnavailable, oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE},
 	{ErrUnknownTopic, oplogpb.ErrorCode_ERROR_CODE_UNKNOWN_TOPIC},
 	{ErrNotFound, oplogpb.ErrorCode_ERROR_CODE_NOT_FOUND},
+	{ErrConflict, oplogpb.ErrorCode_ERROR_CODE_CONFLICT},
+	{ErrSignature, oplogpb.ErrorCode_ERROR_CODE_SIGNATURE},
 }
 
 // CodeOf returns the wire code for err: the code of the sentinel it wraps,

@@ -125,6 +125,10 @@ func (l *Log) Conn() *nats.Conn { return l.nc }
 // Shards returns the number of oplog shards.
 func (l *Log) Shards() int { return l.shards }
 
+// Replicas returns the replica count of the streams the Log creates, for
+// packages that create their own beside them.
+func (l *Log) Replicas() int { return l.replicas }
+
 // Epoch returns the epoch of a shard's stream: it changes when the stream is
 // recreated, and ids are only comparable within one epoch.
 func (l *Log) Epoch(shard uint32) uint64 { return l.epochs[shard] }

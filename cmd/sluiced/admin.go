@@ -257,6 +257,10 @@ func (m *Main) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	switch code {
 	case oplogpb.ErrorCode_ERROR_CODE_NOT_FOUND:
 		status = http.StatusNotFound
+	case oplogpb.ErrorCode_ERROR_CODE_CONFLICT:
+		status = http.StatusConflict
+	case oplogpb.ErrorCode_ERROR_CODE_SIGNATURE:
+		status = http.StatusForbidden
 	case oplogpb.ErrorCode_ERROR_CODE_UNAVAILABLE:
 		status = http.StatusServiceUnavailable
 	case oplogpb.ErrorCode_ERROR_CODE_INTERNAL:

@@ -218,6 +218,8 @@ const (
 	ErrorCode_ERROR_CODE_INTERNAL          ErrorCode = 11
 	ErrorCode_ERROR_CODE_UNKNOWN_TOPIC     ErrorCode = 12 // the topic was never created, or was deleted
 	ErrorCode_ERROR_CODE_NOT_FOUND         ErrorCode = 13 // the named job, bucket or other object does not exist
+	ErrorCode_ERROR_CODE_CONFLICT          ErrorCode = 14 // changed meanwhile, or not allowed in its current state
+	ErrorCode_ERROR_CODE_SIGNATURE         ErrorCode = 15 // a required signature is missing or does not verify
 )
 
 // Enum value maps for ErrorCode.
@@ -237,6 +239,8 @@ var (
 		11: "ERROR_CODE_INTERNAL",
 		12: "ERROR_CODE_UNKNOWN_TOPIC",
 		13: "ERROR_CODE_NOT_FOUND",
+		14: "ERROR_CODE_CONFLICT",
+		15: "ERROR_CODE_SIGNATURE",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":       0,
@@ -253,6 +257,8 @@ var (
 		"ERROR_CODE_INTERNAL":          11,
 		"ERROR_CODE_UNKNOWN_TOPIC":     12,
 		"ERROR_CODE_NOT_FOUND":         13,
+		"ERROR_CODE_CONFLICT":          14,
+		"ERROR_CODE_SIGNATURE":         15,
 	}
 )
 
@@ -1250,7 +1256,7 @@ const file_oplog_proto_rawDesc = "" +
 	"DeviceMode\x12\x1b\n" +
 	"\x17DEVICE_MODE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11DEVICE_MODE_MULTI\x10\x01\x12\x16\n" +
-	"\x12DEVICE_MODE_SINGLE\x10\x02*\x95\x03\n" +
+	"\x12DEVICE_MODE_SINGLE\x10\x02*\xc8\x03\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ERROR_CODE_MALFORMED\x10\x01\x12\x1b\n" +
@@ -1266,7 +1272,9 @@ const file_oplog_proto_rawDesc = "" +
 	"\x12\x17\n" +
 	"\x13ERROR_CODE_INTERNAL\x10\v\x12\x1c\n" +
 	"\x18ERROR_CODE_UNKNOWN_TOPIC\x10\f\x12\x18\n" +
-	"\x14ERROR_CODE_NOT_FOUND\x10\rB*Z(github.com/sluicehq/sluice/oplog/oplogpbb\x06proto3"
+	"\x14ERROR_CODE_NOT_FOUND\x10\r\x12\x17\n" +
+	"\x13ERROR_CODE_CONFLICT\x10\x0e\x12\x18\n" +
+	"\x14ERROR_CODE_SIGNATURE\x10\x0fB*Z(github.com/sluicehq/sluice/oplog/oplogpbb\x06proto3"
 
 var (
 	file_oplog_proto_rawDescOnce sync.Once

@@ -1,0 +1,585 @@
+package delivery
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/oplog"
+	"google.golang.org/protobuf/proto"
+)
+
+// BucketPackages is the JetStream Object Store bucket of package bytes.
+const BucketPackages = "sluice_packages"
+
+// Config configures a Delivery. A zero field takes the default in its
+// comment.
+type Config struct {
+	// Log is the oplog: its JetStream context and control stream. Required.
+	Log *oplog.Log
+	// Signer signs release manifests. Required.
+	Signer *Signer
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// ManifestTTL is how long a signed manifest is valid. Default 7 days.
+	ManifestTTL time.Duration
+	// MaxPackageSize bounds an upload. Default 256 MiB.
+	MaxPackageSize int64
+	// URLPrefix is where packages are downloaded from: a manifest's url is
+	// URLPrefix + "<package>/<version>". Default "/v1/packages/".
+	URLPrefix string
+}
+
+// Delivery is the release and switch state of this node, a projection of
+// the control stream (oplog.Control), and the operations that change it:
+// switches, package uploads and the release lifecycle. Views computes
+// what one device is told.
+//
+// Delivery is safe for concurrent use.
+type Delivery struct {
+	cfg Config
+	ctl *oplog.Control[*snapshot]
+	obs jetstream.ObjectStore
+	lg  zerolog.Logger
+
+	mu      sync.Mutex
+	changed chan struct{} // closed on the next change of any device's view
+}
+
+// Open creates the package bucket if needed and replays the delivery
+// events of the control stream. Run keeps the state current.
+func Open(ctx context.Context, cfg Config) (*Delivery, error) {
+	if cfg.Log == nil || cfg.Signer == nil {
+		return nil, errors.New("delivery: Config.Log and Config.Signer are required")
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.ManifestTTL <= 0 {
+		cfg.ManifestTTL = 7 * 24 * time.Hour
+	}
+	if cfg.MaxPackageSize <= 0 {
+		cfg.MaxPackageSize = 256 << 20
+	}
+	if cfg.URLPrefix == "" {
+		cfg.URLPrefix = "/v1/packages/"
+	}
+	d := &Delivery{cfg: cfg, lg: zerolog.Nop(), changed: make(chan struct{})}
+	if cfg.Logger != nil {
+		d.lg = cfg.Logger.With().Str("component", "delivery").Logger()
+	}
+	obs, err := cfg.Log.JetStream().CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket:      BucketPackages,
+		Description: "Sluice package versions and the diffs between them",
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Log.Replicas(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("delivery: object store %s: %w", BucketPackages, err)
+	}
+	d.obs = obs
+	d.ctl, err = oplog.OpenControl(ctx, oplog.ControlConfig{Log: cfg.Log, Name: "delivery", Filters: filters, Logger: cfg.Logger}, newModel())
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Run follows the control stream until ctx ends, and wakes the watchers of
+// Changed on every change of the state and whenever a rule's time window
+// opens or closes.
+func (d *Delivery) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.watch(ctx)
+	}()
+	err := d.ctl.Run(ctx)
+	<-done
+	return err
+}
+
+// watch turns state changes and window boundaries into Changed wake-ups.
+func (d *Delivery) watch(ctx context.Context) {
+	for {
+		next := d.ctl.Snapshot().nextBoundary(d.cfg.Now().UnixMilli())
+		var timer <-chan time.Time
+		var t *time.Timer
+		if next > 0 {
+			t = time.NewTimer(time.Duration(next-d.cfg.Now().UnixMilli()+1) * time.Millisecond)
+			timer = t.C
+		}
+		select {
+		case <-ctx.Done():
+		case <-d.ctl.Changed():
+		case <-timer:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		d.mu.Lock()
+		close(d.changed)
+		d.changed = make(chan struct{})
+		d.mu.Unlock()
+	}
+}
+
+// Changed returns a channel closed at the next change that may alter a
+// device's view: a switch or release event applied, or a rule's time
+// window opening or closing. Gateways re-evaluate their online devices
+// then.
+func (d *Delivery) Changed() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.changed
+}
+
+// Close stops following (see oplog.Control.Close).
+func (d *Delivery) Close() error { return d.ctl.Close() }
+
+// Applied returns the sequence of the last control event applied.
+func (d *Delivery) Applied() uint64 { return d.ctl.Applied() }
+
+// PublicKey returns the key manifests are signed with.
+func (d *Delivery) PublicKey() []byte { return d.cfg.Signer.PublicKey() }
+
+// View computes what device dev is told now: the value of every switch
+// and the release to have of every package that has one for it, with a
+// digest that changes only when that does.
+func (d *Delivery) View(dev *Device) *deliverypb.View {
+	s := d.ctl.Snapshot()
+	now := d.cfg.Now().UnixMilli()
+	v := &deliverypb.View{}
+	g := digester{buf: make([]byte, 0, 256)}
+	if len(s.switchKeys) > 0 {
+		v.Switches = make([]*deliverypb.SwitchValue, 0, len(s.switchKeys))
+	}
+	for _, k := range s.switchKeys {
+		sv := switchValue(s.switches[k], dev, now)
+		g.str(k)
+		g.num(sv.Version)
+		g.str(sv.Variant)
+		v.Switches = append(v.Switches, sv)
+	}
+	half := max(d.cfg.ManifestTTL.Milliseconds()/2, 1)
+	for _, name := range s.packageNames {
+		o, ok := offerFor(s.packages[name], dev, now)
+		if !ok {
+			continue
+		}
+		v.Releases = append(v.Releases, d.signed(s, o, now, half))
+		g.str(name)
+		g.num(o.pkg.serial)
+		g.str(o.target.pb.Version.Version)
+		g.str(strings.Join(o.rollback, ","))
+	}
+	if len(v.Releases) > 0 {
+		g.num(uint64(now / half))
+	}
+	v.Digest = g.sum()
+	return v
+}
+
+// signed returns the signed manifest of an offer, signing it once per
+// state and half manifest lifetime.
+func (d *Delivery) signed(s *snapshot, o offer, now, half int64) *deliverypb.SignedManifest {
+	key := o.key()
+	if e, ok := s.signed.m.Load(key); ok && now-e.(*signedEntry).issued < half {
+		return e.(*signedEntry).sm
+	}
+	m := o.manifest(d.cfg.URLPrefix, now, now+d.cfg.ManifestTTL.Milliseconds())
+	sm, err := d.cfg.Signer.Sign(m)
+	if err != nil {
+		// Marshalling a manifest built here cannot fail; if it ever does
+		// the device gets no manifest rather than a broken one.
+		d.lg.Error().Err(err).Str("package", o.pkg.name).Msg("signing a manifest failed")
+		return &deliverypb.SignedManifest{}
+	}
+	s.signed.m.Store(key, &signedEntry{sm: sm, issued: now, expiry: m.ExpiresMs})
+	return sm
+}
+
+// ----- switches -----
+
+// SetSwitch stores a switch's whole definition, replacing the previous one
+// (removed is not allowed: use RemoveSwitch). With expect > 0 it is
+// stored only if the switch's version is still expect (ErrConflict if
+// not), so a read-modify-write does not lose another admin's change. It
+// returns the switch as applied, with its new version.
+//
+// Errors: oplog.ErrInvalidID for a bad key or variant name,
+// oplog.ErrInvalid for a bad type, value or rule, oplog.ErrConflict.
+func (d *Delivery) SetSwitch(ctx context.Context, sw *deliverypb.Switch, actor string, expect uint64) (*deliverypb.Switch, error) {
+	if sw == nil {
+		return nil, fmt.Errorf("switch: none given: %w", oplog.ErrInvalid)
+	}
+	sw = proto.Clone(sw).(*deliverypb.Switch)
+	if sw.Removed {
+		return nil, fmt.Errorf("switch %s: use RemoveSwitch to remove: %w", clip(sw.Key), oplog.ErrInvalid)
+	}
+	sw.Version, sw.UpdatedMs, sw.UpdatedBy = 0, d.cfg.Now().UnixMilli(), actor
+	for _, v := range sw.Variants {
+		if v != nil && v.Rule != nil && v.Rule.Salt == "" {
+			v.Rule.Salt = switchSalt(sw.Key)
+		}
+	}
+	if _, err := compileSwitch(sw); err != nil {
+		return nil, err
+	}
+	var opts []jetstream.PublishOpt
+	if expect > 0 {
+		opts = append(opts, jetstream.WithExpectLastSequencePerSubject(expect))
+	}
+	return d.writeSwitch(ctx, sw, opts...)
+}
+
+func (d *Delivery) writeSwitch(ctx context.Context, sw *deliverypb.Switch, opts ...jetstream.PublishOpt) (*deliverypb.Switch, error) {
+	_, s, err := d.ctl.Write(ctx, subjectSwitch+sw.Key, sw, opts...)
+	if err != nil {
+		return nil, err
+	}
+	if cs, ok := s.switches[sw.Key]; ok {
+		return cs.pb, nil
+	}
+	if sw.Removed {
+		return sw, nil
+	}
+	return nil, fmt.Errorf("switch %s: removed meanwhile: %w", sw.Key, oplog.ErrConflict)
+}
+
+// Kill turns a switch's kill switch on (every device gets its kill value,
+// whatever the variants say) or off. A bool switch without a kill value
+// is killed to false; others need one set. Errors: oplog.ErrNotFound,
+// oplog.ErrInvalid (no kill value), oplog.ErrConflict (changed while being
+// killed, three times running).
+func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor string) (*deliverypb.Switch, error) {
+	for range 3 {
+		cur, ok := d.Switch(key)
+		if !ok {
+			return nil, fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
+		}
+		sw := proto.Clone(cur).(*deliverypb.Switch)
+		sw.Killed, sw.UpdatedMs, sw.UpdatedBy, sw.Version = killed, d.cfg.Now().UnixMilli(), actor, 0
+		if killed && sw.KillValue == nil {
+			if sw.Type != deliverypb.SwitchType_SWITCH_TYPE_BOOL {
+				return nil, fmt.Errorf("switch %s: a %v switch needs a kill value to be killed: %w", key, sw.Type, oplog.ErrInvalid)
+			}
+			sw.KillValue = &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}
+		}
+		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(cur.Version))
+		if !errors.Is(err, oplog.ErrConflict) {
+			return out, err
+		}
+	}
+	return nil, fmt.Errorf("switch %s: changed while being killed: %w", key, oplog.ErrConflict)
+}
+
+// RemoveSwitch removes a switch: devices stop getting it. Errors:
+// oplog.ErrNotFound.
+func (d *Delivery) RemoveSwitch(ctx context.Context, key, actor string) error {
+	cur, ok := d.Switch(key)
+	if !ok {
+		return fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
+	}
+	_, err := d.writeSwitch(ctx, &deliverypb.Switch{Key: key, Removed: true, UpdatedMs: d.cfg.Now().UnixMilli(), UpdatedBy: actor},
+		jetstream.WithExpectLastSequencePerSubject(cur.Version))
+	return err
+}
+
+// Switch returns a switch's current definition.
+func (d *Delivery) Switch(key string) (*deliverypb.Switch, bool) {
+	cs, ok := d.ctl.Snapshot().switches[key]
+	if !ok {
+		return nil, false
+	}
+	return cs.pb, true
+}
+
+// Switches returns every switch, by key.
+func (d *Delivery) Switches() []*deliverypb.Switch {
+	s := d.ctl.Snapshot()
+	out := make([]*deliverypb.Switch, 0, len(s.switchKeys))
+	for _, k := range s.switchKeys {
+		out = append(out, s.switches[k].pb)
+	}
+	return out
+}
+
+// ----- producer keys -----
+
+// RegisterProducerKey registers (or replaces) a key that may sign hot
+// patches. RevokeProducerKey revokes one: hot patches signed with it are
+// refused from then on (those uploaded before stay).
+func (d *Delivery) RegisterProducerKey(ctx context.Context, id string, pub []byte) error {
+	k := &deliverypb.ProducerKey{Id: id, PublicKey: pub, AtMs: d.cfg.Now().UnixMilli()}
+	if err := checkProducerKey(k); err != nil {
+		return err
+	}
+	_, _, err := d.ctl.Write(ctx, subjectProducerKey+id, k)
+	return err
+}
+
+// RevokeProducerKey revokes a registered key. Errors: oplog.ErrNotFound.
+func (d *Delivery) RevokeProducerKey(ctx context.Context, id string) error {
+	k, ok := d.ctl.Snapshot().keys[id]
+	if !ok {
+		return fmt.Errorf("producer key %s: %w", clip(id), oplog.ErrNotFound)
+	}
+	r := proto.Clone(k).(*deliverypb.ProducerKey)
+	r.Revoked, r.AtMs = true, d.cfg.Now().UnixMilli()
+	_, _, err := d.ctl.Write(ctx, subjectProducerKey+id, r)
+	return err
+}
+
+// ProducerKeys returns the registered keys, revoked ones included.
+func (d *Delivery) ProducerKeys() []*deliverypb.ProducerKey {
+	s := d.ctl.Snapshot()
+	out := make([]*deliverypb.ProducerKey, 0, len(s.keys))
+	for _, k := range s.keys {
+		out = append(out, k)
+	}
+	return out
+}
+
+// ----- packages and releases -----
+
+// Upload is a new package version.
+type Upload struct {
+	Package  string
+	Kind     deliverypb.PackageKind
+	Version  string
+	Data     []byte
+	Audience *deliverypb.Rule // the devices the package is for; nil: all
+	// FallbackURL is where a client may fetch the package when the
+	// download from Sluice fails.
+	FallbackURL string
+	Notes       string
+	// Hot patches: the producer's key id and its ed25519 signature over
+	// the SHA-256 of Data (SignPackage).
+	ProducerKey       string
+	ProducerSignature []byte
+}
+
+// Upload stores a new version of a package as a draft release: the bytes
+// go to the object store (with their SHA-256), then the upload event to the
+// control stream. Versions of a package must increase; a hot patch must
+// be signed by a registered producer key.
+//
+// Errors: oplog.ErrInvalidID (package name), oplog.ErrInvalid (version,
+// kind, audience, fallback URL), oplog.ErrPayloadTooLarge,
+// oplog.ErrSignature (hot patch), oplog.ErrConflict (version not above the
+// last, or another upload won the race), oplog.ErrUnavailable.
+func (d *Delivery) Upload(ctx context.Context, up Upload, actor string) (*deliverypb.Release, error) {
+	if int64(len(up.Data)) > d.cfg.MaxPackageSize {
+		return nil, fmt.Errorf("package %s: %d bytes, over %d: %w", clip(up.Package), len(up.Data), d.cfg.MaxPackageSize, oplog.ErrPayloadTooLarge)
+	}
+	if len(up.FallbackURL) > 2048 || (up.FallbackURL != "" && !strings.HasPrefix(up.FallbackURL, "https://") && !strings.HasPrefix(up.FallbackURL, "http://")) {
+		return nil, fmt.Errorf("package %s: fallback URL %q: want an http(s) URL of up to 2048 bytes: %w", clip(up.Package), clip(up.FallbackURL), oplog.ErrInvalid)
+	}
+	if len(up.Notes) > MaxDescriptionLen {
+		return nil, fmt.Errorf("package %s: notes over %d bytes: %w", clip(up.Package), MaxDescriptionLen, oplog.ErrInvalid)
+	}
+	sum := sha256.Sum256(up.Data)
+	var aud *deliverypb.Rule
+	if up.Audience != nil {
+		aud = proto.Clone(up.Audience).(*deliverypb.Rule)
+		if aud.Salt == "" {
+			aud.Salt = releaseSalt(up.Package, up.Version)
+		}
+	}
+	ver := &deliverypb.Version{
+		Version: up.Version, Sha256: sum[:], Size: int64(len(up.Data)),
+		Object:      up.Package + "/" + up.Version + "/" + nuid.Next(),
+		FallbackUrl: up.FallbackURL, ProducerSignature: up.ProducerSignature, ProducerKey: up.ProducerKey,
+		Audience: aud, Notes: up.Notes,
+	}
+	ev := &deliverypb.PackageEvent{Package: up.Package, Kind: up.Kind, AtMs: d.cfg.Now().UnixMilli(), Actor: actor,
+		Op: &deliverypb.PackageEvent_Upload{Upload: ver}}
+	s := d.ctl.Snapshot()
+	cur := s.packages[up.Package]
+	if _, err := transition(cur, ev, 0, s.keys); err != nil {
+		return nil, err
+	}
+	info, err := d.obs.PutBytes(ctx, ver.Object, up.Data)
+	if err != nil {
+		return nil, fmt.Errorf("package %s %s: storing the bytes: %v: %w", up.Package, up.Version, err, oplog.ErrUnavailable)
+	}
+	if want := "SHA-256=" + b64(sum[:]); info.Digest != want {
+		d.deleteObjects(ctx, ver.Object)
+		return nil, fmt.Errorf("package %s %s: the object store's digest %s is not %s", up.Package, up.Version, info.Digest, want)
+	}
+	r, err := d.change(ctx, cur, ev)
+	if err != nil {
+		d.deleteObjects(ctx, ver.Object)
+		return nil, err
+	}
+	d.lg.Info().Str("package", up.Package).Str("version", up.Version).Int64("size", ver.Size).Str("actor", actor).Msg("package uploaded")
+	return r, nil
+}
+
+func (d *Delivery) deleteObjects(ctx context.Context, names ...string) {
+	for _, n := range names {
+		if err := d.obs.Delete(context.WithoutCancel(ctx), n); err != nil {
+			d.lg.Warn().Err(err).Str("object", n).Msg("deleting an unused package object failed")
+		}
+	}
+}
+
+// change validates a package event against cur and stores it, expecting
+// the package's subject to be unchanged since cur. It returns the release
+// the event acted on, as applied.
+func (d *Delivery) change(ctx context.Context, cur *pkgState, ev *deliverypb.PackageEvent) (*deliverypb.Release, error) {
+	var serial uint64
+	if cur != nil {
+		serial = cur.serial
+	}
+	_, s, err := d.ctl.Write(ctx, subjectPackage+ev.Package, ev, jetstream.WithExpectLastSequencePerSubject(serial))
+	if err != nil {
+		return nil, err
+	}
+	p := s.packages[ev.Package]
+	version := ev.Version
+	if up, ok := ev.Op.(*deliverypb.PackageEvent_Upload); ok {
+		version = up.Upload.Version
+	}
+	if rb, ok := ev.Op.(*deliverypb.PackageEvent_RollbackTo); ok {
+		version = rb.RollbackTo
+	}
+	if p == nil || p.serial == 0 {
+		return nil, fmt.Errorf("package %s: event not applied: %w", ev.Package, oplog.ErrConflict)
+	}
+	if _, r := p.find(version); r != nil {
+		return r.pb, nil
+	}
+	return nil, fmt.Errorf("package %s version %s: not found after the change: %w", ev.Package, version, oplog.ErrConflict)
+}
+
+// lifecycle validates and stores one lifecycle event of a release.
+func (d *Delivery) lifecycle(ctx context.Context, pkg, version, actor string, op func(*deliverypb.PackageEvent)) (*deliverypb.Release, error) {
+	ev := &deliverypb.PackageEvent{Package: pkg, Version: version, AtMs: d.cfg.Now().UnixMilli(), Actor: actor}
+	op(ev)
+	s := d.ctl.Snapshot()
+	cur := s.packages[pkg]
+	if _, err := transition(cur, ev, 0, s.keys); err != nil {
+		return nil, err
+	}
+	r, err := d.change(ctx, cur, ev)
+	if err != nil {
+		return nil, err
+	}
+	d.lg.Info().Str("package", pkg).Str("version", version).Str("stage", r.Stage.String()).Bool("paused", r.Paused).Str("actor", actor).Msg("release changed")
+	return r, nil
+}
+
+// Gray starts (or changes) the gray release of a draft or gray version
+// with rule. Errors: oplog.ErrNotFound, oplog.ErrConflict (not draft or
+// gray), oplog.ErrInvalid (rule).
+func (d *Delivery) Gray(ctx context.Context, pkg, version string, rule *deliverypb.Rule, actor string) (*deliverypb.Release, error) {
+	if rule == nil {
+		return nil, fmt.Errorf("package %s version %s: gray needs a rule: %w", clip(pkg), clip(version), oplog.ErrInvalid)
+	}
+	rule = proto.Clone(rule).(*deliverypb.Rule)
+	if rule.Salt == "" {
+		rule.Salt = releaseSalt(pkg, version)
+	}
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_Gray{Gray: rule}
+	})
+}
+
+// Full releases a gray version to its whole audience.
+func (d *Delivery) Full(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_Full{Full: true}
+	})
+}
+
+// Pause stops offering a gray or full release until Resume; devices are
+// offered the release before it meanwhile (they do not downgrade).
+func (d *Delivery) Pause(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_Pause{Pause: true}
+	})
+}
+
+// Resume offers a paused release again.
+func (d *Delivery) Resume(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_Resume{Resume: true}
+	})
+}
+
+// Stop ends a release for good: it is no longer offered.
+func (d *Delivery) Stop(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_Stop{Stop: true}
+	})
+}
+
+// Rollback rolls a package back to its last stable version: the newest
+// gray or full release (and any between it and the stable one) is rolled
+// back, and the devices it could have reached are sent a signed rollback
+// manifest of the stable version, which clients install even though it is
+// older. It returns the stable release. Errors: oplog.ErrNotFound,
+// oplog.ErrConflict (nothing to roll back, or no stable version before it).
+func (d *Delivery) Rollback(ctx context.Context, pkg, actor string) (*deliverypb.Release, error) {
+	p := d.ctl.Snapshot().packages[pkg]
+	if p == nil {
+		return nil, fmt.Errorf("package %s: %w", clip(pkg), oplog.ErrNotFound)
+	}
+	cur := p.current()
+	if cur < 0 {
+		return nil, fmt.Errorf("package %s: no gray or full release to roll back: %w", pkg, oplog.ErrConflict)
+	}
+	stable := p.stableBefore(cur)
+	if stable < 0 {
+		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", pkg, p.releases[cur].pb.Version.Version, oplog.ErrConflict)
+	}
+	to := p.releases[stable].pb.Version.Version
+	return d.lifecycle(ctx, pkg, "", actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_RollbackTo{RollbackTo: to}
+	})
+}
+
+// Releases returns a package's releases in upload order, or ok false for
+// an unknown package.
+func (d *Delivery) Releases(pkg string) ([]*deliverypb.Release, bool) {
+	p := d.ctl.Snapshot().packages[pkg]
+	if p == nil {
+		return nil, false
+	}
+	out := make([]*deliverypb.Release, len(p.releases))
+	for i, r := range p.releases {
+		out[i] = r.pb
+	}
+	return out, true
+}
+
+// Packages returns the names of every package, sorted.
+func (d *Delivery) Packages() []string { return d.ctl.Snapshot().packageNames }
+
+// Release returns one release.
+func (d *Delivery) Release(pkg, version string) (*deliverypb.Release, bool) {
+	p := d.ctl.Snapshot().packages[pkg]
+	if p == nil {
+		return nil, false
+	}
+	_, r := p.find(version)
+	if r == nil {
+		return nil, false
+	}
+	return r.pb, true
+}
