@@ -105,4 +105,3 @@ func (g *digester) sum() string {
 	h := sha256.Sum256(g.buf)
 	return hex.EncodeToString(h[:12])
 }
-
