@@ -186,7 +186,7 @@ var errClosing = errors.New("gateway: session closing")
 func (ss *session) syncRound() error {
 	cfg := &ss.srv.cfg
 	ss.mu.Lock()
-	r := &round{ss: ss, gen: ss.gen, user: ss.user, attrs: ss.attrs, resets: ss.resets}
+	r := &round{ss: ss, gen: ss.gen, user: ss.user, attrs: ss.attrs.Value(), resets: ss.resets}
 	ss.resets = nil
 	if ss.topics != nil {
 		r.tresets, ss.topics.resets = ss.topics.resets, nil

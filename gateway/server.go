@@ -44,6 +44,9 @@ type Config struct {
 	// Topics serves topic messages (read diffusion) and topics.Everyone.
 	// Optional: without it sessions get inbox entries only.
 	Topics *topics.Topics
+	// Views serves switches and releases (delivery.Delivery) to the
+	// clients that ask for them in their Hello. Optional.
+	Views Views
 	// Buckets groups businesses for sync rounds: one read per non-empty
 	// bucket, in priority order. Optional: without it a round reads every
 	// business together (one read per inbox).
@@ -193,6 +196,10 @@ func NewServer(cfg Config) (*Server, error) {
 			}
 			return nil, fmt.Errorf("gateway: watch follows: %w", err)
 		}
+	}
+	if cfg.Views != nil {
+		s.wg.Add(1)
+		go s.followViews()
 	}
 	return s, nil
 }

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unique"
 
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
@@ -59,7 +60,7 @@ type session struct {
 
 	mu          sync.Mutex
 	user        string
-	attrs       oplog.Attrs
+	attrs       unique.Handle[oplog.Attrs] // interned: devices share few distinct attributes
 	userWatch   *oplog.Watch
 	devWatch    *oplog.Watch
 	queue       []*gatewaypb.Frame
@@ -78,11 +79,12 @@ type session struct {
 	resets      []string                   // businesses to report reset in the next Sync
 	topics      *topicState                // nil unless the server serves topics
 	deferral    *deferral                  // nil unless a round deferred buckets
+	view        *viewState                 // nil unless the client wants views
 	closeOnce   sync.Once
 }
 
 func newSession(s *Server, l link) *session {
-	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}}
+	ss := &session{srv: s, link: l, id: newID(), sent: map[string]oplog.SyncPoint{}, attrs: noAttrs}
 	ss.room = sync.NewCond(&ss.mu)
 	return ss
 }
@@ -226,6 +228,9 @@ func (ss *session) hello() bool {
 	if cfg.Topics != nil {
 		ss.topics = newTopicState(cursors)
 	}
+	if cfg.Views != nil && h.Views {
+		ss.view = &viewState{digest: h.ViewDigest}
+	}
 	ss.mu.Unlock()
 
 	compress := !cfg.NoCompression && ss.link.canCompress() && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
@@ -277,6 +282,7 @@ func (ss *session) hello() bool {
 		return false
 	}
 	ss.logAt(zerolog.InfoLevel).Str("user", claims.User).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
+	ss.sendView()
 	go ss.syncRounds(done)
 	return true
 }
@@ -296,12 +302,17 @@ func syncPoints(in []*gatewaypb.SyncPoint) (map[string]oplog.SyncPoint, error) {
 	return out, nil
 }
 
-func attrsOf(a *gatewaypb.Attrs) oplog.Attrs {
+// noAttrs is the attributes of a client that reported none.
+var noAttrs = unique.Make(oplog.Attrs{})
+
+// attrsOf interns a client's attributes: sessions with the same ones
+// share one copy.
+func attrsOf(a *gatewaypb.Attrs) unique.Handle[oplog.Attrs] {
 	if a == nil {
-		return oplog.Attrs{}
+		return noAttrs
 	}
-	return oplog.Attrs{AppVersion: a.AppVersion, OS: a.Os, OSVersion: a.OsVersion, Model: a.Model,
-		Region: a.Region, Network: a.Network, Channel: a.Channel}
+	return unique.Make(oplog.Attrs{AppVersion: a.AppVersion, OS: a.Os, OSVersion: a.OsVersion, Model: a.Model,
+		Region: a.Region, Network: a.Network, Channel: a.Channel, CPU: a.Cpu})
 }
 
 // watch follows the device's inbox and, if bound, the user's.
@@ -384,6 +395,7 @@ func (ss *session) bindUser(user string, round bool) error {
 		ss.stopTopicWatches()
 		return nil
 	}
+	ss.sendView()
 	if len(late) > 0 {
 		// Followed while the index was read: watch, then read again.
 		for _, name := range late {
@@ -470,6 +482,7 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 		ss.mu.Lock()
 		ss.attrs = attrsOf(e.Attrs)
 		ss.mu.Unlock()
+		ss.sendView()
 	}
 	switch e.Type {
 	case gatewaypb.ClientEvent_TYPE_UNSPECIFIED:
@@ -573,7 +586,7 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 	}
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if ss.closing || !oplog.Match(e.Conditions, ss.attrs) || !ss.ownsLocked(e) {
+	if ss.closing || (e.Conditions != nil && !oplog.Match(e.Conditions, ss.attrs.Value())) || !ss.ownsLocked(e) {
 		return
 	}
 	if e.Id == 0 { // transient: now or never, unordered with stored items

@@ -360,7 +360,7 @@ func (ss *session) onTopic(e *oplogpb.Entry) {
 	}
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if ss.closing || ss.topics == nil || !oplog.Match(e.Conditions, ss.attrs) || !ss.topics.covers(e) {
+	if ss.closing || ss.topics == nil || (e.Conditions != nil && !oplog.Match(e.Conditions, ss.attrs.Value())) || !ss.topics.covers(e) {
 		return
 	}
 	if ss.holdLocked(e) {

@@ -16,6 +16,7 @@
 package gatewaypb
 
 import (
+	deliverypb "github.com/sluicehq/sluice/delivery/deliverypb"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -292,6 +293,7 @@ type Frame struct {
 	//	*Frame_ProbeEcho
 	//	*Frame_Goaway
 	//	*Frame_Error
+	//	*Frame_View
 	Body          isFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -442,6 +444,15 @@ func (x *Frame) GetError() *Error {
 	return nil
 }
 
+func (x *Frame) GetView() *deliverypb.View {
+	if x != nil {
+		if x, ok := x.Body.(*Frame_View); ok {
+			return x.View
+		}
+	}
+	return nil
+}
+
 type isFrame_Body interface {
 	isFrame_Body()
 }
@@ -494,6 +505,12 @@ type Frame_Error struct {
 	Error *Error `protobuf:"bytes,12,opt,name=error,proto3,oneof"`
 }
 
+type Frame_View struct {
+	// Server → client, only to clients whose Hello set views: the
+	// device's switches and releases, whenever they change (§4.11).
+	View *deliverypb.View `protobuf:"bytes,13,opt,name=view,proto3,oneof"`
+}
+
 func (*Frame_Hello) isFrame_Body() {}
 
 func (*Frame_Welcome) isFrame_Body() {}
@@ -518,6 +535,8 @@ func (*Frame_Goaway) isFrame_Body() {}
 
 func (*Frame_Error) isFrame_Body() {}
 
+func (*Frame_View) isFrame_Body() {}
+
 // Attrs describe the client; entries carry conditions matched against them.
 type Attrs struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -529,6 +548,7 @@ type Attrs struct {
 	Network       string                 `protobuf:"bytes,6,opt,name=network,proto3" json:"network,omitempty"` // "wifi", "4g", ...
 	Channel       string                 `protobuf:"bytes,7,opt,name=channel,proto3" json:"channel,omitempty"` // distribution channel
 	Sdk           string                 `protobuf:"bytes,8,opt,name=sdk,proto3" json:"sdk,omitempty"`         // SDK name and version, for logs
+	Cpu           string                 `protobuf:"bytes,9,opt,name=cpu,proto3" json:"cpu,omitempty"`         // CPU architecture: "arm64", "armv7", "x86_64", ...
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -615,6 +635,13 @@ func (x *Attrs) GetChannel() string {
 func (x *Attrs) GetSdk() string {
 	if x != nil {
 		return x.Sdk
+	}
+	return ""
+}
+
+func (x *Attrs) GetCpu() string {
+	if x != nil {
+		return x.Cpu
 	}
 	return ""
 }
@@ -759,7 +786,12 @@ type Hello struct {
 	// of a user-dimension business belong to one user: if this is not the
 	// token's user, the server ignores those points and lists the businesses
 	// in the first round's resets.
-	PointsUser    string `protobuf:"bytes,8,opt,name=points_user,json=pointsUser,proto3" json:"points_user,omitempty"`
+	PointsUser string `protobuf:"bytes,8,opt,name=points_user,json=pointsUser,proto3" json:"points_user,omitempty"`
+	// The client wants View frames (switches and releases, §4.11); it holds
+	// the view with this digest ("" for none) and is sent one only if its
+	// view differs.
+	Views         bool   `protobuf:"varint,9,opt,name=views,proto3" json:"views,omitempty"`
+	ViewDigest    string `protobuf:"bytes,10,opt,name=view_digest,json=viewDigest,proto3" json:"view_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -846,6 +878,20 @@ func (x *Hello) GetSessionId() string {
 func (x *Hello) GetPointsUser() string {
 	if x != nil {
 		return x.PointsUser
+	}
+	return ""
+}
+
+func (x *Hello) GetViews() bool {
+	if x != nil {
+		return x.Views
+	}
+	return false
+}
+
+func (x *Hello) GetViewDigest() string {
+	if x != nil {
+		return x.ViewDigest
 	}
 	return ""
 }
@@ -1660,7 +1706,7 @@ var File_gateway_proto protoreflect.FileDescriptor
 
 const file_gateway_proto_rawDesc = "" +
 	"\n" +
-	"\rgateway.proto\x12\x11sluice.gateway.v1\"\xf1\x04\n" +
+	"\rgateway.proto\x12\x11sluice.gateway.v1\x1a\x0edelivery.proto\"\xa1\x05\n" +
 	"\x05Frame\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.sluice.gateway.v1.HelloH\x00R\x05hello\x126\n" +
 	"\awelcome\x18\x02 \x01(\v2\x1a.sluice.gateway.v1.WelcomeH\x00R\awelcome\x12-\n" +
@@ -1675,8 +1721,9 @@ const file_gateway_proto_rawDesc = "" +
 	"probe_echo\x18\n" +
 	" \x01(\v2\x1c.sluice.gateway.v1.ProbeEchoH\x00R\tprobeEcho\x123\n" +
 	"\x06goaway\x18\v \x01(\v2\x19.sluice.gateway.v1.GoAwayH\x00R\x06goaway\x120\n" +
-	"\x05error\x18\f \x01(\v2\x18.sluice.gateway.v1.ErrorH\x00R\x05errorB\x06\n" +
-	"\x04body\"\xcb\x01\n" +
+	"\x05error\x18\f \x01(\v2\x18.sluice.gateway.v1.ErrorH\x00R\x05error\x12.\n" +
+	"\x04view\x18\r \x01(\v2\x18.sluice.delivery.v1.ViewH\x00R\x04viewB\x06\n" +
+	"\x04body\"\xdd\x01\n" +
 	"\x05Attrs\x12\x1f\n" +
 	"\vapp_version\x18\x01 \x01(\tR\n" +
 	"appVersion\x12\x0e\n" +
@@ -1687,7 +1734,8 @@ const file_gateway_proto_rawDesc = "" +
 	"\x06region\x18\x05 \x01(\tR\x06region\x12\x18\n" +
 	"\anetwork\x18\x06 \x01(\tR\anetwork\x12\x18\n" +
 	"\achannel\x18\a \x01(\tR\achannel\x12\x10\n" +
-	"\x03sdk\x18\b \x01(\tR\x03sdk\"M\n" +
+	"\x03sdk\x18\b \x01(\tR\x03sdk\x12\x10\n" +
+	"\x03cpu\x18\t \x01(\tR\x03cpu\"M\n" +
 	"\tSyncPoint\x12\x1a\n" +
 	"\bbusiness\x18\x01 \x01(\tR\bbusiness\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x14\n" +
@@ -1695,7 +1743,7 @@ const file_gateway_proto_rawDesc = "" +
 	"\vTopicCursor\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xd7\x02\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\x8e\x03\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
@@ -1706,7 +1754,11 @@ const file_gateway_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\a \x01(\tR\tsessionId\x12\x1f\n" +
 	"\vpoints_user\x18\b \x01(\tR\n" +
-	"pointsUser\"\xf7\x02\n" +
+	"pointsUser\x12\x14\n" +
+	"\x05views\x18\t \x01(\bR\x05views\x12\x1f\n" +
+	"\vview_digest\x18\n" +
+	" \x01(\tR\n" +
+	"viewDigest\"\xf7\x02\n" +
 	"\aWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12$\n" +
@@ -1817,27 +1869,28 @@ func file_gateway_proto_rawDescGZIP() []byte {
 var file_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_gateway_proto_goTypes = []any{
-	(Compression)(0),      // 0: sluice.gateway.v1.Compression
-	(ClientEvent_Type)(0), // 1: sluice.gateway.v1.ClientEvent.Type
-	(GoAway_Reason)(0),    // 2: sluice.gateway.v1.GoAway.Reason
-	(Error_Code)(0),       // 3: sluice.gateway.v1.Error.Code
-	(*Frame)(nil),         // 4: sluice.gateway.v1.Frame
-	(*Attrs)(nil),         // 5: sluice.gateway.v1.Attrs
-	(*SyncPoint)(nil),     // 6: sluice.gateway.v1.SyncPoint
-	(*TopicCursor)(nil),   // 7: sluice.gateway.v1.TopicCursor
-	(*Hello)(nil),         // 8: sluice.gateway.v1.Hello
-	(*Welcome)(nil),       // 9: sluice.gateway.v1.Welcome
-	(*Item)(nil),          // 10: sluice.gateway.v1.Item
-	(*Sync)(nil),          // 11: sluice.gateway.v1.Sync
-	(*Live)(nil),          // 12: sluice.gateway.v1.Live
-	(*Ack)(nil),           // 13: sluice.gateway.v1.Ack
-	(*ClientEvent)(nil),   // 14: sluice.gateway.v1.ClientEvent
-	(*Ping)(nil),          // 15: sluice.gateway.v1.Ping
-	(*Pong)(nil),          // 16: sluice.gateway.v1.Pong
-	(*Probe)(nil),         // 17: sluice.gateway.v1.Probe
-	(*ProbeEcho)(nil),     // 18: sluice.gateway.v1.ProbeEcho
-	(*GoAway)(nil),        // 19: sluice.gateway.v1.GoAway
-	(*Error)(nil),         // 20: sluice.gateway.v1.Error
+	(Compression)(0),        // 0: sluice.gateway.v1.Compression
+	(ClientEvent_Type)(0),   // 1: sluice.gateway.v1.ClientEvent.Type
+	(GoAway_Reason)(0),      // 2: sluice.gateway.v1.GoAway.Reason
+	(Error_Code)(0),         // 3: sluice.gateway.v1.Error.Code
+	(*Frame)(nil),           // 4: sluice.gateway.v1.Frame
+	(*Attrs)(nil),           // 5: sluice.gateway.v1.Attrs
+	(*SyncPoint)(nil),       // 6: sluice.gateway.v1.SyncPoint
+	(*TopicCursor)(nil),     // 7: sluice.gateway.v1.TopicCursor
+	(*Hello)(nil),           // 8: sluice.gateway.v1.Hello
+	(*Welcome)(nil),         // 9: sluice.gateway.v1.Welcome
+	(*Item)(nil),            // 10: sluice.gateway.v1.Item
+	(*Sync)(nil),            // 11: sluice.gateway.v1.Sync
+	(*Live)(nil),            // 12: sluice.gateway.v1.Live
+	(*Ack)(nil),             // 13: sluice.gateway.v1.Ack
+	(*ClientEvent)(nil),     // 14: sluice.gateway.v1.ClientEvent
+	(*Ping)(nil),            // 15: sluice.gateway.v1.Ping
+	(*Pong)(nil),            // 16: sluice.gateway.v1.Pong
+	(*Probe)(nil),           // 17: sluice.gateway.v1.Probe
+	(*ProbeEcho)(nil),       // 18: sluice.gateway.v1.ProbeEcho
+	(*GoAway)(nil),          // 19: sluice.gateway.v1.GoAway
+	(*Error)(nil),           // 20: sluice.gateway.v1.Error
+	(*deliverypb.View)(nil), // 21: sluice.delivery.v1.View
 }
 var file_gateway_proto_depIdxs = []int32{
 	8,  // 0: sluice.gateway.v1.Frame.hello:type_name -> sluice.gateway.v1.Hello
@@ -1852,24 +1905,25 @@ var file_gateway_proto_depIdxs = []int32{
 	18, // 9: sluice.gateway.v1.Frame.probe_echo:type_name -> sluice.gateway.v1.ProbeEcho
 	19, // 10: sluice.gateway.v1.Frame.goaway:type_name -> sluice.gateway.v1.GoAway
 	20, // 11: sluice.gateway.v1.Frame.error:type_name -> sluice.gateway.v1.Error
-	5,  // 12: sluice.gateway.v1.Hello.attrs:type_name -> sluice.gateway.v1.Attrs
-	6,  // 13: sluice.gateway.v1.Hello.points:type_name -> sluice.gateway.v1.SyncPoint
-	7,  // 14: sluice.gateway.v1.Hello.topics:type_name -> sluice.gateway.v1.TopicCursor
-	0,  // 15: sluice.gateway.v1.Hello.compression:type_name -> sluice.gateway.v1.Compression
-	0,  // 16: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
-	10, // 17: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
-	10, // 18: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
-	6,  // 19: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
-	7,  // 20: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
-	1,  // 21: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
-	5,  // 22: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
-	2,  // 23: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
-	3,  // 24: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	21, // 12: sluice.gateway.v1.Frame.view:type_name -> sluice.delivery.v1.View
+	5,  // 13: sluice.gateway.v1.Hello.attrs:type_name -> sluice.gateway.v1.Attrs
+	6,  // 14: sluice.gateway.v1.Hello.points:type_name -> sluice.gateway.v1.SyncPoint
+	7,  // 15: sluice.gateway.v1.Hello.topics:type_name -> sluice.gateway.v1.TopicCursor
+	0,  // 16: sluice.gateway.v1.Hello.compression:type_name -> sluice.gateway.v1.Compression
+	0,  // 17: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
+	10, // 18: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
+	10, // 19: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
+	6,  // 20: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
+	7,  // 21: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
+	1,  // 22: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
+	5,  // 23: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
+	2,  // 24: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
+	3,  // 25: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
+	26, // [26:26] is the sub-list for method output_type
+	26, // [26:26] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_gateway_proto_init() }
@@ -1890,6 +1944,7 @@ func file_gateway_proto_init() {
 		(*Frame_ProbeEcho)(nil),
 		(*Frame_Goaway)(nil),
 		(*Frame_Error)(nil),
+		(*Frame_View)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -1,0 +1,67 @@
+package gateway
+
+import (
+	"github.com/sluicehq/sluice/delivery"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+)
+
+// Views is what the gateway needs of the delivery state
+// (delivery.Delivery): a device's view of switches and releases, and a
+// signal when views may have changed.
+type Views interface {
+	View(d *delivery.Device) *deliverypb.View
+	Changed() <-chan struct{}
+}
+
+// viewState is what a session that wants views knows of them.
+type viewState struct {
+	digest string // of the view the client holds
+}
+
+// sendView computes the device's view and queues it if it differs from
+// the one the client holds. It runs under ss.mu, so two computations for
+// one session cannot queue their views out of order.
+func (ss *session) sendView() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.view == nil || ss.closing {
+		return
+	}
+	v := ss.srv.cfg.Views.View(&delivery.Device{ID: ss.device, User: ss.user, Attrs: ss.attrs.Value()})
+	if v.Digest == ss.view.digest {
+		return
+	}
+	ss.view.digest = v.Digest
+	ss.enqueueLocked(&gatewaypb.Frame{Body: &gatewaypb.Frame_View{View: v}}, false)
+}
+
+// followViews re-evaluates every session that wants views whenever the
+// delivery state may have changed, until the server shuts down.
+func (s *Server) followViews() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-s.cfg.Views.Changed():
+		}
+		s.mu.Lock()
+		sessions := make([]*session, 0, len(s.sessions))
+		for ss := range s.sessions {
+			sessions = append(sessions, ss)
+		}
+		s.mu.Unlock()
+		n := 0
+		for _, ss := range sessions {
+			ss.mu.Lock()
+			wants := ss.view != nil
+			ss.mu.Unlock()
+			if wants {
+				ss.sendView()
+				n++
+			}
+		}
+		s.log.Debug().Int("sessions", n).Msg("views re-evaluated")
+	}
+}

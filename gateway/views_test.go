@@ -1,0 +1,240 @@
+package gateway_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/delivery"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/gateway"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/oplog"
+)
+
+// newDelivery opens and runs a Delivery on log l for the test.
+func newDelivery(t *testing.T, e *env) *delivery.Delivery {
+	t.Helper()
+	_, key, _ := ed25519.GenerateKey(nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	d, err := delivery.Open(ctx, delivery.Config{Log: e.l, Signer: delivery.NewSigner(key)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(runCtx) }()
+	t.Cleanup(func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("delivery run: %v", err)
+		}
+	})
+	return d
+}
+
+// envWithViews is a gateway serving the views of a Delivery opened on its
+// own log (the server needs the Delivery at construction, the Delivery
+// needs the log: the Views hook is filled in once both exist).
+func envWithViews(t *testing.T) (*env, *delivery.Delivery) {
+	t.Helper()
+	hook := &lateViews{ready: make(chan struct{})}
+	e := newEnv(t, func(c *gateway.Config) { c.Views = hook })
+	d := newDelivery(t, e)
+	hook.set(d)
+	return e, d
+}
+
+// lateViews forwards to a Delivery set after the server started.
+type lateViews struct {
+	ready chan struct{}
+	d     *delivery.Delivery
+}
+
+func (l *lateViews) set(d *delivery.Delivery) { l.d = d; close(l.ready) }
+
+func (l *lateViews) View(dev *delivery.Device) *deliverypb.View {
+	<-l.ready
+	return l.d.View(dev)
+}
+
+func (l *lateViews) Changed() <-chan struct{} {
+	<-l.ready
+	return l.d.Changed()
+}
+
+func viewHello(token, os, digest string) *gatewaypb.Frame {
+	f := hello(token)
+	h := f.GetHello()
+	h.Attrs.Os, h.Views, h.ViewDigest = os, true, digest
+	return f
+}
+
+// firstRound reads Welcome and the first round and returns the View frame
+// sent among them (nil if none).
+func (c *client) firstRound() *deliverypb.View {
+	c.t.Helper()
+	if c.must(5*time.Second).GetWelcome() == nil {
+		c.t.Fatal("first frame is not welcome")
+	}
+	var v *deliverypb.View
+	for {
+		f := c.must(5 * time.Second)
+		if fv := f.GetView(); fv != nil {
+			v = fv
+			continue
+		}
+		if s := f.GetSync(); s != nil && s.Done {
+			return v
+		}
+	}
+}
+
+// nextView reads until a View frame arrives.
+func (c *client) nextView(timeout time.Duration) (*deliverypb.View, time.Duration) {
+	c.t.Helper()
+	start := time.Now()
+	for {
+		f, err := c.read(time.Until(start.Add(timeout)))
+		if err != nil {
+			c.t.Fatalf("no view within %v: %v", timeout, err)
+		}
+		if v := f.GetView(); v != nil {
+			return v, time.Since(start)
+		}
+	}
+}
+
+// noView checks that no View frame arrives for a while.
+func (c *client) noView(wait time.Duration) {
+	c.t.Helper()
+	deadline := time.Now().Add(wait)
+	for time.Now().Before(deadline) {
+		f, err := c.read(time.Until(deadline))
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+			return
+		}
+		if err != nil {
+			c.t.Fatalf("read: %v", err)
+		}
+		if f.GetView() != nil {
+			c.t.Fatalf("unexpected view: %v", f.GetView())
+		}
+	}
+}
+
+func boolOf(t *testing.T, v *deliverypb.View, key string) string {
+	t.Helper()
+	for _, sw := range v.Switches {
+		if sw.Key == key {
+			if sw.Value.GetBoolValue() {
+				return "true/" + sw.Variant
+			}
+			return "false/" + sw.Variant
+		}
+	}
+	return "absent"
+}
+
+// TestViews: clients that ask get their switches on connect, again when a
+// switch changes, when their attributes change and when a user binds;
+// clients presenting the current digest get nothing; others never.
+func TestViews(t *testing.T) {
+	e, d := envWithViews(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bv := func(b bool) *deliverypb.Value { return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}} }
+	p0 := 0.0
+	sw, err := d.SetSwitch(ctx, &deliverypb.Switch{Key: "dark", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: bv(false),
+		Variants: []*deliverypb.Variant{
+			{Name: "staff", Rule: &deliverypb.Rule{Users: []string{"boss"}, Percent: &p0}, Value: bv(true)},
+			{Name: "droid", Rule: &deliverypb.Rule{Os: []string{"android"}}, Value: bv(true)},
+		}}, "admin", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	a := e.dialTCP()
+	a.send(viewHello(e.token("", "dev-a", time.Hour), "android", ""))
+	va := a.firstRound()
+	b := e.dialWS("")
+	b.send(viewHello(e.token("", "dev-b", time.Hour), "ios", ""))
+	vb := b.firstRound()
+	plain := e.dialTCP()
+	plain.send(hello(e.token("", "dev-c", time.Hour)))
+	if v := plain.firstRound(); v != nil {
+		t.Fatalf("a client that did not ask got a view: %v", v)
+	}
+	if va == nil || vb == nil {
+		t.Fatalf("no view on connect: %v, %v", va, vb)
+	}
+	if got := boolOf(t, va, "dark"); got != "true/droid" {
+		t.Errorf("android: %s", got)
+	}
+	if got := boolOf(t, vb, "dark"); got != "false/" {
+		t.Errorf("ios: %s", got)
+	}
+
+	// A switch change reaches both online clients.
+	sw.DefaultValue = bv(true)
+	if _, err := d.SetSwitch(ctx, sw, "admin", sw.Version); err != nil {
+		t.Fatal(err)
+	}
+	vb2, took := b.nextView(5 * time.Second)
+	if got := boolOf(t, vb2, "dark"); got != "true/" {
+		t.Errorf("ios after the change: %s", got)
+	}
+	t.Logf("switch change reached an online client in %v", took)
+	va2, _ := a.nextView(5 * time.Second)
+	if va2.Digest == va.Digest {
+		t.Error("android's digest did not change with the switch version")
+	}
+	plain.noView(200 * time.Millisecond)
+
+	// Attributes change: re-evaluated at once.
+	a.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Attrs: &gatewaypb.Attrs{Os: "ios"}}}})
+	va3, _ := a.nextView(5 * time.Second)
+	if got := boolOf(t, va3, "dark"); got != "true/" {
+		t.Errorf("android turned ios: %s", got)
+	}
+
+	// A user binds: the whitelist applies.
+	b.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{
+		Type: gatewaypb.ClientEvent_TYPE_LOGIN, Token: e.token("boss", "dev-b", time.Hour)}}})
+	vb3, _ := b.nextView(5 * time.Second)
+	if got := boolOf(t, vb3, "dark"); got != "true/staff" {
+		t.Errorf("after the boss logged in: %s", got)
+	}
+
+	// Kill: everyone that asked gets the kill value.
+	if _, err := d.Kill(ctx, "dark", true, "oncall"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*client{a, b} {
+		v, took := c.nextView(5 * time.Second)
+		if got := boolOf(t, v, "dark"); got != "false/kill" {
+			t.Errorf("killed: %s", got)
+		}
+		t.Logf("kill reached an online client in %v", took)
+	}
+
+	// Reconnecting with the digest it holds, a client is sent no view;
+	// with an old digest it is.
+	b2 := e.dialTCP()
+	cur := d.View(&delivery.Device{ID: "dev-b2", Attrs: attrsOS("ios")}).Digest
+	b2.send(viewHello(e.token("", "dev-b2", time.Hour), "ios", cur))
+	if v := b2.firstRound(); v != nil {
+		t.Errorf("a client holding the current view got it again: %v", v)
+	}
+	b3 := e.dialTCP()
+	b3.send(viewHello(e.token("", "dev-b3", time.Hour), "ios", vb.Digest))
+	if v := b3.firstRound(); v == nil || boolOf(t, v, "dark") != "false/kill" {
+		t.Errorf("a client holding an old view: %v", v)
+	}
+}
+
+func attrsOS(os string) oplog.Attrs { return oplog.Attrs{OS: os, AppVersion: "2.0.0"} }
