@@ -107,3 +107,6 @@ func newManifestCache() *manifestCache { return &manifestCache{} }
 
 // b64 is the encoding of the object store's digests.
 func b64(b []byte) string { return base64.URLEncoding.EncodeToString(b) }
+
+// b64std is the encoding of HTTP Digest headers.
+func b64std(b []byte) string { return base64.StdEncoding.EncodeToString(b) }

@@ -179,6 +179,7 @@ func (m *Main) adminHandler() http.Handler {
 	})
 	m.bucketRoutes(mux)
 	m.fanoutRoutes(mux)
+	m.deliveryRoutes(mux)
 	mux.HandleFunc("GET /v1/topics", func(w http.ResponseWriter, r *http.Request) {
 		list, err := m.topics.Topics(r.Context())
 		if err != nil {

@@ -48,6 +48,10 @@ type Config struct {
 
 	FanoutConcurrency int `json:"fanout_concurrency"`
 	SyncOverload      int `json:"sync_overload"`
+
+	DeliveryKey string        `json:"delivery_key,omitempty"`
+	MaxPackage  int64         `json:"max_package"`
+	ManifestTTL time.Duration `json:"manifest_ttl"`
 }
 
 // Fsync modes.
@@ -88,6 +92,9 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 10*time.Second, "on shutdown, how long clients' queues may take to drain after GoAway")
 	fs.IntVar(&c.FanoutConcurrency, "fanout-concurrency", 2, "fanout chunks (of 1,000 recipients) this node expands at once; bounded so producers' own appends keep flowing")
 	fs.IntVar(&c.SyncOverload, "sync-overload", 256, "bucket computations in flight on this node above which buckets of priority > 0 are deferred (clients are told when to come back)")
+	fs.StringVar(&c.DeliveryKey, "delivery-key", "", "Ed25519 key that signs release manifests; apps pin its public key (default <data>/delivery.key, created if missing)")
+	fs.Int64Var(&c.MaxPackage, "max-package", 256<<20, "largest package upload in bytes")
+	fs.DurationVar(&c.ManifestTTL, "manifest-ttl", 7*24*time.Hour, "how long a signed release manifest is valid (re-signed at half of it)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "auto (console on a terminal, JSON otherwise), console or json")
 	fs.Usage = func() {

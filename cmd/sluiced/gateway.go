@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/web"
 	"golang.org/x/sync/errgroup"
@@ -41,12 +42,14 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	if err != nil {
 		return nil, err
 	}
+	tokens := gateway.NewVerifier(keys...)
 	srv, err := gateway.NewServer(gateway.Config{
+		Views:     m.delivery,
 		Inbox:     m.inbox,
 		Topics:    m.topics,
 		Buckets:   m.buckets,
 		Scheduler: m.sched,
-		Tokens:    gateway.NewVerifier(keys...),
+		Tokens:    tokens,
 		MaxFrame:  m.cfg.MaxFrame,
 		Heartbeat: m.cfg.Heartbeat,
 		MaxConns:  m.cfg.MaxConns,
@@ -107,6 +110,9 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/v1/ws", srv.WebSocketHandler(splitList(m.cfg.WSOrigins)))
 	mux.Handle("/v1/dispatch", gp.registry.Handler())
+	auth := deviceAuth(tokens)
+	mux.Handle("/v1/updates", m.delivery.UpdatesHandler(auth))
+	mux.Handle("/v1/packages/", m.delivery.DownloadHandler("/v1/packages/", auth))
 	mux.Handle("/", web.Handler()) // the browser client and its demo page
 	gp.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return gp, nil
@@ -193,4 +199,40 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// deliveryKeyFile is where sluiced keeps the manifest signing key, under
+// the data directory.
+const deliveryKeyFile = "delivery.key"
+
+// openDelivery loads (or creates) the manifest signing key and opens the
+// release and switch state.
+func (m *Main) openDelivery(ctx context.Context) error {
+	path := m.cfg.DeliveryKey
+	if path == "" {
+		path = filepath.Join(m.cfg.DataDir, deliveryKeyFile)
+	}
+	key, err := gateway.LoadOrCreateKey(path)
+	if err != nil {
+		return fmt.Errorf("delivery key: %w", err)
+	}
+	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key),
+		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
+	return err
+}
+
+// deviceAuth authenticates a device's HTTP request by the bearer token it
+// also presents in its Hello.
+func deviceAuth(v *gateway.Verifier) delivery.Authenticator {
+	return func(r *http.Request) (delivery.Identity, error) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok {
+			return delivery.Identity{}, errors.New("want Authorization: Bearer <device token>")
+		}
+		c, err := v.Verify(tok, time.Now())
+		if err != nil {
+			return delivery.Identity{}, err
+		}
+		return delivery.Identity{Device: c.Device, User: c.User}, nil
+	}
 }

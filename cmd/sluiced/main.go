@@ -27,6 +27,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/buckets"
+	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/fanout"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/oplog"
@@ -64,16 +65,17 @@ type Main struct {
 	cfg Config
 	log zerolog.Logger
 
-	ns      *server.Server
-	nc      *nats.Conn
-	lg      *oplog.Log
-	inbox   *oplog.Inbox
-	topics  *topics.Topics
-	buckets *buckets.Map
-	sched   *buckets.Scheduler
-	fanout  *fanout.Fanout
-	gateway *gateway.Server
-	admin   *http.Server
+	ns       *server.Server
+	nc       *nats.Conn
+	lg       *oplog.Log
+	inbox    *oplog.Inbox
+	topics   *topics.Topics
+	buckets  *buckets.Map
+	sched    *buckets.Scheduler
+	fanout   *fanout.Fanout
+	delivery *delivery.Delivery
+	gateway  *gateway.Server
+	admin    *http.Server
 
 	mu        sync.Mutex
 	ready     bool
@@ -170,6 +172,9 @@ func (m *Main) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := m.openDelivery(startCtx); err != nil {
+		return err
+	}
 	gw, err := m.startGateway(startCtx)
 	if err != nil {
 		return err
@@ -215,6 +220,7 @@ func (m *Main) Run(ctx context.Context) error {
 	g.Go(func() error { return m.buckets.Run(gctx) })
 	g.Go(func() error { return m.fanout.Run(gctx) })
 	g.Go(func() error { return fanoutSvc.Run(gctx) })
+	g.Go(func() error { return m.delivery.Run(gctx) })
 	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {

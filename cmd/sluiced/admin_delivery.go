@@ -1,0 +1,302 @@
+package main
+
+import (
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/sluicehq/sluice/delivery"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/oplog"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// deliveryRoutes serves switches, packages and producer keys:
+//
+//	GET    /v1/switches                         every switch
+//	GET    /v1/switches/{key}                   one switch
+//	PUT    /v1/switches/{key}[?expect=V]        define it (body: Switch, protojson); with expect,
+//	                                            only if its version is still V (else 409)
+//	POST   /v1/switches/{key}/kill              kill switch on; .../unkill: off
+//	DELETE /v1/switches/{key}                   remove it
+//	GET    /v1/packages                         every package with its releases
+//	GET    /v1/packages/{pkg}                   one package's releases
+//	POST   /v1/packages/{pkg}/versions?version=V&kind=K[&fallback_url=U][&notes=N]
+//	       [&producer_key=ID&producer_signature=HEX][&audience=RULE-JSON]
+//	                                            upload (body: the package bytes)
+//	POST   /v1/packages/{pkg}/{version}/gray    body: Rule (protojson)
+//	POST   /v1/packages/{pkg}/{version}/{op}    op: full, pause, resume, stop
+//	POST   /v1/packages/{pkg}/rollback          to the last stable version
+//	GET    /v1/producer-keys                    registered hot-patch signing keys
+//	PUT    /v1/producer-keys/{id}               body: {"public_key": base64 or hex}
+//	DELETE /v1/producer-keys/{id}               revoke
+//	GET    /v1/delivery/key                     the manifest signing public key (hex), to pin in apps
+//	POST   /v1/delivery/view?device=D[&user=U]  body: Attrs-like JSON; the view that device gets
+func (m *Main) deliveryRoutes(mux *http.ServeMux) {
+	d := m.delivery
+	mux.HandleFunc("GET /v1/switches", func(w http.ResponseWriter, r *http.Request) {
+		out := []json.RawMessage{}
+		for _, sw := range d.Switches() {
+			out = append(out, protoJSON(sw))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"switches": out, "applied": d.Applied()})
+	})
+	mux.HandleFunc("GET /v1/switches/{key}", func(w http.ResponseWriter, r *http.Request) {
+		sw, ok := d.Switch(r.PathValue("key"))
+		if !ok {
+			m.writeError(w, r, fmt.Errorf("switch %q: %w", r.PathValue("key"), oplog.ErrNotFound))
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(sw))
+	})
+	mux.HandleFunc("PUT /v1/switches/{key}", func(w http.ResponseWriter, r *http.Request) {
+		sw := new(deliverypb.Switch)
+		if err := readProtoJSON(w, r, sw); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		if sw.Key == "" {
+			sw.Key = r.PathValue("key")
+		}
+		if sw.Key != r.PathValue("key") {
+			m.writeError(w, r, fmt.Errorf("switch key %q in the body, %q in the path: %w", sw.Key, r.PathValue("key"), oplog.ErrInvalid))
+			return
+		}
+		var expect uint64
+		if e := r.URL.Query().Get("expect"); e != "" {
+			var err error
+			if expect, err = strconv.ParseUint(e, 10, 64); err != nil {
+				m.writeError(w, r, fmt.Errorf("expect=%q: %w", e, oplog.ErrInvalid))
+				return
+			}
+		}
+		got, err := d.SetSwitch(r.Context(), sw, actor(r), expect)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(got))
+	})
+	for _, op := range []string{"kill", "unkill"} {
+		mux.HandleFunc("POST /v1/switches/{key}/"+op, func(w http.ResponseWriter, r *http.Request) {
+			got, err := d.Kill(r.Context(), r.PathValue("key"), op == "kill", actor(r))
+			if err != nil {
+				m.writeError(w, r, err)
+				return
+			}
+			writeJSON(w, http.StatusOK, protoJSON(got))
+		})
+	}
+	mux.HandleFunc("DELETE /v1/switches/{key}", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.RemoveSwitch(r.Context(), r.PathValue("key"), actor(r)); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"removed": r.PathValue("key")})
+	})
+
+	releases := func(name string) []json.RawMessage {
+		rs, _ := d.Releases(name)
+		out := make([]json.RawMessage, 0, len(rs))
+		for _, rel := range rs {
+			out = append(out, protoJSON(rel))
+		}
+		return out
+	}
+	mux.HandleFunc("GET /v1/packages", func(w http.ResponseWriter, r *http.Request) {
+		out := map[string][]json.RawMessage{}
+		for _, name := range d.Packages() {
+			out[name] = releases(name)
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"packages": out, "applied": d.Applied()})
+	})
+	mux.HandleFunc("GET /v1/packages/{pkg}", func(w http.ResponseWriter, r *http.Request) {
+		if _, ok := d.Releases(r.PathValue("pkg")); !ok {
+			m.writeError(w, r, fmt.Errorf("package %q: %w", r.PathValue("pkg"), oplog.ErrNotFound))
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"package": r.PathValue("pkg"), "releases": releases(r.PathValue("pkg"))})
+	})
+	mux.HandleFunc("POST /v1/packages/{pkg}/versions", func(w http.ResponseWriter, r *http.Request) {
+		up, err := m.readUpload(w, r)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		rel, err := d.Upload(r.Context(), up, actor(r))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(rel))
+	})
+	mux.HandleFunc("POST /v1/packages/{pkg}/{version}/{op}", func(w http.ResponseWriter, r *http.Request) {
+		pkg, version := r.PathValue("pkg"), r.PathValue("version")
+		var rel *deliverypb.Release
+		var err error
+		switch op := r.PathValue("op"); op {
+		case "gray":
+			rule := new(deliverypb.Rule)
+			if err = readProtoJSON(w, r, rule); err == nil {
+				rel, err = d.Gray(r.Context(), pkg, version, rule, actor(r))
+			}
+		case "full":
+			rel, err = d.Full(r.Context(), pkg, version, actor(r))
+		case "pause":
+			rel, err = d.Pause(r.Context(), pkg, version, actor(r))
+		case "resume":
+			rel, err = d.Resume(r.Context(), pkg, version, actor(r))
+		case "stop":
+			rel, err = d.Stop(r.Context(), pkg, version, actor(r))
+		default:
+			err = fmt.Errorf("operation %q: want gray, full, pause, resume or stop: %w", op, oplog.ErrNotFound)
+		}
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(rel))
+	})
+	mux.HandleFunc("POST /v1/packages/{pkg}/rollback", func(w http.ResponseWriter, r *http.Request) {
+		rel, err := d.Rollback(r.Context(), r.PathValue("pkg"), actor(r))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(rel))
+	})
+
+	mux.HandleFunc("GET /v1/producer-keys", func(w http.ResponseWriter, r *http.Request) {
+		out := []json.RawMessage{}
+		for _, k := range d.ProducerKeys() {
+			out = append(out, protoJSON(k))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"keys": out})
+	})
+	mux.HandleFunc("PUT /v1/producer-keys/{id}", func(w http.ResponseWriter, r *http.Request) {
+		var body struct {
+			PublicKey string `json:"public_key"`
+		}
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10)).Decode(&body); err != nil {
+			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+			return
+		}
+		pub, err := decodeKey(body.PublicKey)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		if err := d.RegisterProducerKey(r.Context(), r.PathValue("id"), pub); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"registered": r.PathValue("id")})
+	})
+	mux.HandleFunc("DELETE /v1/producer-keys/{id}", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.RevokeProducerKey(r.Context(), r.PathValue("id")); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"revoked": r.PathValue("id")})
+	})
+	mux.HandleFunc("GET /v1/delivery/key", func(w http.ResponseWriter, r *http.Request) {
+		pub := d.PublicKey()
+		writeJSON(w, http.StatusOK, map[string]string{"public_key": hex.EncodeToString(pub), "key_id": delivery.KeyID(pub)})
+	})
+	mux.HandleFunc("POST /v1/delivery/view", func(w http.ResponseWriter, r *http.Request) {
+		var a struct {
+			AppVersion string `json:"app_version"`
+			OS         string `json:"os"`
+			OSVersion  string `json:"os_version"`
+			Model      string `json:"model"`
+			Region     string `json:"region"`
+			Network    string `json:"network"`
+			Channel    string `json:"channel"`
+			CPU        string `json:"cpu"`
+		}
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10)).Decode(&a); err != nil && !errors.Is(err, io.EOF) {
+			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+			return
+		}
+		q := r.URL.Query()
+		if !oplog.ValidID(q.Get("device")) {
+			m.writeError(w, r, fmt.Errorf("device=%q: %w", q.Get("device"), oplog.ErrInvalidID))
+			return
+		}
+		v := d.View(&delivery.Device{ID: q.Get("device"), User: q.Get("user"), Attrs: oplog.Attrs{AppVersion: a.AppVersion,
+			OS: a.OS, OSVersion: a.OSVersion, Model: a.Model, Region: a.Region, Network: a.Network, Channel: a.Channel, CPU: a.CPU}})
+		manifests := make([]json.RawMessage, 0, len(v.Releases))
+		for _, sm := range v.Releases {
+			if man, err := delivery.VerifyManifest(sm, d.PublicKey()); err == nil {
+				manifests = append(manifests, protoJSON(man))
+			}
+		}
+		sws := make([]json.RawMessage, 0, len(v.Switches))
+		for _, sv := range v.Switches {
+			sws = append(sws, protoJSON(sv))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"digest": v.Digest, "switches": sws, "releases": manifests})
+	})
+}
+
+// readUpload reads an upload request: the query names the version, the
+// body is the package.
+func (m *Main) readUpload(w http.ResponseWriter, r *http.Request) (delivery.Upload, error) {
+	q := r.URL.Query()
+	kind, ok := deliverypb.PackageKind_value["PACKAGE_KIND_"+strings.ToUpper(strings.ReplaceAll(q.Get("kind"), "-", "_"))]
+	if !ok {
+		return delivery.Upload{}, fmt.Errorf("kind=%q: want app, hot_patch, h5, mini_program, resource or config: %w", q.Get("kind"), oplog.ErrInvalid)
+	}
+	up := delivery.Upload{Package: r.PathValue("pkg"), Kind: deliverypb.PackageKind(kind), Version: q.Get("version"),
+		FallbackURL: q.Get("fallback_url"), Notes: q.Get("notes"), ProducerKey: q.Get("producer_key")}
+	if s := q.Get("producer_signature"); s != "" {
+		sig, err := hex.DecodeString(s)
+		if err != nil {
+			return up, fmt.Errorf("producer_signature: not hex: %w", oplog.ErrInvalid)
+		}
+		up.ProducerSignature = sig
+	}
+	if a := q.Get("audience"); a != "" {
+		up.Audience = new(deliverypb.Rule)
+		if err := protojson.Unmarshal([]byte(a), up.Audience); err != nil {
+			return up, errors.Join(fmt.Errorf("audience: %w", oplog.ErrMalformed), err)
+		}
+	}
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, m.cfg.MaxPackage+1))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) || int64(len(data)) > m.cfg.MaxPackage {
+		return up, fmt.Errorf("package over %d bytes: %w", m.cfg.MaxPackage, oplog.ErrPayloadTooLarge)
+	}
+	if err != nil {
+		return up, fmt.Errorf("reading the package: %v: %w", err, oplog.ErrMalformed)
+	}
+	up.Data = data
+	return up, nil
+}
+
+// decodeKey decodes an ed25519 public key given in hex or base64.
+func decodeKey(s string) ([]byte, error) {
+	if b, err := hex.DecodeString(s); err == nil && len(b) == 32 {
+		return b, nil
+	}
+	if b, err := base64.StdEncoding.DecodeString(s); err == nil && len(b) == 32 {
+		return b, nil
+	}
+	return nil, fmt.Errorf("public key: want 32 bytes in hex or base64: %w", oplog.ErrInvalid)
+}
+
+// actor names who made an admin change, for the control events.
+func actor(r *http.Request) string {
+	if a, ok := r.Context().Value(actorKey{}).(string); ok {
+		return a
+	}
+	return "admin"
+}
+
+type actorKey struct{}

@@ -1,0 +1,238 @@
+package delivery
+
+import (
+	"bytes"
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sluicehq/sluice/oplog"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+)
+
+// Identity is who an HTTP request comes from, as its token says.
+type Identity struct {
+	Device, User string
+}
+
+// Authenticator checks a device's request (its bearer token) and returns
+// who it is, or an error (the request is refused with 401).
+type Authenticator func(r *http.Request) (Identity, error)
+
+// HTTP limits.
+const (
+	// MaxCachedBytes bounds the package bytes the download handler keeps
+	// in memory (the object store is the truth; the cache saves a read of
+	// every chunk per download).
+	MaxCachedBytes = 256 << 20
+	contentProto   = "application/x-protobuf"
+)
+
+// UpdatesHandler serves the check for updates over HTTP:
+//
+//	GET /v1/updates?app_version=…&os=…&os_version=…&model=…&region=…&network=…&channel=…&cpu=…
+//	Authorization: Bearer <device token>
+//
+// It answers the device's View (protobuf, or protojson when Accept asks
+// for application/json) with the digest as its ETag; a request whose
+// If-None-Match holds the current digest gets 304 Not Modified and no
+// body. The device and user come from the token, the attributes from the
+// query.
+func (d *Delivery) UpdatesHandler(auth Authenticator) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			httpError(w, http.StatusMethodNotAllowed, "use GET")
+			return
+		}
+		id, err := auth(r)
+		if err != nil {
+			d.lg.Debug().Err(err).Str("remote", r.RemoteAddr).Msg("update check refused")
+			httpError(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+		q := r.URL.Query()
+		dev := &Device{ID: id.Device, User: id.User}
+		a := &dev.Attrs
+		for _, f := range []struct {
+			name string
+			to   *string
+		}{{"app_version", &a.AppVersion}, {"os", &a.OS}, {"os_version", &a.OSVersion}, {"model", &a.Model},
+			{"region", &a.Region}, {"network", &a.Network}, {"channel", &a.Channel}, {"cpu", &a.CPU}} {
+			v := q.Get(f.name)
+			if len(v) > maxValueLen {
+				httpError(w, http.StatusBadRequest, fmt.Sprintf("%s: over %d bytes", f.name, maxValueLen))
+				return
+			}
+			*f.to = v
+		}
+		v := d.View(dev)
+		etag := `"` + v.Digest + `"`
+		w.Header().Set("ETag", etag)
+		w.Header().Set("Cache-Control", "no-cache")
+		if inm := r.Header.Get("If-None-Match"); inm != "" && strings.Contains(inm, etag) {
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+		var body []byte
+		if strings.Contains(r.Header.Get("Accept"), oplog.ContentTypeJSON) {
+			body, err = protojson.Marshal(v)
+			w.Header().Set("Content-Type", oplog.ContentTypeJSON)
+		} else {
+			body, err = proto.Marshal(v)
+			w.Header().Set("Content-Type", contentProto)
+		}
+		if err != nil {
+			d.lg.Error().Err(err).Msg("encoding a view")
+			httpError(w, http.StatusInternalServerError, "internal error")
+			return
+		}
+		if r.Method == http.MethodHead {
+			return
+		}
+		_, _ = w.Write(body)
+	})
+}
+
+// DownloadHandler serves package bytes to devices:
+//
+//	GET /v1/packages/<package>/<version>              the package
+//	GET /v1/packages/<package>/<version>/from/<old>   the diff from <old>
+//	Authorization: Bearer <device token>
+//
+// with range requests (a broken download resumes), an ETag of the
+// content's SHA-256 and a Digest header (sha-256, base64). Every uploaded
+// version is served to an authenticated device: what it may install is
+// decided by the signed manifest, not by the download.
+func (d *Delivery) DownloadHandler(prefix string, auth Authenticator) http.Handler {
+	cache := newByteCache(MaxCachedBytes)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			httpError(w, http.StatusMethodNotAllowed, "use GET")
+			return
+		}
+		if _, err := auth(r); err != nil {
+			httpError(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+		parts := strings.Split(strings.TrimPrefix(r.URL.Path, prefix), "/")
+		if len(parts) != 2 && !(len(parts) == 4 && parts[2] == "from") {
+			httpError(w, http.StatusNotFound, "want "+prefix+"<package>/<version>[/from/<version>]")
+			return
+		}
+		rel, ok := d.Release(parts[0], parts[1])
+		if !ok {
+			httpError(w, http.StatusNotFound, "no such package version")
+			return
+		}
+		v := rel.Version
+		object, sum := v.Object, v.Sha256
+		if len(parts) == 4 {
+			object = ""
+			for _, df := range v.Diffs {
+				if df.FromVersion == parts[3] {
+					object, sum = df.Object, df.Sha256
+				}
+			}
+			if object == "" {
+				httpError(w, http.StatusNotFound, "no diff from that version: download the package")
+				return
+			}
+		}
+		data, err := cache.get(r.Context(), object, d.obs)
+		if err != nil {
+			d.lg.Error().Err(err).Str("object", object).Msg("reading a package")
+			httpError(w, http.StatusServiceUnavailable, "package not readable now; retry or use the fallback URL")
+			return
+		}
+		w.Header().Set("ETag", fmt.Sprintf(`"%x"`, sum))
+		w.Header().Set("Digest", "sha-256="+b64std(sum))
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
+	})
+}
+
+func httpError(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = fmt.Fprintln(w, msg)
+}
+
+// byteCache keeps recently downloaded objects in memory, up to a total
+// size, evicting the least recently used. Objects are immutable (a new
+// version is a new object), so entries never go stale.
+type byteCache struct {
+	mu    sync.Mutex
+	max   int
+	size  int
+	order *list.List // of *cacheEntry, most recent first
+	byKey map[string]*list.Element
+	// loading dedupes concurrent loads of one object.
+	loading map[string]*load
+}
+
+type cacheEntry struct {
+	key  string
+	data []byte
+}
+
+type load struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+func newByteCache(max int) *byteCache {
+	return &byteCache{max: max, order: list.New(), byKey: map[string]*list.Element{}, loading: map[string]*load{}}
+}
+
+func (c *byteCache) get(ctx context.Context, key string, obs jetstream.ObjectStore) ([]byte, error) {
+	c.mu.Lock()
+	if e, ok := c.byKey[key]; ok {
+		c.order.MoveToFront(e)
+		c.mu.Unlock()
+		return e.Value.(*cacheEntry).data, nil
+	}
+	if l, ok := c.loading[key]; ok {
+		c.mu.Unlock()
+		select {
+		case <-l.done:
+			return l.data, l.err
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	l := &load{done: make(chan struct{})}
+	c.loading[key] = l
+	c.mu.Unlock()
+
+	l.data, l.err = obs.GetBytes(context.WithoutCancel(ctx), key)
+	if errors.Is(l.err, jetstream.ErrObjectNotFound) {
+		l.err = fmt.Errorf("object %s: %w", key, oplog.ErrNotFound)
+	}
+	c.mu.Lock()
+	delete(c.loading, key)
+	if l.err == nil && len(l.data) <= c.max {
+		c.byKey[key] = c.order.PushFront(&cacheEntry{key: key, data: l.data})
+		c.size += len(l.data)
+		for c.size > c.max {
+			last := c.order.Back()
+			e := last.Value.(*cacheEntry)
+			c.order.Remove(last)
+			delete(c.byKey, e.key)
+			c.size -= len(e.data)
+		}
+	}
+	c.mu.Unlock()
+	close(l.done)
+	return l.data, l.err
+}
