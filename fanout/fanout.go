@@ -294,24 +294,18 @@ func (f *Fanout) Close() error {
 }
 
 // Projections lists the projections Rebuild takes: the segment index.
-func (f *Fanout) Projections() []string { return []string{f.seg.Name()} }
+func (f *Fanout) Projections() []string { return oplog.ProjectionSet{f.seg}.Projections() }
 
 // Rebuild replays a projection from sequence from (0 or 1: from scratch),
 // reporting progress about every interval. Run must be running.
 func (f *Fanout) Rebuild(ctx context.Context, name string, from uint64, interval time.Duration, progress func(oplog.Progress)) (*oplog.RebuildSummary, error) {
-	if err := f.checkProjection(name); err != nil {
-		return nil, err
-	}
-	return f.seg.Rebuild(ctx, from, interval, progress)
+	return oplog.ProjectionSet{f.seg}.Rebuild(ctx, name, from, interval, progress)
 }
 
 // Digest is a SHA-256 over everything a projection holds: a rebuild gives
 // the same digest.
 func (f *Fanout) Digest(ctx context.Context, name string) (string, error) {
-	if err := f.checkProjection(name); err != nil {
-		return "", err
-	}
-	return f.seg.Digest(ctx)
+	return oplog.ProjectionSet{f.seg}.Digest(ctx, name)
 }
 
 // CatchUp blocks until the segment projection holds what its stream held
@@ -319,14 +313,7 @@ func (f *Fanout) Digest(ctx context.Context, name string) (string, error) {
 func (f *Fanout) CatchUp(ctx context.Context) error { return f.seg.CatchUp(ctx) }
 
 // Applied returns the stream sequence each projection has applied.
-func (f *Fanout) Applied() map[string]uint64 { return map[string]uint64{f.seg.Name(): f.seg.Applied()} }
-
-func (f *Fanout) checkProjection(name string) error {
-	if name != f.seg.Name() {
-		return fmt.Errorf("projection %q: want %s: %w", clip(name), f.seg.Name(), oplog.ErrInvalid)
-	}
-	return nil
-}
+func (f *Fanout) Applied() map[string]uint64 { return oplog.ProjectionSet{f.seg}.Applied() }
 
 // Keys of the done bucket.
 func doneKey(job string, n uint32) string    { return job + "." + strconv.FormatUint(uint64(n), 10) }

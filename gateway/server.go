@@ -47,6 +47,9 @@ type Config struct {
 	// Views serves switches and releases (delivery.Delivery) to the
 	// clients that ask for them in their Hello. Optional.
 	Views Views
+	// Devices is told of every device that connects (delivery.Registry),
+	// for dry runs. Optional.
+	Devices Devices
 	// Buckets groups businesses for sync rounds: one read per non-empty
 	// bucket, in priority order. Optional: without it a round reads every
 	// business together (one read per inbox).

@@ -282,7 +282,7 @@ func (ss *session) hello() bool {
 		return false
 	}
 	ss.logAt(zerolog.InfoLevel).Str("user", claims.User).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
-	ss.sendView()
+	ss.deviceChanged()
 	go ss.syncRounds(done)
 	return true
 }
@@ -395,7 +395,7 @@ func (ss *session) bindUser(user string, round bool) error {
 		ss.stopTopicWatches()
 		return nil
 	}
-	ss.sendView()
+	ss.deviceChanged()
 	if len(late) > 0 {
 		// Followed while the index was read: watch, then read again.
 		for _, name := range late {
@@ -482,7 +482,7 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 		ss.mu.Lock()
 		ss.attrs = attrsOf(e.Attrs)
 		ss.mu.Unlock()
-		ss.sendView()
+		ss.deviceChanged()
 	}
 	switch e.Type {
 	case gatewaypb.ClientEvent_TYPE_UNSPECIFIED:

@@ -14,9 +14,35 @@ type Views interface {
 	Changed() <-chan struct{}
 }
 
+// Devices is a device registry (delivery.Registry): told of every device
+// that connects, and again when its attributes or user change, for dry
+// runs. Seen must not block.
+type Devices interface {
+	Seen(app string, d *delivery.Device)
+}
+
+// reportDevice tells the registry, if any, what the device is now.
+func (ss *session) reportDevice() {
+	reg := ss.srv.cfg.Devices
+	if reg == nil {
+		return
+	}
+	ss.mu.Lock()
+	d := &delivery.Device{ID: ss.device, User: ss.user, Attrs: ss.attrs.Value()}
+	ss.mu.Unlock()
+	reg.Seen(ss.app, d)
+}
+
 // viewState is what a session that wants views knows of them.
 type viewState struct {
 	digest string // of the view the client holds
+}
+
+// deviceChanged reports the device and sends its view: its attributes or
+// user changed, or it connected.
+func (ss *session) deviceChanged() {
+	ss.reportDevice()
+	ss.sendView()
 }
 
 // sendView computes the device's view and queues it if it differs from

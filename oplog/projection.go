@@ -201,3 +201,71 @@ func (p *projector) digest(ctx context.Context) (string, error) {
 	}
 	return fmt.Sprintf("%x", h.Sum(nil)), nil
 }
+
+// ProjectionSet is a package's projections, addressed by name (their
+// streams'), for the admin's rebuilds and digests.
+type ProjectionSet []*Projection
+
+// Projections lists the names of the projections.
+func (s ProjectionSet) Projections() []string {
+	names := make([]string, 0, len(s))
+	for _, p := range s {
+		names = append(names, p.Name())
+	}
+	return names
+}
+
+func (s ProjectionSet) find(name string) (*Projection, error) {
+	for _, p := range s {
+		if p.Name() == name {
+			return p, nil
+		}
+	}
+	if len(name) > 64 {
+		name = name[:64] + "…"
+	}
+	return nil, fmt.Errorf("projection %q: want one of %v: %w", name, s.Projections(), ErrInvalid)
+}
+
+// Rebuild replays the named projection from sequence from (0 or 1: drop
+// it and replay everything), reporting progress about every interval,
+// until it has applied everything the stream held at the call. The
+// projection's Run must be running.
+func (s ProjectionSet) Rebuild(ctx context.Context, name string, from uint64, interval time.Duration, progress func(Progress)) (*RebuildSummary, error) {
+	p, err := s.find(name)
+	if err != nil {
+		return nil, err
+	}
+	return p.Rebuild(ctx, from, interval, progress)
+}
+
+// Digest returns a SHA-256 over every key and value the named projection
+// owns, in key order: two rebuilds of the same stream give the same
+// digest.
+func (s ProjectionSet) Digest(ctx context.Context, name string) (string, error) {
+	p, err := s.find(name)
+	if err != nil {
+		return "", err
+	}
+	return p.Digest(ctx)
+}
+
+// Applied returns the stream sequence each projection has applied.
+func (s ProjectionSet) Applied() map[string]uint64 {
+	out := make(map[string]uint64, len(s))
+	for _, p := range s {
+		out[p.Name()] = p.Applied()
+	}
+	return out
+}
+
+// CatchUp blocks until every projection holds what its stream held at the
+// call.
+func (s ProjectionSet) CatchUp(ctx context.Context) error {
+	for _, p := range s {
+		if err := p.CatchUp(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}

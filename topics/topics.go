@@ -279,70 +279,34 @@ func (s *Topics) Close() error {
 	return s.closeErr
 }
 
-func (s *Topics) projections() []*oplog.Projection {
-	return []*oplog.Projection{s.msgs, s.follows, s.acks}
+func (s *Topics) projections() oplog.ProjectionSet {
+	return oplog.ProjectionSet{s.msgs, s.follows, s.acks}
 }
 
 // Projections lists the names of the projections Rebuild takes: the
 // names of their streams.
-func (s *Topics) Projections() []string {
-	var names []string
-	for _, p := range s.projections() {
-		names = append(names, p.Name())
-	}
-	return names
-}
-
-func (s *Topics) projection(name string) (*oplog.Projection, error) {
-	for _, p := range s.projections() {
-		if p.Name() == name {
-			return p, nil
-		}
-	}
-	return nil, fmt.Errorf("projection %q: want one of %v: %w", clip(name), s.Projections(), oplog.ErrInvalid)
-}
+func (s *Topics) Projections() []string { return s.projections().Projections() }
 
 // Rebuild replays a projection from sequence from (0 or 1: drop it and
 // replay everything), reporting progress about every interval, until it
 // has applied everything the stream held at the call. Live traffic goes on
 // meanwhile; watchers get nothing twice. Run must be running.
 func (s *Topics) Rebuild(ctx context.Context, name string, from uint64, interval time.Duration, progress func(oplog.Progress)) (*oplog.RebuildSummary, error) {
-	p, err := s.projection(name)
-	if err != nil {
-		return nil, err
-	}
-	return p.Rebuild(ctx, from, interval, progress)
+	return s.projections().Rebuild(ctx, name, from, interval, progress)
 }
 
 // Digest returns a SHA-256 over every key and value a projection owns, in
 // key order: two rebuilds of the same stream give the same digest.
 func (s *Topics) Digest(ctx context.Context, name string) (string, error) {
-	p, err := s.projection(name)
-	if err != nil {
-		return "", err
-	}
-	return p.Digest(ctx)
+	return s.projections().Digest(ctx, name)
 }
 
 // Applied returns the stream sequence each projection has applied.
-func (s *Topics) Applied() map[string]uint64 {
-	out := map[string]uint64{}
-	for _, p := range s.projections() {
-		out[p.Name()] = p.Applied()
-	}
-	return out
-}
+func (s *Topics) Applied() map[string]uint64 { return s.projections().Applied() }
 
 // CatchUp blocks until every projection holds what its stream held at the
 // call.
-func (s *Topics) CatchUp(ctx context.Context) error {
-	for _, p := range s.projections() {
-		if err := p.CatchUp(ctx); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+func (s *Topics) CatchUp(ctx context.Context) error { return s.projections().CatchUp(ctx) }
 
 // errConflict: a publish expecting the last sequence of its subject found
 // another (a concurrent change); the caller reads again and retries.

@@ -217,7 +217,7 @@ type projections interface {
 }
 
 func (m *Main) projectionSets() []projections {
-	return []projections{m.inbox, m.topics, m.fanout}
+	return []projections{m.inbox, m.topics, m.fanout, oplog.ProjectionSet{m.devices.Projection()}}
 }
 
 // projectionSet finds the owner of a projection.

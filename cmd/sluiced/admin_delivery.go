@@ -38,8 +38,52 @@ import (
 //	DELETE /v1/producer-keys/{id}               revoke
 //	GET    /v1/delivery/key                     the manifest signing public key (hex), to pin in apps
 //	POST   /v1/delivery/view?device=D[&user=U]  body: Attrs-like JSON; the view that device gets
+//	POST   /v1/dry-run[?salt=S]                 body: Rule; how many known devices it reaches now
+//	POST   /v1/packages/{pkg}/{version}/dry-run body: Rule or nothing; how many known devices the
+//	                                            release would be offered to (audience and gray rule)
+//	GET    /v1/devices/{id}                     what the registry knows of a device
 func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 	d := m.delivery
+	mux.HandleFunc("POST /v1/dry-run", func(w http.ResponseWriter, r *http.Request) {
+		rule := new(deliverypb.Rule)
+		if err := readProtoJSON(w, r, rule); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		res, err := d.DryRunRule(r.Context(), m.devices, rule, r.URL.Query().Get("salt"))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(res))
+	})
+	mux.HandleFunc("POST /v1/packages/{pkg}/{version}/dry-run", func(w http.ResponseWriter, r *http.Request) {
+		var rule *deliverypb.Rule
+		if r.ContentLength != 0 {
+			rule = new(deliverypb.Rule)
+			if err := readProtoJSON(w, r, rule); err != nil && !errors.Is(err, io.EOF) {
+				m.writeError(w, r, err)
+				return
+			}
+		}
+		res, err := d.DryRunRelease(r.Context(), m.devices, r.PathValue("pkg"), r.PathValue("version"), rule)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(res))
+	})
+	mux.HandleFunc("GET /v1/devices/{id}", func(w http.ResponseWriter, r *http.Request) {
+		dev, ok, err := m.devices.Get(r.PathValue("id"))
+		if err == nil && !ok {
+			err = fmt.Errorf("device %q: %w", r.PathValue("id"), oplog.ErrNotFound)
+		}
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(dev))
+	})
 	mux.HandleFunc("GET /v1/switches", func(w http.ResponseWriter, r *http.Request) {
 		out := []json.RawMessage{}
 		for _, sw := range d.Switches() {

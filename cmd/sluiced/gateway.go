@@ -45,6 +45,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	tokens := gateway.NewVerifier(keys...)
 	srv, err := gateway.NewServer(gateway.Config{
 		Views:     m.delivery,
+		Devices:   m.devices,
 		Inbox:     m.inbox,
 		Topics:    m.topics,
 		Buckets:   m.buckets,
@@ -218,6 +219,10 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	}
 	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key),
 		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
+	if err != nil {
+		return err
+	}
+	m.devices, err = delivery.OpenRegistry(ctx, delivery.RegistryConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "devices"), Logger: &m.log})
 	return err
 }
 

@@ -74,6 +74,7 @@ type Main struct {
 	sched    *buckets.Scheduler
 	fanout   *fanout.Fanout
 	delivery *delivery.Delivery
+	devices  *delivery.Registry
 	gateway  *gateway.Server
 	admin    *http.Server
 
@@ -221,6 +222,7 @@ func (m *Main) Run(ctx context.Context) error {
 	g.Go(func() error { return m.fanout.Run(gctx) })
 	g.Go(func() error { return fanoutSvc.Run(gctx) })
 	g.Go(func() error { return m.delivery.Run(gctx) })
+	g.Go(func() error { return m.devices.Run(gctx) })
 	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -316,6 +318,11 @@ func (m *Main) Close() {
 		}
 		if m.buckets != nil {
 			_ = m.buckets.Close()
+		}
+		if m.devices != nil {
+			if err := m.devices.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close device registry")
+			}
 		}
 		if m.topics != nil {
 			if err := m.topics.Close(); err != nil {
