@@ -147,7 +147,9 @@ func TestViews(t *testing.T) {
 	e, d := envWithViews(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	bv := func(b bool) *deliverypb.Value { return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}} }
+	bv := func(b bool) *deliverypb.Value {
+		return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}}
+	}
 	p0 := 0.0
 	sw, err := d.SetSwitch(ctx, &deliverypb.Switch{Key: "dark", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: bv(false),
 		Variants: []*deliverypb.Variant{
