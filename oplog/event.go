@@ -188,6 +188,9 @@ func CheckContent(ev *oplogpb.Event, lim Limits, now time.Time) error {
 	if ev.MessageId != "" && !ValidMessageID(ev.MessageId) {
 		return fmt.Errorf("message id %q: want 1-%d printable ASCII without spaces: %w", clip(ev.MessageId), MaxMessageIDLen, ErrInvalidID)
 	}
+	if ev.CollapseKey != "" && !ValidID(ev.CollapseKey) {
+		return fmt.Errorf("collapse key %q: want 1-64 of the id alphabet: %w", clip(ev.CollapseKey), ErrInvalidID)
+	}
 	if ev.CreatedAt == nil {
 		ev.CreatedAt = timestamppb.New(now)
 	} else if err := ev.CreatedAt.CheckValid(); err != nil {
@@ -226,5 +229,6 @@ func entryFor(ev *oplogpb.Event, target string) *oplogpb.Entry {
 		Transient:   ev.Transient,
 		DeviceMode:  ev.DeviceMode,
 		Conditions:  ev.Conditions,
+		CollapseKey: ev.CollapseKey,
 	}
 }

@@ -218,7 +218,7 @@ func (in *Inbox) Close() error {
 // decoded here.
 func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *Record) error {
 	seq := r.Seq
-	_, dim, target, _, err := ParseOplogSubject(r.Subject)
+	_, dim, target, business, err := ParseOplogSubject(r.Subject)
 	if err != nil || !ValidID(target) {
 		// Only Sluice writes these streams; a bad Record is skipped (and
 		// logged) rather than stopping the projection for good.
@@ -239,8 +239,62 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *Record) error {
 			return nil // expired already: never delivered, not kept
 		}
 	}
-	key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)
-	be := badger.NewEntry(key, r.Data)
+	collapse := r.Collapse != "" && ValidID(r.Collapse)
+	expired := false
+	if collapse {
+		// Collapsing entries carry no Nats-TTL (see Log.message): their
+		// validity is read from the entry.
+		e := new(oplogpb.Entry)
+		if err := proto.Unmarshal(r.Data, e); err == nil && e.ExpiresAt != nil {
+			ttl = time.Until(e.ExpiresAt.AsTime())
+			expired = ttl <= 0
+		}
+	}
+	if !expired {
+		key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)
+		be := badger.NewEntry(key, r.Data)
+		if ttl > 0 {
+			be = be.WithTTL(ttl)
+		}
+		if err := txn.SetEntry(be); err != nil {
+			return err
+		}
+	}
+	if collapse {
+		return setCollapse(txn, collapseKey(shard, dim, target, business, r.Collapse), seq, ttl, expired)
+	}
+	return nil
+}
+
+// collapseKey indexes the newest entry of a target and business with a
+// collapse key: i/<shard>/k/<dim>/<target>/<business>/<key> → its id. It
+// lives under the shard's prefix, so rebuilds and digests cover it.
+func collapseKey(shard uint32, dim oplogpb.Dimension, target, business, key string) []byte {
+	return []byte("i/" + strconv.FormatUint(uint64(shard), 10) + "/k/" + dimToken(dim) + "/" + target + "/" + business + "/" + key)
+}
+
+// setCollapse records seq as the newest entry of a collapse key. The index
+// lives as long as the longest-lived entry it supersedes could: an older
+// entry that outlives the newer one stays replaced. An entry applied
+// already expired (a rebuild) still replaces the older ones, if any.
+func setCollapse(txn *badger.Txn, key []byte, seq uint64, ttl time.Duration, expired bool) error {
+	if ttl > 0 || expired {
+		it, err := txn.Get(key)
+		switch {
+		case errors.Is(err, badger.ErrKeyNotFound) && expired:
+			return nil // nothing older to replace
+		case err == nil && it.ExpiresAt() == 0:
+			ttl = 0
+		case err == nil:
+			ttl = max(ttl, time.Until(time.Unix(int64(it.ExpiresAt()), 0)))
+			if ttl <= 0 {
+				return nil
+			}
+		case !errors.Is(err, badger.ErrKeyNotFound):
+			return err
+		}
+	}
+	be := badger.NewEntry(key, binary.BigEndian.AppendUint64(nil, seq))
 	if ttl > 0 {
 		be = be.WithTTL(ttl)
 	}
@@ -550,6 +604,15 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 				if !Match(e.Conditions, req.Attrs) {
 					continue
 				}
+				if e.CollapseKey != "" {
+					newest, err := collapsed(txn, collapseKey(sc.shard, sc.dim, sc.target, e.Business, e.CollapseKey))
+					if err != nil {
+						return err
+					}
+					if newest > id {
+						continue // replaced by a newer entry with the same key
+					}
+				}
 				if e.DeviceMode == oplogpb.DeviceMode_DEVICE_MODE_SINGLE && req.User != "" {
 					w, err := mark(e.Business)
 					if err != nil {
@@ -703,3 +766,23 @@ func (b badgerLogger) Errorf(f string, a ...any)   { b.l.Error().Msgf(f, a...) }
 func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn().Msgf(f, a...) }
 func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug().Msgf(f, a...) }
 func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Trace().Msgf(f, a...) }
+
+// collapsed returns the id of the newest entry indexed under a collapse
+// key, 0 if none.
+func collapsed(txn *badger.Txn, key []byte) (uint64, error) {
+	it, err := txn.Get(key)
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	var id uint64
+	err = it.Value(func(v []byte) error {
+		if len(v) == 8 {
+			id = binary.BigEndian.Uint64(v)
+		}
+		return nil
+	})
+	return id, err
+}

@@ -379,7 +379,14 @@ func (l *Log) message(ev *oplogpb.Event, data []byte, target string, shard uint3
 	if ev.MessageId != "" {
 		m.Header = nats.Header{jetstream.MsgIDHeader: []string{ev.MessageId + "/" + target}}
 	}
-	if ev.ExpiresAt != nil {
+	if ev.CollapseKey != "" {
+		m.Header.Set(HeaderCollapse, ev.CollapseKey)
+	}
+	if ev.ExpiresAt != nil && ev.CollapseKey == "" {
+		// A collapsing entry gets no Nats-TTL: it must stay in the stream
+		// as long as the older entries it replaces, so that a rebuild
+		// still sees it. Reads skip it once expired all the same.
+		//
 		// Nats-TTL counts whole seconds; round up so storage never drops an
 		// entry before its validity ends. Reads also skip expired entries.
 		ttl := ev.ExpiresAt.AsTime().Sub(now)

@@ -367,3 +367,67 @@ func TestBacklogOfSomeBusinesses(t *testing.T) {
 		t.Fatalf("empty bucket: %d entries in %d reads", len(none.Entries), none.Reads)
 	}
 }
+
+// TestCollapseKey: a newer entry with the same collapse key replaces an
+// older one not yet delivered, per target and business; an older entry
+// that outlives the newer one stays replaced; the index survives a rebuild.
+func TestCollapseKey(t *testing.T) {
+	e := newEnv(t)
+	app := func(key string, mod ...func(*oplogpb.Event)) uint64 {
+		ev := syncEvent("chat", "alice")
+		ev.CollapseKey = key
+		for _, m := range mod {
+			m(ev)
+		}
+		return mustAppend(t, e.l, ev)[0].Id
+	}
+	score1 := app("score")
+	other := app("weather")
+	plain := app("")
+	score2 := app("score")
+	bobs := mustAppend(t, e.l, func() *oplogpb.Event { ev := syncEvent("chat", "bob"); ev.CollapseKey = "score"; return ev }())[0].Id
+	req := oplog.BacklogRequest{User: "alice", Device: "d"}
+	if got := ids(mustBacklog(t, e.in, req)); !equalIDs(got, []uint64{other, plain, score2}) {
+		t.Fatalf("backlog %v, want %d %d %d (score %d replaced by %d)", got, other, plain, score2, score1, score2)
+	}
+	if got := ids(mustBacklog(t, e.in, oplog.BacklogRequest{User: "bob", Device: "d2"})); !equalIDs(got, []uint64{bobs}) {
+		t.Fatalf("bob's backlog %v: another target's key replaced his entry", got)
+	}
+	// A short-lived newer entry: once it expires the older stays replaced.
+	long := app("promo")
+	short := app("promo", func(ev *oplogpb.Event) { ev.ExpiresAt = timestamppb.New(time.Now().Add(1200 * time.Millisecond)) })
+	if got := ids(mustBacklog(t, e.in, req)); !equalIDs(got, []uint64{other, plain, score2, short}) {
+		t.Fatalf("backlog %v, want promo %d only (not %d)", got, short, long)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if got := ids(mustBacklog(t, e.in, req)); !equalIDs(got, []uint64{other, plain, score2}) {
+		t.Fatalf("after the newer promo expired: %v, want the old one still replaced", got)
+	}
+	// The stream keeps a collapsing entry past its validity (no Nats-TTL),
+	// so that a rebuild still sees what it replaced.
+	stream, err := e.l.JetStream().Stream(ctx(t), oplog.StreamOplog(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.GetMsg(ctx(t), short); err != nil {
+		t.Fatalf("expired collapsing entry %d gone from the stream: %v", short, err)
+	}
+	// Rebuilt from zero, the index gives the same answers.
+	name := oplog.StreamOplog(0)
+	sum, err := e.in.Rebuild(ctx(t), name, 0, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Messages != 7 {
+		t.Fatalf("rebuild applied %d messages, want 7", sum.Messages)
+	}
+	if got := ids(mustBacklog(t, e.in, req)); !equalIDs(got, []uint64{other, plain, score2}) {
+		t.Fatalf("after a rebuild: %v", got)
+	}
+	// A bad key is refused.
+	ev := syncEvent("chat", "alice")
+	ev.CollapseKey = "no spaces"
+	if _, err := e.l.Append(ctx(t), ev); !errors.Is(err, oplog.ErrInvalidID) {
+		t.Fatalf("bad collapse key: %v", err)
+	}
+}

@@ -21,6 +21,8 @@ type Record struct {
 	Data    []byte    // the message body, shared: do not modify it
 	TTL     string    // the Nats-TTL header, if any
 	Stored  time.Time // when the stream stored it (fed records: when its ack came)
+	// Collapse is the Sluice-Collapse header, if any: the entry's collapse key.
+	Collapse string
 }
 
 // recordOf reads a Record and the consumer's pending count off a message.
@@ -33,8 +35,9 @@ func recordOf(m jetstream.Msg) (Record, uint64, error) {
 		Seq:     md.Sequence.Stream,
 		Subject: m.Subject(),
 		Data:    m.Data(),
-		TTL:     m.Headers().Get(jetstream.MsgTTLHeader),
-		Stored:  md.Timestamp,
+		TTL:      m.Headers().Get(jetstream.MsgTTLHeader),
+		Stored:   md.Timestamp,
+		Collapse: m.Headers().Get(HeaderCollapse),
 	}, md.NumPending, nil
 }
 

@@ -45,6 +45,9 @@ const (
 	HeaderEpoch = "Sluice-Epoch"
 	// HeaderTransient marks a live message that was never stored.
 	HeaderTransient = "Sluice-Transient"
+	// HeaderCollapse carries an entry's collapse key, so that the inbox
+	// projection can index it without decoding the entry.
+	HeaderCollapse = "Sluice-Collapse"
 
 	// ContentTypeJSON is the value of HeaderContentType for protojson.
 	ContentTypeJSON = "application/json"

@@ -168,7 +168,8 @@ func (w *writer) offer(msgs []*nats.Msg, res []*pubResult) {
 	recs := make([]Record, 0, len(msgs))
 	for i, m := range msgs {
 		if r := res[i]; r.err == nil && !r.dup && r.seq > 0 {
-			recs = append(recs, Record{Seq: r.seq, Subject: m.Subject, Data: m.Data, TTL: m.Header.Get(jetstream.MsgTTLHeader), Stored: now})
+			recs = append(recs, Record{Seq: r.seq, Subject: m.Subject, Data: m.Data, TTL: m.Header.Get(jetstream.MsgTTLHeader),
+				Stored: now, Collapse: m.Header.Get(HeaderCollapse)})
 			p.stored(r.seq) // even if the feed drops the record
 		}
 	}

@@ -403,20 +403,24 @@ func (x *Conditions) GetChannels() []string {
 // Event is what a producer sends: one change for one or more targets.
 // Each target gets its own oplog entry.
 type Event struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          Kind                   `protobuf:"varint,1,opt,name=kind,proto3,enum=sluice.oplog.v1.Kind" json:"kind,omitempty"`
-	Business      string                 `protobuf:"bytes,2,opt,name=business,proto3" json:"business,omitempty"` // registered business code
-	Dimension     Dimension              `protobuf:"varint,3,opt,name=dimension,proto3,enum=sluice.oplog.v1.Dimension" json:"dimension,omitempty"`
-	Targets       []string               `protobuf:"bytes,4,rep,name=targets,proto3" json:"targets,omitempty"` // user or device ids, see the id alphabet
-	Payload       []byte                 `protobuf:"bytes,5,opt,name=payload,proto3" json:"payload,omitempty"`
-	ContentType   string                 `protobuf:"bytes,6,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"` // of the payload, e.g. "application/json"
-	MessageId     string                 `protobuf:"bytes,7,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`       // producer's idempotency key
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`       // set by the server when absent
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`       // end of the validity period
-	Transient     bool                   `protobuf:"varint,10,opt,name=transient,proto3" json:"transient,omitempty"`                      // push only to online clients, never store
-	DeviceMode    DeviceMode             `protobuf:"varint,11,opt,name=device_mode,json=deviceMode,proto3,enum=sluice.oplog.v1.DeviceMode" json:"device_mode,omitempty"`
-	Conditions    *Conditions            `protobuf:"bytes,12,opt,name=conditions,proto3" json:"conditions,omitempty"`
-	Topic         string                 `protobuf:"bytes,13,opt,name=topic,proto3" json:"topic,omitempty"` // for topic messages and follow/unfollow
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Kind        Kind                   `protobuf:"varint,1,opt,name=kind,proto3,enum=sluice.oplog.v1.Kind" json:"kind,omitempty"`
+	Business    string                 `protobuf:"bytes,2,opt,name=business,proto3" json:"business,omitempty"` // registered business code
+	Dimension   Dimension              `protobuf:"varint,3,opt,name=dimension,proto3,enum=sluice.oplog.v1.Dimension" json:"dimension,omitempty"`
+	Targets     []string               `protobuf:"bytes,4,rep,name=targets,proto3" json:"targets,omitempty"` // user or device ids, see the id alphabet
+	Payload     []byte                 `protobuf:"bytes,5,opt,name=payload,proto3" json:"payload,omitempty"`
+	ContentType string                 `protobuf:"bytes,6,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"` // of the payload, e.g. "application/json"
+	MessageId   string                 `protobuf:"bytes,7,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`       // producer's idempotency key
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`       // set by the server when absent
+	ExpiresAt   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`       // end of the validity period
+	Transient   bool                   `protobuf:"varint,10,opt,name=transient,proto3" json:"transient,omitempty"`                      // push only to online clients, never store
+	DeviceMode  DeviceMode             `protobuf:"varint,11,opt,name=device_mode,json=deviceMode,proto3,enum=sluice.oplog.v1.DeviceMode" json:"device_mode,omitempty"`
+	Conditions  *Conditions            `protobuf:"bytes,12,opt,name=conditions,proto3" json:"conditions,omitempty"`
+	Topic       string                 `protobuf:"bytes,13,opt,name=topic,proto3" json:"topic,omitempty"` // for topic messages and follow/unfollow
+	// A newer entry of the same target and business with the same key
+	// replaces an older one not yet delivered: a sync round skips the older.
+	// Id alphabet, at most 64 bytes.
+	CollapseKey   string `protobuf:"bytes,14,opt,name=collapse_key,json=collapseKey,proto3" json:"collapse_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -542,6 +546,13 @@ func (x *Event) GetTopic() string {
 	return ""
 }
 
+func (x *Event) GetCollapseKey() string {
+	if x != nil {
+		return x.CollapseKey
+	}
+	return ""
+}
+
 // Entry is one oplog entry as stored in an oplog stream: the event for one
 // target. Its id is the stream sequence and is not stored in the message.
 type Entry struct {
@@ -559,6 +570,7 @@ type Entry struct {
 	DeviceMode  DeviceMode             `protobuf:"varint,11,opt,name=device_mode,json=deviceMode,proto3,enum=sluice.oplog.v1.DeviceMode" json:"device_mode,omitempty"`
 	Conditions  *Conditions            `protobuf:"bytes,12,opt,name=conditions,proto3" json:"conditions,omitempty"`
 	Topic       string                 `protobuf:"bytes,13,opt,name=topic,proto3" json:"topic,omitempty"`
+	CollapseKey string                 `protobuf:"bytes,17,opt,name=collapse_key,json=collapseKey,proto3" json:"collapse_key,omitempty"`
 	// Filled when an entry is read back, never stored in the stream.
 	Id            uint64 `protobuf:"varint,14,opt,name=id,proto3" json:"id,omitempty"`       // stream sequence: unique, increasing, never reused
 	Epoch         uint64 `protobuf:"varint,15,opt,name=epoch,proto3" json:"epoch,omitempty"` // epoch of the stream the id belongs to
@@ -684,6 +696,13 @@ func (x *Entry) GetConditions() *Conditions {
 func (x *Entry) GetTopic() string {
 	if x != nil {
 		return x.Topic
+	}
+	return ""
+}
+
+func (x *Entry) GetCollapseKey() string {
+	if x != nil {
+		return x.CollapseKey
 	}
 	return ""
 }
@@ -1160,7 +1179,7 @@ const file_oplog_proto_rawDesc = "" +
 	"\x06models\x18\x06 \x03(\tR\x06models\x12\x18\n" +
 	"\aregions\x18\a \x03(\tR\aregions\x12\x1a\n" +
 	"\bnetworks\x18\b \x03(\tR\bnetworks\x12\x1a\n" +
-	"\bchannels\x18\t \x03(\tR\bchannels\"\xa3\x04\n" +
+	"\bchannels\x18\t \x03(\tR\bchannels\"\xc6\x04\n" +
 	"\x05Event\x12)\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.sluice.oplog.v1.KindR\x04kind\x12\x1a\n" +
 	"\bbusiness\x18\x02 \x01(\tR\bbusiness\x128\n" +
@@ -1181,7 +1200,8 @@ const file_oplog_proto_rawDesc = "" +
 	"\n" +
 	"conditions\x18\f \x01(\v2\x1b.sluice.oplog.v1.ConditionsR\n" +
 	"conditions\x12\x14\n" +
-	"\x05topic\x18\r \x01(\tR\x05topic\"\xdd\x04\n" +
+	"\x05topic\x18\r \x01(\tR\x05topic\x12!\n" +
+	"\fcollapse_key\x18\x0e \x01(\tR\vcollapseKey\"\x80\x05\n" +
 	"\x05Entry\x12)\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.sluice.oplog.v1.KindR\x04kind\x12\x1a\n" +
 	"\bbusiness\x18\x02 \x01(\tR\bbusiness\x128\n" +
@@ -1202,7 +1222,8 @@ const file_oplog_proto_rawDesc = "" +
 	"\n" +
 	"conditions\x18\f \x01(\v2\x1b.sluice.oplog.v1.ConditionsR\n" +
 	"conditions\x12\x14\n" +
-	"\x05topic\x18\r \x01(\tR\x05topic\x12\x0e\n" +
+	"\x05topic\x18\r \x01(\tR\x05topic\x12!\n" +
+	"\fcollapse_key\x18\x11 \x01(\tR\vcollapseKey\x12\x0e\n" +
 	"\x02id\x18\x0e \x01(\x04R\x02id\x12\x14\n" +
 	"\x05epoch\x18\x0f \x01(\x04R\x05epoch\x12\x14\n" +
 	"\x05shard\x18\x10 \x01(\rR\x05shard\"<\n" +
