@@ -32,9 +32,9 @@ func recordOf(m jetstream.Msg) (Record, uint64, error) {
 		return Record{}, 0, fmt.Errorf("metadata: %w", err)
 	}
 	return Record{
-		Seq:     md.Sequence.Stream,
-		Subject: m.Subject(),
-		Data:    m.Data(),
+		Seq:      md.Sequence.Stream,
+		Subject:  m.Subject(),
+		Data:     m.Data(),
 		TTL:      m.Headers().Get(jetstream.MsgTTLHeader),
 		Stored:   md.Timestamp,
 		Collapse: m.Headers().Get(HeaderCollapse),
