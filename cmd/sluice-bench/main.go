@@ -6,8 +6,9 @@
 //	sluice-bench fanout [flags]    one event to a million users (fanout) vs raw JetStream publish
 //	sluice-bench topic [flags]     a topic message to its online followers vs write diffusion
 //	sluice-bench storm [flags]     a connect storm: bucketed vs per-business sync rounds
+//	sluice-bench diff [flags]      diff package sizes vs full and zstd-compressed packages
 //
-// Every benchmark starts its own embedded NATS servers on temporary
+// Every benchmark but diff starts its own embedded NATS servers on temporary
 // directories (loopback or in-process only), is bounded in time and count,
 // and removes what it created when it ends. Results go to stdout, progress
 // to stderr.
@@ -104,6 +105,16 @@
 // in a fresh child over one shared data directory, the modes alternating.
 // Goal: bucketed at least 80% fewer reads per connect and a lower total
 // time. Every device must get exactly its entries.
+//
+// # diff
+//
+// For each pair of packages <name>-v1.<ext>, <name>-v2.<ext> in -dir
+// (default: the repository's testdata/packages, an H5 bundle and a
+// binary), the patch delivery/diff.Make makes from v1 to v2, applied and
+// checked, next to the full v2 and the full v2 compressed by zstd -19 (the
+// baseline: what a client downloads without diffs when the transport
+// compresses), with Make and Apply times, and zstd -19 --patch-from as a
+// reference when the zstd command is installed.
 package main
 
 import (
@@ -147,7 +158,7 @@ func progressLogger(stderr io.Writer) zerolog.Logger {
 }
 
 // errUsage marks a command line that names no known benchmark.
-var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm")
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm, diff")
 
 // run runs the benchmark named by args[0] with the rest of args as its flags.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -165,6 +176,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runTopic(ctx, args[1:], stdout, stderr)
 	case "storm":
 		return runStorm(ctx, args[1:], stdout, stderr)
+	case "diff":
+		return runDiff(ctx, args[1:], stdout, stderr)
 	case childCommand: // the gateway benchmark's server, run as a child
 		return runGatewayServer(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":

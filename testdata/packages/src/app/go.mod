@@ -1,0 +1,3 @@
+module example.com/sluice-demo-app
+
+go 1.26
