@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nuid"
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/diff"
+	"github.com/sluicehq/sluice/fanout"
 	"github.com/sluicehq/sluice/oplog"
 	"google.golang.org/protobuf/proto"
 )
@@ -38,6 +40,16 @@ type Config struct {
 	// URLPrefix is where packages are downloaded from: a manifest's url is
 	// URLPrefix + "<package>/<version>". Default "/v1/packages/".
 	URLPrefix string
+	// DiffVersions is how many earlier versions of a package an upload
+	// computes diffs from. Default 3; negative: none.
+	DiffVersions int
+	// Fanout sends pushes to big lists, segments and everyone. Optional:
+	// without it only users and devices audiences up to the oplog's
+	// targets per event can be pushed.
+	Fanout *fanout.Fanout
+	// PushValidity is a push's validity when it gives none. Default
+	// DefaultPushValidity (72 hours).
+	PushValidity time.Duration
 }
 
 // Delivery is the release and switch state of this node, a projection of
@@ -74,6 +86,12 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 	if cfg.URLPrefix == "" {
 		cfg.URLPrefix = "/v1/packages/"
 	}
+	if cfg.DiffVersions == 0 {
+		cfg.DiffVersions = 3
+	}
+	if cfg.PushValidity <= 0 {
+		cfg.PushValidity = DefaultPushValidity
+	}
 	d := &Delivery{cfg: cfg, lg: zerolog.Nop(), changed: make(chan struct{})}
 	if cfg.Logger != nil {
 		d.lg = cfg.Logger.With().Str("component", "delivery").Logger()
@@ -88,6 +106,9 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 		return nil, fmt.Errorf("delivery: object store %s: %w", BucketPackages, err)
 	}
 	d.obs = obs
+	if err := ensurePushBusinesses(ctx, cfg.Log); err != nil {
+		return nil, err
+	}
 	d.ctl, err = oplog.OpenControl(ctx, oplog.ControlConfig{Log: cfg.Log, Name: "delivery", Filters: filters, Logger: cfg.Logger}, newModel())
 	if err != nil {
 		return nil, err
@@ -421,13 +442,69 @@ func (d *Delivery) Upload(ctx context.Context, up Upload, actor string) (*delive
 		d.deleteObjects(ctx, ver.Object)
 		return nil, fmt.Errorf("package %s %s: the object store's digest %s is not %s", up.Package, up.Version, info.Digest, want)
 	}
-	r, err := d.change(ctx, cur, ev)
+	objects := []string{ver.Object}
+	if tree, err := diff.TreeDigest(up.Data, d.diffOptions()); err == nil {
+		ver.TreeSha256 = tree[:]
+	}
+	diffs, err := d.makeDiffs(ctx, cur, ver, up.Data)
+	for _, df := range diffs {
+		objects = append(objects, df.Object)
+	}
 	if err != nil {
-		d.deleteObjects(ctx, ver.Object)
+		d.deleteObjects(ctx, objects...)
 		return nil, err
 	}
-	d.lg.Info().Str("package", up.Package).Str("version", up.Version).Int64("size", ver.Size).Str("actor", actor).Msg("package uploaded")
+	ver.Diffs = diffs
+	r, err := d.change(ctx, cur, ev)
+	if err != nil {
+		d.deleteObjects(ctx, objects...)
+		return nil, err
+	}
+	d.lg.Info().Str("package", up.Package).Str("version", up.Version).Int64("size", ver.Size).Int("diffs", len(diffs)).Str("actor", actor).Msg("package uploaded")
 	return r, nil
+}
+
+func (d *Delivery) diffOptions() *diff.Options {
+	return &diff.Options{MaxSize: min(d.cfg.MaxPackageSize, diff.MaxSizeLimit)}
+}
+
+// makeDiffs computes and stores the diffs to ver from the previous
+// DiffVersions versions of the package, keeping those smaller than the
+// package. A version whose bytes cannot be diffed (too large, unreadable)
+// just gets no diff; a failure to store one fails the upload.
+func (d *Delivery) makeDiffs(ctx context.Context, cur *pkgState, ver *deliverypb.Version, data []byte) ([]*deliverypb.Diff, error) {
+	if cur == nil || d.cfg.DiffVersions < 0 {
+		return nil, nil
+	}
+	var out []*deliverypb.Diff
+	for i := len(cur.releases) - 1; i >= 0 && len(cur.releases)-i <= d.cfg.DiffVersions; i-- {
+		old := cur.releases[i].pb.Version
+		oldData, err := d.obs.GetBytes(ctx, old.Object)
+		if err != nil {
+			d.lg.Warn().Err(err).Str("object", old.Object).Msg("no diff: the earlier version is not readable")
+			continue
+		}
+		patch, err := diff.Make(oldData, data, d.diffOptions())
+		if errors.Is(err, diff.ErrNotSmaller) {
+			continue
+		}
+		if err != nil {
+			d.lg.Warn().Err(err).Str("from", old.Version).Str("to", ver.Version).Msg("no diff")
+			continue
+		}
+		h, err := diff.ReadHeader(patch)
+		if err != nil {
+			return out, fmt.Errorf("package %s: reading the diff it made: %w", ver.Version, err)
+		}
+		name := ver.Object + ".from-" + old.Version
+		if _, err := d.obs.PutBytes(ctx, name, patch); err != nil {
+			return out, fmt.Errorf("package %s: storing the diff from %s: %v: %w", ver.Version, old.Version, err, oplog.ErrUnavailable)
+		}
+		sum := sha256.Sum256(patch)
+		out = append(out, &deliverypb.Diff{FromVersion: old.Version, FromSha256: old.Sha256, Object: name,
+			Sha256: sum[:], Size: int64(len(patch)), Format: h.Format.String()})
+	}
+	return out, nil
 }
 
 func (d *Delivery) deleteObjects(ctx context.Context, names ...string) {

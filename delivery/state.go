@@ -18,7 +18,8 @@ var (
 	subjectSwitch      = oplog.SubjectControl("switch") + "."
 	subjectPackage     = oplog.SubjectControl("package") + "."
 	subjectProducerKey = oplog.SubjectControl("producerkey") + "."
-	filters            = []string{subjectSwitch + ">", subjectPackage + ">", subjectProducerKey + ">"}
+	subjectRecall      = oplog.SubjectControl("recall") + "."
+	filters            = []string{subjectSwitch + ">", subjectPackage + ">", subjectProducerKey + ">", subjectRecall + ">"}
 )
 
 // Limits of switches and packages.
@@ -201,10 +202,12 @@ type model struct {
 	switches map[string]*compiledSwitch
 	packages map[string]*pkgState
 	keys     map[string]*deliverypb.ProducerKey
+	recalled map[string]bool // push ids
 }
 
 func newModel() *model {
-	return &model{switches: map[string]*compiledSwitch{}, packages: map[string]*pkgState{}, keys: map[string]*deliverypb.ProducerKey{}}
+	return &model{switches: map[string]*compiledSwitch{}, packages: map[string]*pkgState{},
+		keys: map[string]*deliverypb.ProducerKey{}, recalled: map[string]bool{}}
 }
 
 // Apply applies the delivery event stored at seq. An event that is not
@@ -256,6 +259,13 @@ func (m *model) Apply(seq uint64, subject string, data []byte) (bool, error) {
 		}
 		m.keys[k.Id] = k
 		return true, nil
+	case strings.HasPrefix(subject, subjectRecall):
+		rc := &deliverypb.Recall{}
+		if err := proto.Unmarshal(data, rc); err != nil || rc.Push != subject[len(subjectRecall):] || !oplog.ValidID(rc.Push) {
+			return false, fmt.Errorf("recall event on %s: malformed", subject)
+		}
+		m.recalled[rc.Push] = true
+		return true, nil
 	}
 	return false, fmt.Errorf("subject %q: not a delivery event", clip(subject))
 }
@@ -267,6 +277,7 @@ func (m *model) Snapshot() *snapshot {
 		switches: maps.Clone(m.switches),
 		packages: maps.Clone(m.packages),
 		keys:     maps.Clone(m.keys),
+		recalled: maps.Clone(m.recalled),
 		signed:   newManifestCache(),
 	}
 	s.switchKeys = slices.Sorted(maps.Keys(s.switches))
@@ -281,6 +292,7 @@ type snapshot struct {
 	packages     map[string]*pkgState
 	packageNames []string
 	keys         map[string]*deliverypb.ProducerKey
+	recalled     map[string]bool
 	signed       *manifestCache // signed manifests of this state, filled on demand
 }
 

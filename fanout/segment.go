@@ -115,6 +115,36 @@ func (f *Fanout) SegmentSize(ctx context.Context, segment string) (uint64, error
 	return n, nil
 }
 
+// SegmentMembers returns the members of a segment as a set, once the
+// projection holds every change stored before the call; at most max of
+// them (ErrInvalid beyond: dry runs of bigger segments need another way).
+// Run must be running.
+func (f *Fanout) SegmentMembers(ctx context.Context, segment string, max int) (map[string]struct{}, error) {
+	if err := checkSegment(segment); err != nil {
+		return nil, err
+	}
+	if err := f.seg.CatchUp(ctx); err != nil {
+		return nil, unavailable("segment projection", err)
+	}
+	out := map[string]struct{}{}
+	prefix := memberPrefix(segment)
+	err := f.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if len(out) == max {
+				return fmt.Errorf("segment %s has more than %d members: %w", segment, max, oplog.ErrInvalid)
+			}
+			out[string(it.Item().Key()[len(prefix):])] = struct{}{}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("fanout: read segment: %w", err)
+	}
+	return out, nil
+}
+
 func checkSegment(s string) error {
 	if !oplog.ValidID(s) {
 		return fmt.Errorf("segment %q: want 1-%d of [A-Za-z0-9_-]: %w", clip(s), oplog.MaxIDLen, oplog.ErrInvalidID)

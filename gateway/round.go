@@ -336,7 +336,9 @@ func (r *round) businesses(ctx context.Context, codes []string) (int, error) {
 		}
 		items := make([]*gatewaypb.Item, 0, len(bl.Entries))
 		for _, e := range bl.Entries {
-			items = append(items, itemOf(e))
+			if !r.ss.srv.suppressed(e) {
+				items = append(items, itemOf(e))
+			}
 			r.points[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
 		}
 		if err := r.emit(items); err != nil {

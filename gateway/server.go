@@ -50,6 +50,10 @@ type Config struct {
 	// Devices is told of every device that connects (delivery.Registry),
 	// for dry runs. Optional.
 	Devices Devices
+	// Suppress, if set, is asked of every entry before it is sent: true
+	// drops it (delivery.Delivery.Suppressed: recalled pushes). It must be
+	// fast and must not block.
+	Suppress func(*oplogpb.Entry) bool
 	// Buckets groups businesses for sync rounds: one read per non-empty
 	// bucket, in priority order. Optional: without it a round reads every
 	// business together (one read per inbox).

@@ -581,7 +581,7 @@ func (ss *session) checkLiveness() {
 // and queued, or held while a sync round runs. It never blocks.
 func (ss *session) onLive(e *oplogpb.Entry) {
 	now := time.Now()
-	if e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(now) {
+	if (e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(now)) || ss.srv.suppressed(e) {
 		return
 	}
 	ss.mu.Lock()

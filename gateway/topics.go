@@ -355,7 +355,7 @@ func (ss *session) onFollow(gate *followGate, f topics.Follow) {
 // onTopic receives a topic message from the topics projection: filtered
 // for this client and queued, or held while a round runs. It never blocks.
 func (ss *session) onTopic(e *oplogpb.Entry) {
-	if e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(time.Now()) {
+	if (e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(time.Now())) || ss.srv.suppressed(e) {
 		return
 	}
 	ss.mu.Lock()
@@ -462,7 +462,9 @@ func (r *round) topics(ctx context.Context) (int, error) {
 		}
 		items := make([]*gatewaypb.Item, 0, len(bl.Entries))
 		for _, e := range bl.Entries {
-			items = append(items, itemOf(e))
+			if !r.ss.srv.suppressed(e) {
+				items = append(items, itemOf(e))
+			}
 			r.cursors[e.Topic] = topics.Cursor{ID: e.Id, Epoch: e.Epoch}
 		}
 		if err := r.emit(items); err != nil {

@@ -4,6 +4,7 @@ import (
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
 )
 
 // Views is what the gateway needs of the delivery state
@@ -90,4 +91,9 @@ func (s *Server) followViews() {
 		}
 		s.log.Debug().Int("sessions", n).Msg("views re-evaluated")
 	}
+}
+
+// suppressed reports whether an entry must not be sent (Config.Suppress).
+func (s *Server) suppressed(e *oplogpb.Entry) bool {
+	return s.cfg.Suppress != nil && s.cfg.Suppress(e)
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
 )
 
 // newDelivery opens and runs a Delivery on log l for the test.
@@ -43,7 +44,13 @@ func newDelivery(t *testing.T, e *env) *delivery.Delivery {
 func envWithViews(t *testing.T) (*env, *delivery.Delivery) {
 	t.Helper()
 	hook := &lateViews{ready: make(chan struct{})}
-	e := newEnv(t, func(c *gateway.Config) { c.Views = hook })
+	e := newEnv(t, func(c *gateway.Config) {
+		c.Views = hook
+		c.Suppress = func(en *oplogpb.Entry) bool {
+			<-hook.ready
+			return hook.d.Suppressed(en)
+		}
+	})
 	d := newDelivery(t, e)
 	hook.set(d)
 	return e, d
@@ -240,3 +247,43 @@ func TestViews(t *testing.T) {
 }
 
 func attrsOS(os string) oplog.Attrs { return oplog.Attrs{OS: os, AppVersion: "2.0.0"} }
+
+// TestRecalledPushesAreNotSent: entries of a recalled push are dropped
+// from rounds and from live delivery.
+func TestRecalledPushesAreNotSent(t *testing.T) {
+	e, d := envWithViews(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	push := func(id string) {
+		t.Helper()
+		if _, err := d.Push(ctx, &deliverypb.Push{Id: id, Title: id,
+			Audience: &deliverypb.Push_Users{Users: &deliverypb.Targets{Ids: []string{"u1"}}}}, "test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	push("keep")
+	push("oops")
+	if err := d.Recall(ctx, "oops", "ops"); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dialTCP()
+	c.send(hello(e.token("u1", "dev-1", time.Hour)))
+	_, items, _ := c.syncAll()
+	var got []string
+	for _, it := range items {
+		got = append(got, it.MessageId)
+	}
+	if len(got) != 1 || got[0] != "push-keep" {
+		t.Fatalf("round sent %v, want only push-keep", got)
+	}
+	// Live: a push recalled before it is sent never arrives; the next does.
+	if err := d.Recall(ctx, "late", "ops"); err != nil {
+		t.Fatal(err)
+	}
+	push("late")
+	push("next")
+	live := c.live(1)
+	if live[0].MessageId != "push-next" {
+		t.Fatalf("live: %s, want push-next (push-late was recalled)", live[0].MessageId)
+	}
+}

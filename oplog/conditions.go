@@ -31,7 +31,7 @@ func Match(c *oplogpb.Conditions, a Attrs) bool {
 	return inRange(a.AppVersion, c.AppVersionMin, c.AppVersionMax) &&
 		inRange(a.OSVersion, c.OsVersionMin, c.OsVersionMax) &&
 		oneOf(a.OS, c.Os) && oneOf(a.Model, c.Models) && oneOf(a.Region, c.Regions) &&
-		oneOf(a.Network, c.Networks) && oneOf(a.Channel, c.Channels)
+		oneOf(a.Network, c.Networks) && oneOf(a.Channel, c.Channels) && oneOf(a.CPU, c.Cpus)
 }
 
 func oneOf(v string, set []string) bool {
@@ -147,7 +147,7 @@ func checkConditions(c *oplogpb.Conditions) error {
 			return fmt.Errorf("conditions: version %q: %w", clip(v), ErrInvalid)
 		}
 	}
-	for _, l := range [][]string{c.Os, c.Models, c.Regions, c.Networks, c.Channels} {
+	for _, l := range [][]string{c.Os, c.Models, c.Regions, c.Networks, c.Channels, c.Cpus} {
 		if len(l) > maxConditionValues {
 			return fmt.Errorf("conditions: more than %d values in a list: %w", maxConditionValues, ErrInvalid)
 		}

@@ -42,8 +42,48 @@ import (
 //	POST   /v1/packages/{pkg}/{version}/dry-run body: Rule or nothing; how many known devices the
 //	                                            release would be offered to (audience and gray rule)
 //	GET    /v1/devices/{id}                     what the registry knows of a device
+//	POST   /v1/pushes                           body: Push (protojson); sends it
+//	POST   /v1/pushes/dry-run                   body: Push; how many known devices it would reach
+//	POST   /v1/pushes/{id}/recall               withdraws what is not delivered yet
+//	GET    /v1/pushes/recalled                  recalled push ids
 func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 	d := m.delivery
+	mux.HandleFunc("POST /v1/pushes", func(w http.ResponseWriter, r *http.Request) {
+		p := new(deliverypb.Push)
+		if err := readProtoJSONMax(w, r, p, 8<<20); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		res, err := d.Push(r.Context(), p, actor(r))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(res))
+	})
+	mux.HandleFunc("POST /v1/pushes/dry-run", func(w http.ResponseWriter, r *http.Request) {
+		p := new(deliverypb.Push)
+		if err := readProtoJSONMax(w, r, p, 8<<20); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		res, err := d.DryRunPush(r.Context(), m.devices, p)
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(res))
+	})
+	mux.HandleFunc("POST /v1/pushes/{id}/recall", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.Recall(r.Context(), r.PathValue("id"), actor(r)); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"recalled": r.PathValue("id")})
+	})
+	mux.HandleFunc("GET /v1/pushes/recalled", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"recalled": d.Recalled()})
+	})
 	mux.HandleFunc("POST /v1/dry-run", func(w http.ResponseWriter, r *http.Request) {
 		rule := new(deliverypb.Rule)
 		if err := readProtoJSON(w, r, rule); err != nil {

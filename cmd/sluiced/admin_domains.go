@@ -101,8 +101,13 @@ func protoJSON(msg proto.Message) json.RawMessage {
 
 // readProtoJSON decodes a protojson request body of at most 64 KiB.
 func readProtoJSON(w http.ResponseWriter, r *http.Request, msg proto.Message) error {
+	return readProtoJSONMax(w, r, msg, 64<<10)
+}
+
+// readProtoJSONMax decodes a protojson request body of at most max bytes.
+func readProtoJSONMax(w http.ResponseWriter, r *http.Request, msg proto.Message, max int64) error {
 	var raw json.RawMessage
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&raw); err != nil {
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, max)).Decode(&raw); err != nil {
 		return errors.Join(oplog.ErrMalformed, err)
 	}
 	if err := protojson.Unmarshal(raw, msg); err != nil {

@@ -46,6 +46,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	srv, err := gateway.NewServer(gateway.Config{
 		Views:     m.delivery,
 		Devices:   m.devices,
+		Suppress:  m.delivery.Suppressed,
 		Inbox:     m.inbox,
 		Topics:    m.topics,
 		Buckets:   m.buckets,
@@ -217,7 +218,7 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("delivery key: %w", err)
 	}
-	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key),
+	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
 		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
 	if err != nil {
 		return err

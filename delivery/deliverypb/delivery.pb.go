@@ -214,6 +214,54 @@ func (Stage) EnumDescriptor() ([]byte, []int) {
 	return file_delivery_proto_rawDescGZIP(), []int{2}
 }
 
+// Priority of a push: high ones may wake a device through its vendor
+// channel at once; normal ones may be batched.
+type Priority int32
+
+const (
+	Priority_PRIORITY_NORMAL Priority = 0
+	Priority_PRIORITY_HIGH   Priority = 1
+)
+
+// Enum value maps for Priority.
+var (
+	Priority_name = map[int32]string{
+		0: "PRIORITY_NORMAL",
+		1: "PRIORITY_HIGH",
+	}
+	Priority_value = map[string]int32{
+		"PRIORITY_NORMAL": 0,
+		"PRIORITY_HIGH":   1,
+	}
+)
+
+func (x Priority) Enum() *Priority {
+	p := new(Priority)
+	*p = x
+	return p
+}
+
+func (x Priority) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Priority) Descriptor() protoreflect.EnumDescriptor {
+	return file_delivery_proto_enumTypes[3].Descriptor()
+}
+
+func (Priority) Type() protoreflect.EnumType {
+	return &file_delivery_proto_enumTypes[3]
+}
+
+func (x Priority) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Priority.Descriptor instead.
+func (Priority) EnumDescriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{3}
+}
+
 // Rule says which devices something reaches. A device matches when the
 // time is inside the window and it is whitelisted, or when it passes every
 // predicate that is set and falls inside the sticky percentage.
@@ -1876,6 +1924,568 @@ func (x *DryRun) GetSample() []string {
 	return nil
 }
 
+// Targets is a list of user or device ids.
+type Targets struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Targets) Reset() {
+	*x = Targets{}
+	mi := &file_delivery_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Targets) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Targets) ProtoMessage() {}
+
+func (x *Targets) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Targets.ProtoReflect.Descriptor instead.
+func (*Targets) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Targets) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+// Vars are template variables.
+type Vars struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vars          map[string]string      `protobuf:"bytes,1,rep,name=vars,proto3" json:"vars,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Vars) Reset() {
+	*x = Vars{}
+	mi := &file_delivery_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Vars) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Vars) ProtoMessage() {}
+
+func (x *Vars) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Vars.ProtoReflect.Descriptor instead.
+func (*Vars) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *Vars) GetVars() map[string]string {
+	if x != nil {
+		return x.Vars
+	}
+	return nil
+}
+
+// Push is a push notification request. It becomes oplog entries of kind
+// PUSH (to users or devices), a fanout job (a list, a segment), or one
+// message of the built-in topic everyone reads.
+type Push struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`                                                                                                             // idempotency key, and the push's name in receipts and recalls; id alphabet
+	Title       string                 `protobuf:"bytes,2,opt,name=title,proto3" json:"title,omitempty"`                                                                                                       // template: {{name}} is replaced by a variable's value
+	Body        string                 `protobuf:"bytes,3,opt,name=body,proto3" json:"body,omitempty"`                                                                                                         // template
+	Vars        map[string]string      `protobuf:"bytes,4,rep,name=vars,proto3" json:"vars,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`                               // values for every recipient
+	TargetVars  map[string]*Vars       `protobuf:"bytes,5,rep,name=target_vars,json=targetVars,proto3" json:"target_vars,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // per user or device id, over vars (users and devices audiences)
+	ActionUri   string                 `protobuf:"bytes,6,opt,name=action_uri,json=actionUri,proto3" json:"action_uri,omitempty"`                                                                              // deep link the app opens on a tap
+	Priority    Priority               `protobuf:"varint,7,opt,name=priority,proto3,enum=sluice.delivery.v1.Priority" json:"priority,omitempty"`
+	CollapseKey string                 `protobuf:"bytes,8,opt,name=collapse_key,json=collapseKey,proto3" json:"collapse_key,omitempty"` // a newer push with this key replaces an older undelivered one
+	ExpiresMs   int64                  `protobuf:"varint,9,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`      // end of validity, unix ms; 0: now + the default validity
+	Data        []byte                 `protobuf:"bytes,10,opt,name=data,proto3" json:"data,omitempty"`                                 // app data, opaque to Sluice
+	DataType    string                 `protobuf:"bytes,11,opt,name=data_type,json=dataType,proto3" json:"data_type,omitempty"`         // its content type
+	// Attribute predicates a device must match (version ranges, OS, model,
+	// network, region, CPU, channel); no whitelist, percentage or window.
+	Conditions *Rule `protobuf:"bytes,12,opt,name=conditions,proto3" json:"conditions,omitempty"`
+	// Types that are valid to be assigned to Audience:
+	//
+	//	*Push_Users
+	//	*Push_Devices
+	//	*Push_Segment
+	//	*Push_Everyone
+	Audience      isPush_Audience `protobuf_oneof:"audience"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Push) Reset() {
+	*x = Push{}
+	mi := &file_delivery_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Push) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Push) ProtoMessage() {}
+
+func (x *Push) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Push.ProtoReflect.Descriptor instead.
+func (*Push) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Push) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Push) GetTitle() string {
+	if x != nil {
+		return x.Title
+	}
+	return ""
+}
+
+func (x *Push) GetBody() string {
+	if x != nil {
+		return x.Body
+	}
+	return ""
+}
+
+func (x *Push) GetVars() map[string]string {
+	if x != nil {
+		return x.Vars
+	}
+	return nil
+}
+
+func (x *Push) GetTargetVars() map[string]*Vars {
+	if x != nil {
+		return x.TargetVars
+	}
+	return nil
+}
+
+func (x *Push) GetActionUri() string {
+	if x != nil {
+		return x.ActionUri
+	}
+	return ""
+}
+
+func (x *Push) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_NORMAL
+}
+
+func (x *Push) GetCollapseKey() string {
+	if x != nil {
+		return x.CollapseKey
+	}
+	return ""
+}
+
+func (x *Push) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *Push) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *Push) GetDataType() string {
+	if x != nil {
+		return x.DataType
+	}
+	return ""
+}
+
+func (x *Push) GetConditions() *Rule {
+	if x != nil {
+		return x.Conditions
+	}
+	return nil
+}
+
+func (x *Push) GetAudience() isPush_Audience {
+	if x != nil {
+		return x.Audience
+	}
+	return nil
+}
+
+func (x *Push) GetUsers() *Targets {
+	if x != nil {
+		if x, ok := x.Audience.(*Push_Users); ok {
+			return x.Users
+		}
+	}
+	return nil
+}
+
+func (x *Push) GetDevices() *Targets {
+	if x != nil {
+		if x, ok := x.Audience.(*Push_Devices); ok {
+			return x.Devices
+		}
+	}
+	return nil
+}
+
+func (x *Push) GetSegment() string {
+	if x != nil {
+		if x, ok := x.Audience.(*Push_Segment); ok {
+			return x.Segment
+		}
+	}
+	return ""
+}
+
+func (x *Push) GetEveryone() bool {
+	if x != nil {
+		if x, ok := x.Audience.(*Push_Everyone); ok {
+			return x.Everyone
+		}
+	}
+	return false
+}
+
+type isPush_Audience interface {
+	isPush_Audience()
+}
+
+type Push_Users struct {
+	Users *Targets `protobuf:"bytes,20,opt,name=users,proto3,oneof"` // each user's devices (any size: big lists go through fanout)
+}
+
+type Push_Devices struct {
+	Devices *Targets `protobuf:"bytes,21,opt,name=devices,proto3,oneof"`
+}
+
+type Push_Segment struct {
+	Segment string `protobuf:"bytes,22,opt,name=segment,proto3,oneof"` // a fanout segment of users
+}
+
+type Push_Everyone struct {
+	Everyone bool `protobuf:"varint,23,opt,name=everyone,proto3,oneof"` // every device
+}
+
+func (*Push_Users) isPush_Audience() {}
+
+func (*Push_Devices) isPush_Audience() {}
+
+func (*Push_Segment) isPush_Audience() {}
+
+func (*Push_Everyone) isPush_Audience() {}
+
+// Notification is what a device receives of a push: the payload of the
+// entry (content type application/vnd.sluice.push+json, protojson).
+type Notification struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Title         string                 `protobuf:"bytes,2,opt,name=title,proto3" json:"title,omitempty"`
+	Body          string                 `protobuf:"bytes,3,opt,name=body,proto3" json:"body,omitempty"`
+	ActionUri     string                 `protobuf:"bytes,4,opt,name=action_uri,json=actionUri,proto3" json:"action_uri,omitempty"`
+	Priority      Priority               `protobuf:"varint,5,opt,name=priority,proto3,enum=sluice.delivery.v1.Priority" json:"priority,omitempty"`
+	CollapseKey   string                 `protobuf:"bytes,6,opt,name=collapse_key,json=collapseKey,proto3" json:"collapse_key,omitempty"`
+	Data          []byte                 `protobuf:"bytes,7,opt,name=data,proto3" json:"data,omitempty"`
+	DataType      string                 `protobuf:"bytes,8,opt,name=data_type,json=dataType,proto3" json:"data_type,omitempty"`
+	ExpiresMs     int64                  `protobuf:"varint,9,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	SentMs        int64                  `protobuf:"varint,10,opt,name=sent_ms,json=sentMs,proto3" json:"sent_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Notification) Reset() {
+	*x = Notification{}
+	mi := &file_delivery_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Notification) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Notification) ProtoMessage() {}
+
+func (x *Notification) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Notification.ProtoReflect.Descriptor instead.
+func (*Notification) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Notification) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *Notification) GetTitle() string {
+	if x != nil {
+		return x.Title
+	}
+	return ""
+}
+
+func (x *Notification) GetBody() string {
+	if x != nil {
+		return x.Body
+	}
+	return ""
+}
+
+func (x *Notification) GetActionUri() string {
+	if x != nil {
+		return x.ActionUri
+	}
+	return ""
+}
+
+func (x *Notification) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_NORMAL
+}
+
+func (x *Notification) GetCollapseKey() string {
+	if x != nil {
+		return x.CollapseKey
+	}
+	return ""
+}
+
+func (x *Notification) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *Notification) GetDataType() string {
+	if x != nil {
+		return x.DataType
+	}
+	return ""
+}
+
+func (x *Notification) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *Notification) GetSentMs() int64 {
+	if x != nil {
+		return x.SentMs
+	}
+	return 0
+}
+
+// PushResult answers a push.
+type PushResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Targets       uint64                 `protobuf:"varint,2,opt,name=targets,proto3" json:"targets,omitempty"` // users or devices addressed (0 for everyone and segments: see the job)
+	Job           string                 `protobuf:"bytes,3,opt,name=job,proto3" json:"job,omitempty"`          // the fanout job, when one carries it
+	ExpiresMs     int64                  `protobuf:"varint,4,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	Duplicate     bool                   `protobuf:"varint,5,opt,name=duplicate,proto3" json:"duplicate,omitempty"` // a push with this id was sent before: nothing new was sent
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushResult) Reset() {
+	*x = PushResult{}
+	mi := &file_delivery_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushResult) ProtoMessage() {}
+
+func (x *PushResult) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushResult.ProtoReflect.Descriptor instead.
+func (*PushResult) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *PushResult) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *PushResult) GetTargets() uint64 {
+	if x != nil {
+		return x.Targets
+	}
+	return 0
+}
+
+func (x *PushResult) GetJob() string {
+	if x != nil {
+		return x.Job
+	}
+	return ""
+}
+
+func (x *PushResult) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *PushResult) GetDuplicate() bool {
+	if x != nil {
+		return x.Duplicate
+	}
+	return false
+}
+
+// Recall withdraws a push's undelivered entries: stored on
+// sluice.control.recall.<push>.
+type Recall struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Push          string                 `protobuf:"bytes,1,opt,name=push,proto3" json:"push,omitempty"`
+	AtMs          int64                  `protobuf:"varint,2,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	Actor         string                 `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Recall) Reset() {
+	*x = Recall{}
+	mi := &file_delivery_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Recall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Recall) ProtoMessage() {}
+
+func (x *Recall) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Recall.ProtoReflect.Descriptor instead.
+func (*Recall) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *Recall) GetPush() string {
+	if x != nil {
+		return x.Push
+	}
+	return ""
+}
+
+func (x *Recall) GetAtMs() int64 {
+	if x != nil {
+		return x.AtMs
+	}
+	return 0
+}
+
+func (x *Recall) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
 var File_delivery_proto protoreflect.FileDescriptor
 
 const file_delivery_proto_rawDesc = "" +
@@ -2039,7 +2649,71 @@ const file_delivery_proto_rawDesc = "" +
 	"\x06DryRun\x12\x14\n" +
 	"\x05known\x18\x01 \x01(\x04R\x05known\x12\x1a\n" +
 	"\bmatching\x18\x02 \x01(\x04R\bmatching\x12\x16\n" +
-	"\x06sample\x18\x03 \x03(\tR\x06sample*\x9a\x01\n" +
+	"\x06sample\x18\x03 \x03(\tR\x06sample\"\x1b\n" +
+	"\aTargets\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\"w\n" +
+	"\x04Vars\x126\n" +
+	"\x04vars\x18\x01 \x03(\v2\".sluice.delivery.v1.Vars.VarsEntryR\x04vars\x1a7\n" +
+	"\tVarsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x06\n" +
+	"\x04Push\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05title\x18\x02 \x01(\tR\x05title\x12\x12\n" +
+	"\x04body\x18\x03 \x01(\tR\x04body\x126\n" +
+	"\x04vars\x18\x04 \x03(\v2\".sluice.delivery.v1.Push.VarsEntryR\x04vars\x12I\n" +
+	"\vtarget_vars\x18\x05 \x03(\v2(.sluice.delivery.v1.Push.TargetVarsEntryR\n" +
+	"targetVars\x12\x1d\n" +
+	"\n" +
+	"action_uri\x18\x06 \x01(\tR\tactionUri\x128\n" +
+	"\bpriority\x18\a \x01(\x0e2\x1c.sluice.delivery.v1.PriorityR\bpriority\x12!\n" +
+	"\fcollapse_key\x18\b \x01(\tR\vcollapseKey\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\t \x01(\x03R\texpiresMs\x12\x12\n" +
+	"\x04data\x18\n" +
+	" \x01(\fR\x04data\x12\x1b\n" +
+	"\tdata_type\x18\v \x01(\tR\bdataType\x128\n" +
+	"\n" +
+	"conditions\x18\f \x01(\v2\x18.sluice.delivery.v1.RuleR\n" +
+	"conditions\x123\n" +
+	"\x05users\x18\x14 \x01(\v2\x1b.sluice.delivery.v1.TargetsH\x00R\x05users\x127\n" +
+	"\adevices\x18\x15 \x01(\v2\x1b.sluice.delivery.v1.TargetsH\x00R\adevices\x12\x1a\n" +
+	"\asegment\x18\x16 \x01(\tH\x00R\asegment\x12\x1c\n" +
+	"\beveryone\x18\x17 \x01(\bH\x00R\beveryone\x1a7\n" +
+	"\tVarsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aW\n" +
+	"\x0fTargetVarsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12.\n" +
+	"\x05value\x18\x02 \x01(\v2\x18.sluice.delivery.v1.VarsR\x05value:\x028\x01B\n" +
+	"\n" +
+	"\baudience\"\xb6\x02\n" +
+	"\fNotification\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x14\n" +
+	"\x05title\x18\x02 \x01(\tR\x05title\x12\x12\n" +
+	"\x04body\x18\x03 \x01(\tR\x04body\x12\x1d\n" +
+	"\n" +
+	"action_uri\x18\x04 \x01(\tR\tactionUri\x128\n" +
+	"\bpriority\x18\x05 \x01(\x0e2\x1c.sluice.delivery.v1.PriorityR\bpriority\x12!\n" +
+	"\fcollapse_key\x18\x06 \x01(\tR\vcollapseKey\x12\x12\n" +
+	"\x04data\x18\a \x01(\fR\x04data\x12\x1b\n" +
+	"\tdata_type\x18\b \x01(\tR\bdataType\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\t \x01(\x03R\texpiresMs\x12\x17\n" +
+	"\asent_ms\x18\n" +
+	" \x01(\x03R\x06sentMs\"\x8e\x01\n" +
+	"\n" +
+	"PushResult\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x18\n" +
+	"\atargets\x18\x02 \x01(\x04R\atargets\x12\x10\n" +
+	"\x03job\x18\x03 \x01(\tR\x03job\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\x04 \x01(\x03R\texpiresMs\x12\x1c\n" +
+	"\tduplicate\x18\x05 \x01(\bR\tduplicate\"G\n" +
+	"\x06Recall\x12\x12\n" +
+	"\x04push\x18\x01 \x01(\tR\x04push\x12\x13\n" +
+	"\x05at_ms\x18\x02 \x01(\x03R\x04atMs\x12\x14\n" +
+	"\x05actor\x18\x03 \x01(\tR\x05actor*\x9a\x01\n" +
 	"\n" +
 	"SwitchType\x12\x1b\n" +
 	"\x17SWITCH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n" +
@@ -2064,7 +2738,10 @@ const file_delivery_proto_rawDesc = "" +
 	"\n" +
 	"STAGE_FULL\x10\x03\x12\x11\n" +
 	"\rSTAGE_STOPPED\x10\x04\x12\x15\n" +
-	"\x11STAGE_ROLLED_BACK\x10\x05B0Z.github.com/sluicehq/sluice/delivery/deliverypbb\x06proto3"
+	"\x11STAGE_ROLLED_BACK\x10\x05*2\n" +
+	"\bPriority\x12\x13\n" +
+	"\x0fPRIORITY_NORMAL\x10\x00\x12\x11\n" +
+	"\rPRIORITY_HIGH\x10\x01B0Z.github.com/sluicehq/sluice/delivery/deliverypbb\x06proto3"
 
 var (
 	file_delivery_proto_rawDescOnce sync.Once
@@ -2078,54 +2755,73 @@ func file_delivery_proto_rawDescGZIP() []byte {
 	return file_delivery_proto_rawDescData
 }
 
-var file_delivery_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_delivery_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_delivery_proto_goTypes = []any{
 	(SwitchType)(0),        // 0: sluice.delivery.v1.SwitchType
 	(PackageKind)(0),       // 1: sluice.delivery.v1.PackageKind
 	(Stage)(0),             // 2: sluice.delivery.v1.Stage
-	(*Rule)(nil),           // 3: sluice.delivery.v1.Rule
-	(*Value)(nil),          // 4: sluice.delivery.v1.Value
-	(*Variant)(nil),        // 5: sluice.delivery.v1.Variant
-	(*Switch)(nil),         // 6: sluice.delivery.v1.Switch
-	(*SwitchValue)(nil),    // 7: sluice.delivery.v1.SwitchValue
-	(*Diff)(nil),           // 8: sluice.delivery.v1.Diff
-	(*Version)(nil),        // 9: sluice.delivery.v1.Version
-	(*PackageEvent)(nil),   // 10: sluice.delivery.v1.PackageEvent
-	(*ProducerKey)(nil),    // 11: sluice.delivery.v1.ProducerKey
-	(*Release)(nil),        // 12: sluice.delivery.v1.Release
-	(*Manifest)(nil),       // 13: sluice.delivery.v1.Manifest
-	(*SignedManifest)(nil), // 14: sluice.delivery.v1.SignedManifest
-	(*View)(nil),           // 15: sluice.delivery.v1.View
-	(*Device)(nil),         // 16: sluice.delivery.v1.Device
-	(*DryRun)(nil),         // 17: sluice.delivery.v1.DryRun
+	(Priority)(0),          // 3: sluice.delivery.v1.Priority
+	(*Rule)(nil),           // 4: sluice.delivery.v1.Rule
+	(*Value)(nil),          // 5: sluice.delivery.v1.Value
+	(*Variant)(nil),        // 6: sluice.delivery.v1.Variant
+	(*Switch)(nil),         // 7: sluice.delivery.v1.Switch
+	(*SwitchValue)(nil),    // 8: sluice.delivery.v1.SwitchValue
+	(*Diff)(nil),           // 9: sluice.delivery.v1.Diff
+	(*Version)(nil),        // 10: sluice.delivery.v1.Version
+	(*PackageEvent)(nil),   // 11: sluice.delivery.v1.PackageEvent
+	(*ProducerKey)(nil),    // 12: sluice.delivery.v1.ProducerKey
+	(*Release)(nil),        // 13: sluice.delivery.v1.Release
+	(*Manifest)(nil),       // 14: sluice.delivery.v1.Manifest
+	(*SignedManifest)(nil), // 15: sluice.delivery.v1.SignedManifest
+	(*View)(nil),           // 16: sluice.delivery.v1.View
+	(*Device)(nil),         // 17: sluice.delivery.v1.Device
+	(*DryRun)(nil),         // 18: sluice.delivery.v1.DryRun
+	(*Targets)(nil),        // 19: sluice.delivery.v1.Targets
+	(*Vars)(nil),           // 20: sluice.delivery.v1.Vars
+	(*Push)(nil),           // 21: sluice.delivery.v1.Push
+	(*Notification)(nil),   // 22: sluice.delivery.v1.Notification
+	(*PushResult)(nil),     // 23: sluice.delivery.v1.PushResult
+	(*Recall)(nil),         // 24: sluice.delivery.v1.Recall
+	nil,                    // 25: sluice.delivery.v1.Vars.VarsEntry
+	nil,                    // 26: sluice.delivery.v1.Push.VarsEntry
+	nil,                    // 27: sluice.delivery.v1.Push.TargetVarsEntry
 }
 var file_delivery_proto_depIdxs = []int32{
-	3,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
-	4,  // 1: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
+	4,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
+	5,  // 1: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
 	0,  // 2: sluice.delivery.v1.Switch.type:type_name -> sluice.delivery.v1.SwitchType
-	4,  // 3: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
-	5,  // 4: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
-	4,  // 5: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
-	4,  // 6: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
-	8,  // 7: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
-	3,  // 8: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
+	5,  // 3: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
+	6,  // 4: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
+	5,  // 5: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
+	5,  // 6: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
+	9,  // 7: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
+	4,  // 8: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
 	1,  // 9: sluice.delivery.v1.PackageEvent.kind:type_name -> sluice.delivery.v1.PackageKind
-	9,  // 10: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
-	3,  // 11: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
+	10, // 10: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
+	4,  // 11: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
 	1,  // 12: sluice.delivery.v1.Release.kind:type_name -> sluice.delivery.v1.PackageKind
-	9,  // 13: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
+	10, // 13: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
 	2,  // 14: sluice.delivery.v1.Release.stage:type_name -> sluice.delivery.v1.Stage
-	3,  // 15: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
+	4,  // 15: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
 	1,  // 16: sluice.delivery.v1.Manifest.kind:type_name -> sluice.delivery.v1.PackageKind
-	8,  // 17: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
-	7,  // 18: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
-	14, // 19: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	9,  // 17: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
+	8,  // 18: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
+	15, // 19: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
+	25, // 20: sluice.delivery.v1.Vars.vars:type_name -> sluice.delivery.v1.Vars.VarsEntry
+	26, // 21: sluice.delivery.v1.Push.vars:type_name -> sluice.delivery.v1.Push.VarsEntry
+	27, // 22: sluice.delivery.v1.Push.target_vars:type_name -> sluice.delivery.v1.Push.TargetVarsEntry
+	3,  // 23: sluice.delivery.v1.Push.priority:type_name -> sluice.delivery.v1.Priority
+	4,  // 24: sluice.delivery.v1.Push.conditions:type_name -> sluice.delivery.v1.Rule
+	19, // 25: sluice.delivery.v1.Push.users:type_name -> sluice.delivery.v1.Targets
+	19, // 26: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
+	3,  // 27: sluice.delivery.v1.Notification.priority:type_name -> sluice.delivery.v1.Priority
+	20, // 28: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_delivery_proto_init() }
@@ -2150,13 +2846,19 @@ func file_delivery_proto_init() {
 		(*PackageEvent_Stop)(nil),
 		(*PackageEvent_RollbackTo)(nil),
 	}
+	file_delivery_proto_msgTypes[17].OneofWrappers = []any{
+		(*Push_Users)(nil),
+		(*Push_Devices)(nil),
+		(*Push_Segment)(nil),
+		(*Push_Everyone)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_delivery_proto_rawDesc), len(file_delivery_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   15,
+			NumEnums:      4,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

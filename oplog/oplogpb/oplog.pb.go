@@ -303,6 +303,7 @@ type Conditions struct {
 	Regions       []string               `protobuf:"bytes,7,rep,name=regions,proto3" json:"regions,omitempty"`
 	Networks      []string               `protobuf:"bytes,8,rep,name=networks,proto3" json:"networks,omitempty"` // e.g. "wifi", "4g", "5g"
 	Channels      []string               `protobuf:"bytes,9,rep,name=channels,proto3" json:"channels,omitempty"` // distribution channel, e.g. "appstore"
+	Cpus          []string               `protobuf:"bytes,10,rep,name=cpus,proto3" json:"cpus,omitempty"`        // CPU architecture, e.g. "arm64"
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -396,6 +397,13 @@ func (x *Conditions) GetNetworks() []string {
 func (x *Conditions) GetChannels() []string {
 	if x != nil {
 		return x.Channels
+	}
+	return nil
+}
+
+func (x *Conditions) GetCpus() []string {
+	if x != nil {
+		return x.Cpus
 	}
 	return nil
 }
@@ -1168,7 +1176,7 @@ var File_oplog_proto protoreflect.FileDescriptor
 
 const file_oplog_proto_rawDesc = "" +
 	"\n" +
-	"\voplog.proto\x12\x0fsluice.oplog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n" +
+	"\voplog.proto\x12\x0fsluice.oplog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n" +
 	"\n" +
 	"Conditions\x12&\n" +
 	"\x0fapp_version_min\x18\x01 \x01(\tR\rappVersionMin\x12&\n" +
@@ -1179,7 +1187,9 @@ const file_oplog_proto_rawDesc = "" +
 	"\x06models\x18\x06 \x03(\tR\x06models\x12\x18\n" +
 	"\aregions\x18\a \x03(\tR\aregions\x12\x1a\n" +
 	"\bnetworks\x18\b \x03(\tR\bnetworks\x12\x1a\n" +
-	"\bchannels\x18\t \x03(\tR\bchannels\"\xc6\x04\n" +
+	"\bchannels\x18\t \x03(\tR\bchannels\x12\x12\n" +
+	"\x04cpus\x18\n" +
+	" \x03(\tR\x04cpus\"\xc6\x04\n" +
 	"\x05Event\x12)\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.sluice.oplog.v1.KindR\x04kind\x12\x1a\n" +
 	"\bbusiness\x18\x02 \x01(\tR\bbusiness\x128\n" +

@@ -1,0 +1,179 @@
+package delivery_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/delivery"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/diff"
+	"google.golang.org/protobuf/proto"
+)
+
+// packagesDir is the repository's testdata/packages.
+var packagesDir = filepath.Join("..", "testdata", "packages")
+
+func readPackage(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(packagesDir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// tokenAuth accepts "Bearer <device>" and names that device: the HTTP
+// handlers' authentication is sluiced's (gateway tokens), tested there.
+func tokenAuth(r *http.Request) (delivery.Identity, error) {
+	dev, ok := bytes.CutPrefix([]byte(r.Header.Get("Authorization")), []byte("Bearer "))
+	if !ok || len(dev) == 0 {
+		return delivery.Identity{}, errors.New("no token")
+	}
+	return delivery.Identity{Device: string(dev)}, nil
+}
+
+func get(t *testing.T, url string, header ...string) (*http.Response, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
+}
+
+// TestUploadComputesDiffs uploads two versions of the H5 bundle and of the
+// binary: the second of each gets a diff from the first, smaller than the
+// package, served by the download handler, that rebuilds the package.
+func TestUploadComputesDiffs(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	srv := httptest.NewServer(d.DownloadHandler("/v1/packages/", tokenAuth))
+	defer srv.Close()
+	for _, c := range []struct {
+		pkg        string
+		kind       deliverypb.PackageKind
+		old, new   string
+		wantFormat string
+	}{
+		{"mall-h5", deliverypb.PackageKind_PACKAGE_KIND_H5, "h5-v1.zip", "h5-v2.zip", "zip"},
+		{"app", deliverypb.PackageKind_PACKAGE_KIND_APP, "app-v1.bin", "app-v2.bin", "bytes"},
+	} {
+		oldData, newData := readPackage(t, c.old), readPackage(t, c.new)
+		for i, data := range [][]byte{oldData, newData} {
+			if _, err := d.Upload(ctx(t), delivery.Upload{Package: c.pkg, Kind: c.kind, Version: fmt.Sprint(i + 1), Data: data}, "ci"); err != nil {
+				t.Fatalf("%s: upload: %v", c.pkg, err)
+			}
+		}
+		rel, _ := d.Release(c.pkg, "2")
+		v := rel.Version
+		if len(v.Diffs) != 1 {
+			t.Fatalf("%s: %d diffs, want 1 from version 1", c.pkg, len(v.Diffs))
+		}
+		df := v.Diffs[0]
+		if df.FromVersion != "1" || df.Format != c.wantFormat || df.Size >= v.Size {
+			t.Fatalf("%s: diff %v (package %d bytes)", c.pkg, df, v.Size)
+		}
+		t.Logf("%s: package %d bytes, diff from 1 (%s) %d bytes (%.1f%%)", c.pkg, v.Size, df.Format, df.Size, 100*float64(df.Size)/float64(v.Size))
+
+		// The full package, whole and by range.
+		resp, body := get(t, srv.URL+"/v1/packages/"+c.pkg+"/2", "Authorization", "Bearer dev-1")
+		if resp.StatusCode != http.StatusOK || !bytes.Equal(body, newData) {
+			t.Fatalf("%s: download: %d, %d bytes", c.pkg, resp.StatusCode, len(body))
+		}
+		if want := fmt.Sprintf(`"%x"`, sha256.Sum256(newData)); resp.Header.Get("ETag") != want {
+			t.Fatalf("%s: ETag %s, want %s", c.pkg, resp.Header.Get("ETag"), want)
+		}
+		resp, body = get(t, srv.URL+"/v1/packages/"+c.pkg+"/2", "Authorization", "Bearer dev-1", "Range", "bytes=1000-")
+		if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(body, newData[1000:]) {
+			t.Fatalf("%s: range: %d, %d bytes", c.pkg, resp.StatusCode, len(body))
+		}
+		// The diff, applied to the old version, rebuilds the new one.
+		resp, patch := get(t, srv.URL+"/v1/packages/"+c.pkg+"/2/from/1", "Authorization", "Bearer dev-1")
+		if resp.StatusCode != http.StatusOK || int64(len(patch)) != df.Size {
+			t.Fatalf("%s: diff download: %d, %d bytes", c.pkg, resp.StatusCode, len(patch))
+		}
+		if sum := sha256.Sum256(patch); !bytes.Equal(sum[:], df.Sha256) {
+			t.Fatalf("%s: diff bytes do not match their digest", c.pkg)
+		}
+		rebuilt, err := diff.Apply(oldData, patch, nil)
+		if err != nil {
+			t.Fatalf("%s: apply: %v", c.pkg, err)
+		}
+		if c.wantFormat == "bytes" && !bytes.Equal(rebuilt, newData) {
+			t.Fatalf("%s: rebuilt package differs", c.pkg)
+		}
+		if c.wantFormat == "zip" {
+			tree, err := diff.TreeDigest(rebuilt, nil)
+			if err != nil || !bytes.Equal(tree[:], v.TreeSha256) {
+				t.Fatalf("%s: rebuilt tree %x, manifest says %x (%v)", c.pkg, tree, v.TreeSha256, err)
+			}
+		}
+	}
+	for _, bad := range []struct{ path, auth string }{
+		{"/v1/packages/app/2", ""},
+		{"/v1/packages/app/9", "Bearer d"},
+		{"/v1/packages/app/2/from/9", "Bearer d"},
+		{"/v1/packages/nope/1", "Bearer d"},
+		{"/v1/packages/app", "Bearer d"},
+	} {
+		resp, _ := get(t, srv.URL+bad.path, "Authorization", bad.auth)
+		if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusNotFound {
+			t.Errorf("%s (auth %q): status %d", bad.path, bad.auth, resp.StatusCode)
+		}
+	}
+}
+
+// TestUpdatesHandler: the HTTP check for updates answers the device's view
+// with its digest as ETag, and 304 when the client has it.
+func TestUpdatesHandler(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	srv := httptest.NewServer(d.UpdatesHandler(tokenAuth))
+	defer srv.Close()
+	if _, err := d.SetSwitch(ctx(t), &deliverypb.Switch{Key: "beta", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL,
+		DefaultValue: boolValue(false), Variants: []*deliverypb.Variant{{Name: "ios", Value: boolValue(true),
+			Rule: &deliverypb.Rule{Os: []string{"ios"}}}}}, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	resp, body := get(t, srv.URL+"/v1/updates?os=ios&app_version=1.2", "Authorization", "Bearer dev-9")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	v := &deliverypb.View{}
+	if err := proto.Unmarshal(body, v); err != nil || len(v.Switches) != 1 || !v.Switches[0].Value.GetBoolValue() {
+		t.Fatalf("view %v (%v)", v, err)
+	}
+	if resp.Header.Get("ETag") != `"`+v.Digest+`"` {
+		t.Fatalf("ETag %s, digest %s", resp.Header.Get("ETag"), v.Digest)
+	}
+	resp, body = get(t, srv.URL+"/v1/updates?os=ios&app_version=1.2", "Authorization", "Bearer dev-9", "If-None-Match", `"`+v.Digest+`"`)
+	if resp.StatusCode != http.StatusNotModified || len(body) != 0 {
+		t.Fatalf("with the current digest: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	resp, body = get(t, srv.URL+"/v1/updates?os=android", "Authorization", "Bearer dev-9", "Accept", "application/json",
+		"If-None-Match", `"`+v.Digest+`"`)
+	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte(`"beta"`)) {
+		t.Fatalf("android, JSON: %d %s", resp.StatusCode, body)
+	}
+	if resp, _ := get(t, srv.URL+"/v1/updates"); resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("no token: %d", resp.StatusCode)
+	}
+	if resp, _ := get(t, srv.URL+"/v1/updates?os="+string(bytes.Repeat([]byte("x"), 100)), "Authorization", "Bearer d"); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("oversized attribute: %d", resp.StatusCode)
+	}
+}

@@ -1,0 +1,419 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/fanout"
+	"github.com/sluicehq/sluice/fanout/fanoutpb"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// The businesses that carry pushes: Open registers them if absent.
+var (
+	// BusinessPush carries pushes to users: every device of the user
+	// gets them (multi-device), including a device that binds the user
+	// within the validity period.
+	BusinessPush = &oplogpb.Business{Code: "push", Dimension: oplogpb.Dimension_DIMENSION_USER,
+		DeviceMode: oplogpb.DeviceMode_DEVICE_MODE_MULTI}
+	// BusinessPushDevice carries pushes to devices.
+	BusinessPushDevice = &oplogpb.Business{Code: "push-device", Dimension: oplogpb.Dimension_DIMENSION_DEVICE}
+)
+
+// Push settings.
+const (
+	// ContentTypeNotification is the content type of a push entry's
+	// payload: a deliverypb.Notification in protojson.
+	ContentTypeNotification = "application/vnd.sluice.push+json"
+	DefaultPushValidity     = 72 * time.Hour
+	MaxPushValidity         = 30 * 24 * time.Hour
+	MaxPushData             = 32 << 10
+	// MaxPushTargets bounds a users or devices audience; above the oplog's
+	// targets per event it is sent through a fanout list job.
+	MaxPushTargets = 1_000_000
+	// pushPrefix starts the message id of a push's entries ("push-<id>");
+	// a fanout job's entries carry fanout.MessageID("push-<id>").
+	pushPrefix = "push-"
+)
+
+// ensurePushBusinesses registers the push businesses if absent.
+func ensurePushBusinesses(ctx context.Context, l *oplog.Log) error {
+	for _, b := range []*oplogpb.Business{BusinessPush, BusinessPushDevice} {
+		if _, ok := l.Business(b.Code); ok {
+			continue
+		}
+		if err := l.RegisterBusiness(ctx, b); err != nil {
+			return fmt.Errorf("delivery: register business %s: %w", b.Code, err)
+		}
+	}
+	return nil
+}
+
+// PushIDOf returns the push id an entry of a push carries, or "" for an
+// entry that is not a push's.
+func PushIDOf(e *oplogpb.Entry) string {
+	if e.Kind != oplogpb.Kind_KIND_PUSH {
+		return ""
+	}
+	id, ok := strings.CutPrefix(e.MessageId, fanout.MessageID(pushPrefix))
+	if !ok {
+		id, ok = strings.CutPrefix(e.MessageId, pushPrefix)
+	}
+	if !ok {
+		return ""
+	}
+	return id
+}
+
+// Push sends a push notification: to users or devices (entries of the push
+// businesses; big lists through a fanout list job), to a segment (a
+// fanout segment job) or to everyone (one message of the topic every
+// device reads). Each recipient's notification is rendered from the
+// title and body templates with the push's variables, over the
+// recipient's own (target_vars, users and devices audiences only). A push
+// id is an idempotency key: sending it again sends nothing new.
+//
+// Errors: oplog.ErrInvalidID (push id, targets, collapse key),
+// oplog.ErrInvalid (templates, variables, action URI, conditions, data),
+// oplog.ErrExpired, oplog.ErrNoTargets, oplog.ErrTooManyTargets,
+// oplog.ErrUnavailable; and without a Fanout in Config, ErrInvalid for
+// audiences that need one.
+func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (*deliverypb.PushResult, error) {
+	now := d.cfg.Now()
+	n, cond, err := d.checkPush(p, now)
+	if err != nil {
+		return nil, err
+	}
+	res := &deliverypb.PushResult{PushId: p.Id, ExpiresMs: n.ExpiresMs}
+	ev := &oplogpb.Event{Kind: oplogpb.Kind_KIND_PUSH, ContentType: ContentTypeNotification,
+		ExpiresAt: timestamppb.New(time.UnixMilli(n.ExpiresMs)), CreatedAt: timestamppb.New(now),
+		Conditions: cond, CollapseKey: p.CollapseKey}
+	log := d.lg.Info().Str("push", p.Id).Str("actor", actor)
+	switch a := p.Audience.(type) {
+	case *deliverypb.Push_Users:
+		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
+		err = d.pushTo(ctx, p, n, ev, a.Users.GetIds(), res)
+		log = log.Str("audience", "users")
+	case *deliverypb.Push_Devices:
+		ev.Business, ev.Dimension = BusinessPushDevice.Code, BusinessPushDevice.Dimension
+		err = d.pushTo(ctx, p, n, ev, a.Devices.GetIds(), res)
+		log = log.Str("audience", "devices")
+	case *deliverypb.Push_Segment:
+		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
+		err = d.pushJob(ctx, p, n, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Segment{Segment: a.Segment}}, res)
+		log = log.Str("audience", "segment:"+a.Segment)
+	case *deliverypb.Push_Everyone:
+		if !a.Everyone {
+			return nil, fmt.Errorf("push %s: everyone must be true: %w", p.Id, oplog.ErrNoTargets)
+		}
+		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
+		err = d.pushJob(ctx, p, n, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Everyone{Everyone: &fanoutpb.Everyone{}}}, res)
+		log = log.Str("audience", "everyone")
+	default:
+		return nil, fmt.Errorf("push %s: no audience (users, devices, segment or everyone): %w", p.Id, oplog.ErrNoTargets)
+	}
+	if err != nil {
+		return nil, err
+	}
+	log.Uint64("targets", res.Targets).Str("job", res.Job).Bool("duplicate", res.Duplicate).Msg("push sent")
+	return res, nil
+}
+
+// checkPush validates a push and builds its notification (templates not
+// rendered yet) and oplog conditions.
+func (d *Delivery) checkPush(p *deliverypb.Push, now time.Time) (*deliverypb.Notification, *oplogpb.Conditions, error) {
+	if p == nil {
+		return nil, nil, fmt.Errorf("push: none given: %w", oplog.ErrInvalid)
+	}
+	if !oplog.ValidID(p.Id) || len(pushPrefix)+len(fanout.MessageID(pushPrefix))+len(p.Id) > oplog.MaxMessageIDLen {
+		return nil, nil, fmt.Errorf("push id %q: want 1-%d of the id alphabet: %w", clip(p.Id), oplog.MaxIDLen, oplog.ErrInvalidID)
+	}
+	if p.Title == "" && p.Body == "" && len(p.Data) == 0 {
+		return nil, nil, fmt.Errorf("push %s: no title, body or data: %w", p.Id, oplog.ErrInvalid)
+	}
+	if len(p.Title) > MaxTitleLen || len(p.Body) > MaxBodyLen {
+		return nil, nil, fmt.Errorf("push %s: title over %d or body over %d bytes: %w", p.Id, MaxTitleLen, MaxBodyLen, oplog.ErrInvalid)
+	}
+	if err := checkVars(p.Vars); err != nil {
+		return nil, nil, fmt.Errorf("push %s: %w", p.Id, err)
+	}
+	if len(p.TargetVars) > 0 {
+		if _, ok := p.Audience.(*deliverypb.Push_Users); !ok {
+			if _, ok := p.Audience.(*deliverypb.Push_Devices); !ok {
+				return nil, nil, fmt.Errorf("push %s: target variables need a users or devices audience: %w", p.Id, oplog.ErrInvalid)
+			}
+		}
+		for t, v := range p.TargetVars {
+			if err := checkVars(v.GetVars()); err != nil {
+				return nil, nil, fmt.Errorf("push %s: target %s: %w", p.Id, clip(t), err)
+			}
+		}
+	}
+	if len(p.ActionUri) > 2048 || (p.ActionUri != "" && !strings.Contains(p.ActionUri, ":")) {
+		return nil, nil, fmt.Errorf("push %s: action URI %q: want a URI with a scheme, up to 2048 bytes: %w", p.Id, clip(p.ActionUri), oplog.ErrInvalid)
+	}
+	if p.CollapseKey != "" && !oplog.ValidID(p.CollapseKey) {
+		return nil, nil, fmt.Errorf("push %s: collapse key %q: %w", p.Id, clip(p.CollapseKey), oplog.ErrInvalidID)
+	}
+	if len(p.Data) > MaxPushData || len(p.DataType) > 128 {
+		return nil, nil, fmt.Errorf("push %s: data over %d bytes or data type over 128: %w", p.Id, MaxPushData, oplog.ErrPayloadTooLarge)
+	}
+	if deliverypb.Priority_name[int32(p.Priority)] == "" {
+		return nil, nil, fmt.Errorf("push %s: priority %v: %w", p.Id, p.Priority, oplog.ErrInvalid)
+	}
+	expires := p.ExpiresMs
+	switch {
+	case expires == 0:
+		expires = now.Add(d.cfg.PushValidity).UnixMilli()
+	case expires <= now.UnixMilli():
+		return nil, nil, fmt.Errorf("push %s: validity ended at %s: %w", p.Id, time.UnixMilli(expires).UTC().Format(time.RFC3339), oplog.ErrExpired)
+	case expires > now.Add(MaxPushValidity).UnixMilli():
+		return nil, nil, fmt.Errorf("push %s: validity over %v: %w", p.Id, MaxPushValidity, oplog.ErrInvalid)
+	}
+	cond, err := conditionsOf(p.Conditions)
+	if err != nil {
+		return nil, nil, fmt.Errorf("push %s: %w", p.Id, err)
+	}
+	n := &deliverypb.Notification{PushId: p.Id, ActionUri: p.ActionUri, Priority: p.Priority,
+		CollapseKey: p.CollapseKey, Data: p.Data, DataType: p.DataType, ExpiresMs: expires}
+	return n, cond, nil
+}
+
+// conditionsOf turns a push's conditions into the oplog's: attribute
+// predicates only.
+func conditionsOf(r *deliverypb.Rule) (*oplogpb.Conditions, error) {
+	if r == nil {
+		return nil, nil
+	}
+	if len(r.Users) > 0 || len(r.Devices) > 0 || r.Percent != nil || r.NotBeforeMs != 0 || r.NotAfterMs != 0 || r.Salt != "" {
+		return nil, fmt.Errorf("conditions: attribute predicates only (no whitelist, percent or window): %w", oplog.ErrInvalid)
+	}
+	if _, err := Compile(r, ""); err != nil {
+		return nil, err
+	}
+	return &oplogpb.Conditions{AppVersionMin: r.AppVersionMin, AppVersionMax: r.AppVersionMax, Os: r.Os,
+		OsVersionMin: r.OsVersionMin, OsVersionMax: r.OsVersionMax, Models: r.Models, Regions: r.Regions,
+		Networks: r.Networks, Channels: r.Channels, Cpus: r.Cpus}, nil
+}
+
+// render renders the notification for one recipient's variables.
+func render(p *deliverypb.Push, n *deliverypb.Notification, own map[string]string) ([]byte, error) {
+	vars := p.Vars
+	if len(own) > 0 {
+		vars = maps.Clone(p.Vars)
+		if vars == nil {
+			vars = map[string]string{}
+		}
+		maps.Copy(vars, own)
+	}
+	title, err := Render(p.Title, vars, MaxTitleLen)
+	if err != nil {
+		return nil, fmt.Errorf("push %s: title: %w", p.Id, err)
+	}
+	body, err := Render(p.Body, vars, MaxBodyLen)
+	if err != nil {
+		return nil, fmt.Errorf("push %s: body: %w", p.Id, err)
+	}
+	m := proto.Clone(n).(*deliverypb.Notification)
+	m.Title, m.Body = title, body
+	return protojson.Marshal(m)
+}
+
+// pushTo sends a push to user or device ids: one event per distinct
+// rendering, appended as a batch; a list over the oplog's targets per
+// event without per-target variables goes through a fanout list job.
+func (d *Delivery) pushTo(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, ev *oplogpb.Event, ids []string, res *deliverypb.PushResult) error {
+	if len(ids) == 0 {
+		return fmt.Errorf("push %s: no targets: %w", p.Id, oplog.ErrNoTargets)
+	}
+	if len(ids) > MaxPushTargets {
+		return fmt.Errorf("push %s: %d targets, over %d: %w", p.Id, len(ids), MaxPushTargets, oplog.ErrTooManyTargets)
+	}
+	for _, id := range ids {
+		if !oplog.ValidID(id) {
+			return fmt.Errorf("push %s: target %q: %w", p.Id, clip(id), oplog.ErrInvalidID)
+		}
+	}
+	res.Targets = uint64(len(ids))
+	common, err := render(p, n, nil)
+	if err != nil {
+		return err
+	}
+	if maxTargets := d.cfg.Log.Limits().MaxTargets; len(ids) > maxTargets {
+		if len(p.TargetVars) > 0 {
+			return fmt.Errorf("push %s: target variables work for up to %d targets: %w", p.Id, maxTargets, oplog.ErrTooManyTargets)
+		}
+		ev.Payload = common
+		return d.pushList(ctx, p, ev, ids, res)
+	}
+	// Group the targets by payload: those without variables of their own
+	// share the common one.
+	ev.MessageId = pushPrefix + p.Id
+	var events []*oplogpb.Event
+	shared := proto.Clone(ev).(*oplogpb.Event)
+	shared.Payload = common
+	for _, id := range ids {
+		own := p.TargetVars[id].GetVars()
+		if len(own) == 0 {
+			shared.Targets = append(shared.Targets, id)
+			continue
+		}
+		payload, err := render(p, n, own)
+		if err != nil {
+			return err
+		}
+		one := proto.Clone(ev).(*oplogpb.Event)
+		one.Payload, one.Targets = payload, []string{id}
+		events = append(events, one)
+	}
+	if len(shared.Targets) > 0 {
+		events = append(events, shared)
+	}
+	for start := 0; start < len(events); start += 1000 {
+		batch := events[start:min(start+1000, len(events))]
+		for _, r := range d.cfg.Log.AppendBatch(ctx, batch) {
+			if r.Error != nil {
+				return fmt.Errorf("push %s: %w", p.Id, oplog.ErrorFromPB(r.Error))
+			}
+			for _, a := range r.Results {
+				if a.Duplicate {
+					res.Duplicate = true
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// pushList sends a push to a big list of ids through a fanout list job.
+func (d *Delivery) pushList(ctx context.Context, p *deliverypb.Push, ev *oplogpb.Event, ids []string, res *deliverypb.PushResult) error {
+	if err := d.pushJob(ctx, p, nil, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_List{List: &fanoutpb.List{}}}, res); err != nil || res.Duplicate {
+		return err
+	}
+	chunks := 0
+	for start := 0; start < len(ids); start += fanout.DefaultChunkSize {
+		if err := d.cfg.Fanout.AddRecipients(ctx, res.Job, chunks, ids[start:min(start+fanout.DefaultChunkSize, len(ids))]); err != nil {
+			return fmt.Errorf("push %s: %w", p.Id, err)
+		}
+		chunks++
+	}
+	if _, err := d.cfg.Fanout.Seal(ctx, res.Job, chunks); err != nil {
+		return fmt.Errorf("push %s: %w", p.Id, err)
+	}
+	return nil
+}
+
+// pushJob creates the fanout job of a push (n nil: ev has its payload).
+func (d *Delivery) pushJob(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, ev *oplogpb.Event, job *fanoutpb.Job, res *deliverypb.PushResult) error {
+	if d.cfg.Fanout == nil {
+		return fmt.Errorf("push %s: this audience needs fanout, which this node does not run: %w", p.Id, oplog.ErrInvalid)
+	}
+	if n != nil {
+		payload, err := render(p, n, nil)
+		if err != nil {
+			return err
+		}
+		ev.Payload = payload
+	}
+	job.Id, job.Event = pushPrefix+p.Id, ev
+	res.Job = job.Id
+	if _, err := d.cfg.Fanout.Status(ctx, job.Id); err == nil {
+		res.Duplicate = true // sent before: the job exists
+		return nil
+	} else if !errors.Is(err, oplog.ErrNotFound) {
+		return fmt.Errorf("push %s: %w", p.Id, err)
+	}
+	if _, err := d.cfg.Fanout.Create(ctx, job); err != nil {
+		return fmt.Errorf("push %s: %w", p.Id, err)
+	}
+	return nil
+}
+
+// Recall withdraws a push: entries of it not yet delivered are not sent
+// (devices that have it keep it), and its fanout job, if still running, is
+// cancelled. Errors: oplog.ErrInvalidID, oplog.ErrUnavailable.
+func (d *Delivery) Recall(ctx context.Context, push, actor string) error {
+	if !oplog.ValidID(push) {
+		return fmt.Errorf("push id %q: %w", clip(push), oplog.ErrInvalidID)
+	}
+	if _, _, err := d.ctl.Write(ctx, subjectRecall+push, &deliverypb.Recall{Push: push, AtMs: d.cfg.Now().UnixMilli(), Actor: actor}); err != nil {
+		return err
+	}
+	if d.cfg.Fanout != nil {
+		if _, err := d.cfg.Fanout.Cancel(ctx, pushPrefix+push); err != nil && !errors.Is(err, oplog.ErrNotFound) {
+			d.lg.Warn().Err(err).Str("push", push).Msg("recall: the fanout job was not cancelled")
+		}
+	}
+	d.lg.Info().Str("push", push).Str("actor", actor).Msg("push recalled")
+	return nil
+}
+
+// Suppressed reports whether an entry must not be sent: it belongs to a
+// recalled push. Gateways ask it for every entry they send; it takes no
+// lock.
+func (d *Delivery) Suppressed(e *oplogpb.Entry) bool {
+	if e.Kind != oplogpb.Kind_KIND_PUSH {
+		return false
+	}
+	id := PushIDOf(e)
+	return id != "" && d.ctl.Snapshot().recalled[id]
+}
+
+// Recalled returns the recalled push ids, sorted.
+func (d *Delivery) Recalled() []string {
+	return slices.Sorted(maps.Keys(d.ctl.Snapshot().recalled))
+}
+
+// maxDryRunSegment bounds the segment a push dry run reads into memory.
+const maxDryRunSegment = 5_000_000
+
+// DryRunPush counts the known devices a push would reach now: those of its
+// audience (a device bound to one of the users, one of the devices, a
+// member of the segment, any device) matching its conditions.
+func (d *Delivery) DryRunPush(ctx context.Context, reg *Registry, p *deliverypb.Push) (*deliverypb.DryRun, error) {
+	cond, err := conditionsOf(p.GetConditions())
+	if err != nil {
+		return nil, err
+	}
+	var in func(*Device) bool
+	switch a := p.GetAudience().(type) {
+	case *deliverypb.Push_Users:
+		set := idSetOf(a.Users.GetIds())
+		in = func(dev *Device) bool { _, ok := set[dev.User]; return ok }
+	case *deliverypb.Push_Devices:
+		set := idSetOf(a.Devices.GetIds())
+		in = func(dev *Device) bool { _, ok := set[dev.ID]; return ok }
+	case *deliverypb.Push_Segment:
+		if d.cfg.Fanout == nil {
+			return nil, fmt.Errorf("dry run: segments need fanout, which this node does not run: %w", oplog.ErrInvalid)
+		}
+		set, err := d.cfg.Fanout.SegmentMembers(ctx, a.Segment, maxDryRunSegment)
+		if err != nil {
+			return nil, err
+		}
+		in = func(dev *Device) bool { _, ok := set[dev.User]; return ok }
+	case *deliverypb.Push_Everyone:
+		in = func(*Device) bool { return true }
+	default:
+		return nil, fmt.Errorf("dry run: no audience: %w", oplog.ErrNoTargets)
+	}
+	return reg.Count(ctx, func(dev *Device) bool { return in(dev) && oplog.Match(cond, dev.Attrs) })
+}
+
+func idSetOf(ids []string) map[string]struct{} {
+	set := make(map[string]struct{}, len(ids))
+	for _, id := range ids {
+		set[id] = struct{}{}
+	}
+	return set
+}
