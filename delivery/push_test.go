@@ -117,7 +117,7 @@ func TestPushToUsersAndDevices(t *testing.T) {
 	c := ctx(t)
 	expires := time.Now().Add(time.Hour).UnixMilli()
 	p := &deliverypb.Push{Id: "welcome-1", Title: "Hi {{name}}", Body: "Your code: {{code}}",
-		Vars: map[string]string{"name": "there", "code": "{{name}}"}, // a value is never parsed again
+		Vars:       map[string]string{"name": "there", "code": "{{name}}"}, // a value is never parsed again
 		TargetVars: map[string]*deliverypb.Vars{"alice": {Vars: map[string]string{"name": "Alice\x07"}}},
 		ActionUri:  "app://offers/42", Priority: deliverypb.Priority_PRIORITY_HIGH, ExpiresMs: expires,
 		Data: []byte(`{"offer":42}`), DataType: "application/json",
