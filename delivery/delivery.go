@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/delivery/diff"
 	"github.com/sluicehq/sluice/fanout"
 	"github.com/sluicehq/sluice/oplog"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -50,6 +51,20 @@ type Config struct {
 	// PushValidity is a push's validity when it gives none. Default
 	// DefaultPushValidity (72 hours).
 	PushValidity time.Duration
+	// Dir is the badger directory of the push receipts projection (the
+	// funnel). Optional: without it the node records no receipts and has
+	// no offline channels.
+	Dir string
+	// Registry is the device registry: push addresses for the offline
+	// channels, known devices for an everyone push's funnel. Optional.
+	Registry *Registry
+	// OfflineChannels are the vendor push channels, by the name devices
+	// give in their push address. Optional; they need Dir and Registry.
+	OfflineChannels []OfflineChannel
+	// OfflineAfter is how long a push has to reach a device over its link
+	// before its vendor channel is used (Push.offline_after_ms overrides).
+	// Default DefaultOfflineAfter (30 s).
+	OfflineAfter time.Duration
 }
 
 // Delivery is the release and switch state of this node, a projection of
@@ -63,6 +78,8 @@ type Delivery struct {
 	ctl *oplog.Control[*snapshot]
 	obs jetstream.ObjectStore
 	lg  zerolog.Logger
+	rc  *receipts // nil without Config.Dir
+	off *offline  // nil without offline channels
 
 	mu      sync.Mutex
 	changed chan struct{} // closed on the next change of any device's view
@@ -92,6 +109,9 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 	if cfg.PushValidity <= 0 {
 		cfg.PushValidity = DefaultPushValidity
 	}
+	if cfg.OfflineAfter <= 0 {
+		cfg.OfflineAfter = DefaultOfflineAfter
+	}
 	d := &Delivery{cfg: cfg, lg: zerolog.Nop(), changed: make(chan struct{})}
 	if cfg.Logger != nil {
 		d.lg = cfg.Logger.With().Str("component", "delivery").Logger()
@@ -113,6 +133,15 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Dir != "" {
+		if d.rc, err = openReceipts(ctx, cfg.Log, cfg.Dir, d.lg); err != nil {
+			return nil, err
+		}
+	}
+	if d.off, err = openOffline(ctx, d); err != nil {
+		d.closeStores()
+		return nil, err
+	}
 	return d, nil
 }
 
@@ -120,14 +149,16 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 // Changed on every change of the state and whenever a rule's time window
 // opens or closes.
 func (d *Delivery) Run(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		d.watch(ctx)
-	}()
-	err := d.ctl.Run(ctx)
-	<-done
-	return err
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { d.watch(gctx); return nil })
+	g.Go(func() error { return d.ctl.Run(gctx) })
+	if d.rc != nil {
+		g.Go(func() error { return d.rc.run(gctx) })
+	}
+	if d.off != nil {
+		g.Go(func() error { return d.off.run(gctx) })
+	}
+	return g.Wait()
 }
 
 // watch turns state changes and window boundaries into Changed wake-ups.
@@ -168,8 +199,30 @@ func (d *Delivery) Changed() <-chan struct{} {
 	return d.changed
 }
 
-// Close stops following (see oplog.Control.Close).
-func (d *Delivery) Close() error { return d.ctl.Close() }
+// Close stops following (see oplog.Control.Close) and closes the
+// receipts store: call it after Run has returned.
+func (d *Delivery) Close() error {
+	err := d.ctl.Close()
+	d.closeStores()
+	return err
+}
+
+func (d *Delivery) closeStores() {
+	if d.rc != nil {
+		if err := d.rc.close(); err != nil {
+			d.lg.Error().Err(err).Msg("closing the receipts store")
+		}
+	}
+}
+
+// ReceiptsProjection is the push receipts projection, for rebuilds and
+// digests (nil without Config.Dir).
+func (d *Delivery) ReceiptsProjection() *oplog.Projection {
+	if d.rc == nil {
+		return nil
+	}
+	return d.rc.proj
+}
 
 // Applied returns the sequence of the last control event applied.
 func (d *Delivery) Applied() uint64 { return d.ctl.Applied() }
@@ -197,7 +250,7 @@ func (d *Delivery) View(dev *Device) *deliverypb.View {
 	}
 	half := max(d.cfg.ManifestTTL.Milliseconds()/2, 1)
 	for _, name := range s.packageNames {
-		o, ok := offerFor(s.packages[name], dev, now)
+		o, ok := offerFor(s.packages[name], dev, now, s.keys)
 		if !ok {
 			continue
 		}
@@ -221,7 +274,7 @@ func (d *Delivery) signed(s *snapshot, o offer, now, half int64) *deliverypb.Sig
 	if e, ok := s.signed.m.Load(key); ok && now-e.(*signedEntry).issued < half {
 		return e.(*signedEntry).sm
 	}
-	m := o.manifest(d.cfg.URLPrefix, now, now+d.cfg.ManifestTTL.Milliseconds())
+	m := o.manifest(d.cfg.URLPrefix, now, now+d.cfg.ManifestTTL.Milliseconds(), s.keys)
 	sm, err := d.cfg.Signer.Sign(m)
 	if err != nil {
 		// Marshalling a manifest built here cannot fail; if it ever does

@@ -21,8 +21,14 @@ const StreamDevices = "SLUICE_DEVICES"
 
 const subjectDevices = "sluice.device."
 
-// devicePrefix is the registry's key prefix in badger: d/<device>.
-var devicePrefix = []byte("d/")
+// The registry's keys in badger: d/<device> → the record, and
+// u/<user>/<device> for the devices a user is bound on.
+var (
+	devicePrefix = []byte("d/")
+	userPrefix   = []byte("u/")
+)
+
+func userKey(user, device string) []byte { return []byte("u/" + user + "/" + device) }
 
 // RegistryConfig configures a Registry. A zero field takes the default in
 // its comment.
@@ -87,7 +93,7 @@ func OpenRegistry(ctx context.Context, cfg RegistryConfig) (*Registry, error) {
 	}
 	r.db = db
 	r.proj, err = oplog.NewProjection(oplog.ProjectionConfig{
-		Stream: StreamDevices, DB: db, JetStream: r.js, Prefixes: [][]byte{devicePrefix},
+		Stream: StreamDevices, DB: db, JetStream: r.js, Prefixes: [][]byte{devicePrefix, userPrefix},
 		Apply: r.apply, Logger: &r.lg,
 	})
 	if err != nil {
@@ -104,7 +110,23 @@ func (r *Registry) apply(txn *badger.Txn, rec *oplog.Record) error {
 		r.lg.Warn().Uint64("seq", rec.Seq).Str("subject", rec.Subject).Msg("device record skipped: malformed")
 		return nil
 	}
-	return txn.Set(append(devicePrefix, dev.Device...), rec.Data)
+	key := append(devicePrefix, dev.Device...)
+	old := &deliverypb.Device{}
+	if it, err := txn.Get(key); err == nil {
+		if err := it.Value(func(v []byte) error { return proto.Unmarshal(v, old) }); err == nil && old.User != "" && old.User != dev.User {
+			if err := txn.Delete(userKey(old.User, dev.Device)); err != nil {
+				return err
+			}
+		}
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	if dev.User != "" && oplog.ValidID(dev.User) {
+		if err := txn.Set(userKey(dev.User, dev.Device), nil); err != nil {
+			return err
+		}
+	}
+	return txn.Set(key, rec.Data)
 }
 
 // Run applies the stream until ctx ends.
@@ -116,11 +138,15 @@ func (r *Registry) Projection() *oplog.Projection { return r.proj }
 // Close closes the badger store; call it after Run returned.
 func (r *Registry) Close() error { return r.db.Close() }
 
-// Seen records that a device connected with these attributes. It
+// MaxPushTokenLen bounds a vendor push token.
+const MaxPushTokenLen = 512
+
+// Seen records that a device connected with these attributes, and its
+// vendor push address (nil: keep the one known; an empty token: none). It
 // publishes a record only when something changed since the registry's
 // last one, or the last one is older than SeenEvery, so a reconnect costs
 // one key lookup. It does not wait for the publish.
-func (r *Registry) Seen(app string, d *Device) {
+func (r *Registry) Seen(app string, d *Device, push *deliverypb.PushAddress) {
 	if !oplog.ValidID(d.ID) {
 		return
 	}
@@ -128,7 +154,14 @@ func (r *Registry) Seen(app string, d *Device) {
 	rec := &deliverypb.Device{Device: d.ID, User: d.User, App: app, AppVersion: d.Attrs.AppVersion, Os: d.Attrs.OS,
 		OsVersion: d.Attrs.OSVersion, Model: d.Attrs.Model, Region: d.Attrs.Region, Network: d.Attrs.Network,
 		Channel: d.Attrs.Channel, Cpu: d.Attrs.CPU}
-	if old, ok, err := r.Get(d.ID); err == nil && ok {
+	old, ok, err := r.Get(d.ID)
+	switch {
+	case push != nil && push.Token != "" && len(push.Token) <= MaxPushTokenLen && validName(push.Channel):
+		rec.PushChannel, rec.PushToken = push.Channel, push.Token
+	case push == nil && ok:
+		rec.PushChannel, rec.PushToken = old.PushChannel, old.PushToken
+	}
+	if err == nil && ok {
 		seen := old.SeenMs
 		old.SeenMs = 0
 		if proto.Equal(old, rec) && now.Sub(time.UnixMilli(seen)) < r.cfg.SeenEvery {
@@ -188,6 +221,57 @@ func (r *Registry) Get(device string) (*deliverypb.Device, bool, error) {
 		return nil, false, fmt.Errorf("devices: get %s: %w", device, err)
 	}
 	return out, out != nil, nil
+}
+
+// DevicesOf returns the registry's records of the devices bound to a user.
+func (r *Registry) DevicesOf(user string) ([]*deliverypb.Device, error) {
+	var ids []string
+	prefix := []byte("u/" + user + "/")
+	err := r.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			ids = append(ids, string(it.Item().Key()[len(prefix):]))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("devices: of user %s: %w", user, err)
+	}
+	out := make([]*deliverypb.Device, 0, len(ids))
+	for _, id := range ids {
+		if dev, ok, err := r.Get(id); err != nil {
+			return nil, err
+		} else if ok && dev.User == user {
+			out = append(out, dev)
+		}
+	}
+	return out, nil
+}
+
+// Each calls fn with every known device's record, in id order, until fn
+// returns false. The record is reused between calls.
+func (r *Registry) Each(ctx context.Context, fn func(*deliverypb.Device) bool) error {
+	rec := &deliverypb.Device{}
+	n := 0
+	return r.db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.Prefix = devicePrefix
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if n++; n%4096 == 0 && ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err := it.Item().Value(func(v []byte) error { return proto.Unmarshal(v, rec) }); err != nil {
+				return err
+			}
+			if !fn(rec) {
+				return nil
+			}
+		}
+		return nil
+	})
 }
 
 // CatchUp waits until the projection has applied every record stored

@@ -74,7 +74,7 @@ func TestDryRuns(t *testing.T) {
 	reg := e.openRegistry(t, t.TempDir())
 	devs := fleet(3000)
 	for _, dev := range devs {
-		reg.Seen("app", dev)
+		reg.Seen("app", dev, nil)
 	}
 	waitKnown(t, reg, uint64(len(devs)))
 
@@ -120,13 +120,13 @@ func TestDryRuns(t *testing.T) {
 	// An unchanged device is not published again; a changed one is.
 	before, _ := reg.Count(ctx(t), func(dev *delivery.Device) bool { return dev.Attrs.OS == "web" })
 	published := reg.Stats().Published
-	reg.Seen("app", devs[0])
+	reg.Seen("app", devs[0], nil)
 	if n := reg.Stats().Published; n != published {
 		t.Fatalf("an unchanged device was published again (%d → %d)", published, n)
 	}
 	moved := *devs[1]
 	moved.Attrs.OS = "web"
-	reg.Seen("app", &moved)
+	reg.Seen("app", &moved, nil)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		_ = reg.CatchUp(ctx(t))

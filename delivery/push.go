@@ -125,8 +125,61 @@ func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (
 	if err != nil {
 		return nil, err
 	}
+	if err := d.afterPush(ctx, p, n, res, now); err != nil {
+		return nil, err
+	}
 	log.Uint64("targets", res.Targets).Str("job", res.Job).Bool("duplicate", res.Duplicate).Msg("push sent")
 	return res, nil
+}
+
+// afterPush records the push for its funnel and schedules its offline
+// check. Both are idempotent (message ids), so a producer retrying a push
+// whose record failed loses nothing.
+func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, res *deliverypb.PushResult, now time.Time) error {
+	if d.rc == nil {
+		return nil
+	}
+	rec := &deliverypb.PushRecord{PushId: p.Id, Targeted: res.Targets, ExpiresMs: n.ExpiresMs, SentMs: now.UnixMilli()}
+	pc := &deliverypb.PushCheck{PushId: p.Id, ExpiresMs: n.ExpiresMs}
+	switch a := p.Audience.(type) {
+	case *deliverypb.Push_Users:
+		rec.Audience, pc.Users = "users", a.Users.GetIds()
+		if res.Job != "" {
+			rec.Audience, pc.Users = "list", nil // too many to carry: no offline check
+		}
+	case *deliverypb.Push_Devices:
+		rec.Audience, pc.Devices = "devices", a.Devices.GetIds()
+		if res.Job != "" {
+			rec.Audience, pc.Devices = "list", nil
+		}
+	case *deliverypb.Push_Segment:
+		rec.Audience, pc.Segment = "segment", a.Segment
+		if size, err := d.cfg.Fanout.SegmentSize(ctx, a.Segment); err == nil {
+			rec.Targeted = size
+		}
+	case *deliverypb.Push_Everyone:
+		rec.Audience, pc.Everyone = "everyone", true
+		if d.cfg.Registry != nil {
+			if known, err := d.cfg.Registry.Count(ctx, func(*Device) bool { return true }); err == nil {
+				rec.Targeted = known.Known
+			}
+		}
+	}
+	if err := d.recordPush(ctx, rec); err != nil {
+		return err
+	}
+	after := d.cfg.OfflineAfter
+	if p.OfflineAfterMs != 0 {
+		after = time.Duration(p.OfflineAfterMs) * time.Millisecond
+	}
+	if d.off == nil || after < 0 || (len(pc.Users) == 0 && len(pc.Devices) == 0 && pc.Segment == "" && !pc.Everyone) {
+		return nil
+	}
+	var err error
+	if pc.Notification, err = render(p, n, nil); err != nil {
+		return err
+	}
+	return d.off.schedule(ctx, pc, after)
 }
 
 // checkPush validates a push and builds its notification (templates not

@@ -373,7 +373,7 @@ func TestPushDryRun(t *testing.T) {
 	t.Cleanup(func() { _ = reg.Close() })
 	devs := fleet(300) // users u0, u10, ... on every tenth device; OS cycles android, ios, harmony
 	for _, d := range devs {
-		reg.Seen("app", d)
+		reg.Seen("app", d, nil)
 	}
 	waitKnown(t, reg, 300)
 	if err := e.f.SegmentAdd(ctx(t), "s", "u0", "u10", "u20", "nobody"); err != nil {

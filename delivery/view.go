@@ -22,13 +22,19 @@ type offer struct {
 //   - a gray release is offered if d is in its audience and gray rule;
 //   - a full release is offered if d is in its audience;
 //   - a rolled-back release that could have reached d is remembered, and
-//     the release finally offered carries the rollback.
-func offerFor(p *pkgState, d *Device, now int64) (offer, bool) {
+//     the release finally offered carries the rollback;
+//   - a hot patch whose producer key was revoked since is skipped.
+func offerFor(p *pkgState, d *Device, now int64, keys map[string]*deliverypb.ProducerKey) (offer, bool) {
 	var rolled []string
 	for i := len(p.releases) - 1; i >= 0; i-- {
 		r := p.releases[i]
 		if r.pb.Paused || !r.audience.Match(d, now) {
 			continue
+		}
+		if r.pb.Kind == deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH {
+			if k := keys[r.pb.Version.ProducerKey]; k == nil || k.Revoked {
+				continue
+			}
 		}
 		switch r.pb.Stage {
 		case deliverypb.Stage_STAGE_GRAY:
@@ -61,8 +67,9 @@ func switchValue(cs *compiledSwitch, d *Device, now int64) *deliverypb.SwitchVal
 	return &deliverypb.SwitchValue{Key: sw.Key, Value: sw.DefaultValue, Version: sw.Version}
 }
 
-// manifest builds the manifest of an offer (unsigned).
-func (o offer) manifest(prefix string, issued, expires int64) *deliverypb.Manifest {
+// manifest builds the manifest of an offer (unsigned); keys are the
+// registered producer keys, for a hot patch's.
+func (o offer) manifest(prefix string, issued, expires int64, keys map[string]*deliverypb.ProducerKey) *deliverypb.Manifest {
 	v := o.target.pb.Version
 	m := &deliverypb.Manifest{
 		Package: o.pkg.name, Kind: o.pkg.kind, Version: v.Version, Sha256: v.Sha256, Size: v.Size,
@@ -70,6 +77,9 @@ func (o offer) manifest(prefix string, issued, expires int64) *deliverypb.Manife
 		Rollback: len(o.rollback) > 0, RollbackFrom: o.rollback, Serial: o.pkg.serial,
 		IssuedMs: issued, ExpiresMs: expires,
 		ProducerSignature: v.ProducerSignature, ProducerKey: v.ProducerKey,
+	}
+	if k, ok := keys[v.ProducerKey]; ok && v.ProducerKey != "" {
+		m.ProducerPublicKey = k.PublicKey
 	}
 	for _, df := range v.Diffs {
 		m.Diffs = append(m.Diffs, &deliverypb.Diff{FromVersion: df.FromVersion, FromSha256: df.FromSha256,

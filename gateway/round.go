@@ -338,6 +338,7 @@ func (r *round) businesses(ctx context.Context, codes []string) (int, error) {
 		for _, e := range bl.Entries {
 			if !r.ss.srv.suppressed(e) {
 				items = append(items, itemOf(e))
+				r.ss.sentPush(e)
 			}
 			r.points[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
 		}

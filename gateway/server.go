@@ -54,6 +54,8 @@ type Config struct {
 	// drops it (delivery.Delivery.Suppressed: recalled pushes). It must be
 	// fast and must not block.
 	Suppress func(*oplogpb.Entry) bool
+	// Receipts records push receipts (delivery.Delivery). Optional.
+	Receipts Receipts
 	// Buckets groups businesses for sync rounds: one read per non-empty
 	// bucket, in priority order. Optional: without it a round reads every
 	// business together (one read per inbox).

@@ -282,7 +282,7 @@ func (ss *session) hello() bool {
 		return false
 	}
 	ss.logAt(zerolog.InfoLevel).Str("user", claims.User).Str("previous", h.SessionId).Int("points", len(points)).Bool("zstd", compress).Msg("session started")
-	ss.deviceChanged()
+	ss.deviceChanged(h.Push)
 	go ss.syncRounds(done)
 	return true
 }
@@ -395,7 +395,7 @@ func (ss *session) bindUser(user string, round bool) error {
 		ss.stopTopicWatches()
 		return nil
 	}
-	ss.deviceChanged()
+	ss.deviceChanged(nil)
 	if len(late) > 0 {
 		// Followed while the index was read: watch, then read again.
 		for _, name := range late {
@@ -476,18 +476,28 @@ func (ss *session) ack(a *gatewaypb.Ack) bool {
 
 // event handles a client event: foreground and login start a sync round;
 // logout unbinds the user; attrs, with any type (or none), replace the
-// session's attributes.
+// session's attributes; receipts and a push address, with any type, are
+// recorded.
 func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 	if e.Attrs != nil {
 		ss.mu.Lock()
 		ss.attrs = attrsOf(e.Attrs)
 		ss.mu.Unlock()
-		ss.deviceChanged()
+	}
+	if e.Attrs != nil || e.Push != nil {
+		ss.deviceChanged(e.Push)
+	}
+	if len(e.Receipts) > maxReceipts {
+		ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, fmt.Sprintf("%d receipts in one event, at most %d", len(e.Receipts), maxReceipts), false))
+	} else if rc := ss.srv.cfg.Receipts; rc != nil {
+		for _, r := range e.Receipts {
+			rc.Received(ss.device, r)
+		}
 	}
 	switch e.Type {
 	case gatewaypb.ClientEvent_TYPE_UNSPECIFIED:
-		if e.Attrs == nil {
-			ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, "event without a type or attrs", false))
+		if e.Attrs == nil && e.Push == nil && len(e.Receipts) == 0 {
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, "event without a type, attrs, receipts or push address", false))
 		}
 	case gatewaypb.ClientEvent_TYPE_FOREGROUND:
 		ss.startRound()
@@ -592,6 +602,7 @@ func (ss *session) onLive(e *oplogpb.Entry) {
 	if e.Id == 0 { // transient: now or never, unordered with stored items
 		if !ss.deferredLocked(e.Business) { // a deferred bucket gets nothing live
 			ss.enqueueLocked(liveFrame(e), true)
+			ss.sentPush(e)
 		}
 		return
 	}
@@ -642,6 +653,7 @@ func (ss *session) sendLiveLocked(e *oplogpb.Entry) {
 	}
 	ss.sent[e.Business] = oplog.SyncPoint{ID: e.Id, Epoch: e.Epoch}
 	ss.enqueueLocked(liveFrame(e), true)
+	ss.sentPush(e)
 }
 
 // ownsLocked reports whether e belongs to an inbox this session follows

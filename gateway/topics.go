@@ -391,6 +391,7 @@ func (ss *session) sendTopicLocked(e *oplogpb.Entry) {
 	}
 	ts.setSent(e.Topic, topics.Cursor{ID: e.Id, Epoch: e.Epoch})
 	ss.enqueueLocked(liveFrame(e), true)
+	ss.sentPush(e)
 }
 
 // topicCursorsLocked returns where the next round starts each topic.
@@ -464,6 +465,7 @@ func (r *round) topics(ctx context.Context) (int, error) {
 		for _, e := range bl.Entries {
 			if !r.ss.srv.suppressed(e) {
 				items = append(items, itemOf(e))
+				r.ss.sentPush(e)
 			}
 			r.cursors[e.Topic] = topics.Cursor{ID: e.Id, Epoch: e.Epoch}
 		}

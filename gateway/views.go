@@ -19,11 +19,23 @@ type Views interface {
 // that connects, and again when its attributes or user change, for dry
 // runs. Seen must not block.
 type Devices interface {
-	Seen(app string, d *delivery.Device)
+	Seen(app string, d *delivery.Device, push *deliverypb.PushAddress)
 }
 
-// reportDevice tells the registry, if any, what the device is now.
-func (ss *session) reportDevice() {
+// Receipts records push receipts (delivery.Delivery): Sent for every push
+// entry a session sends, Received for the receipts clients report. Both
+// must not block.
+type Receipts interface {
+	Sent(device string, e *oplogpb.Entry)
+	Received(device string, r *deliverypb.Receipt)
+}
+
+// maxReceipts bounds the receipts in one client event.
+const maxReceipts = 256
+
+// reportDevice tells the registry, if any, what the device is now, with
+// its vendor push address if the client just gave one (nil: unchanged).
+func (ss *session) reportDevice(push *deliverypb.PushAddress) {
 	reg := ss.srv.cfg.Devices
 	if reg == nil {
 		return
@@ -31,7 +43,14 @@ func (ss *session) reportDevice() {
 	ss.mu.Lock()
 	d := &delivery.Device{ID: ss.device, User: ss.user, Attrs: ss.attrs.Value()}
 	ss.mu.Unlock()
-	reg.Seen(ss.app, d)
+	reg.Seen(ss.app, d, push)
+}
+
+// sentPush reports a push entry handed to the link.
+func (ss *session) sentPush(e *oplogpb.Entry) {
+	if rc := ss.srv.cfg.Receipts; rc != nil && e.Kind == oplogpb.Kind_KIND_PUSH {
+		rc.Sent(ss.device, e)
+	}
 }
 
 // viewState is what a session that wants views knows of them.
@@ -39,10 +58,10 @@ type viewState struct {
 	digest string // of the view the client holds
 }
 
-// deviceChanged reports the device and sends its view: its attributes or
-// user changed, or it connected.
-func (ss *session) deviceChanged() {
-	ss.reportDevice()
+// deviceChanged reports the device and sends its view: its attributes,
+// user or push address changed, or it connected.
+func (ss *session) deviceChanged(push *deliverypb.PushAddress) {
+	ss.reportDevice(push)
 	ss.sendView()
 }
 

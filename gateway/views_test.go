@@ -22,7 +22,7 @@ func newDelivery(t *testing.T, e *env) *delivery.Delivery {
 	_, key, _ := ed25519.GenerateKey(nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	d, err := delivery.Open(ctx, delivery.Config{Log: e.l, Signer: delivery.NewSigner(key)})
+	d, err := delivery.Open(ctx, delivery.Config{Log: e.l, Signer: delivery.NewSigner(key), Dir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,6 +34,7 @@ func newDelivery(t *testing.T, e *env) *delivery.Delivery {
 		if err := <-done; err != nil {
 			t.Errorf("delivery run: %v", err)
 		}
+		_ = d.Close()
 	})
 	return d
 }
@@ -50,6 +51,7 @@ func envWithViews(t *testing.T) (*env, *delivery.Delivery) {
 			<-hook.ready
 			return hook.d.Suppressed(en)
 		}
+		c.Receipts = hook
 	})
 	d := newDelivery(t, e)
 	hook.set(d)
@@ -67,6 +69,16 @@ func (l *lateViews) set(d *delivery.Delivery) { l.d = d; close(l.ready) }
 func (l *lateViews) View(dev *delivery.Device) *deliverypb.View {
 	<-l.ready
 	return l.d.View(dev)
+}
+
+func (l *lateViews) Sent(device string, e *oplogpb.Entry) {
+	<-l.ready
+	l.d.Sent(device, e)
+}
+
+func (l *lateViews) Received(device string, r *deliverypb.Receipt) {
+	<-l.ready
+	l.d.Received(device, r)
 }
 
 func (l *lateViews) Changed() <-chan struct{} {
@@ -285,5 +297,63 @@ func TestRecalledPushesAreNotSent(t *testing.T) {
 	live := c.live(1)
 	if live[0].MessageId != "push-next" {
 		t.Fatalf("live: %s, want push-next (push-late was recalled)", live[0].MessageId)
+	}
+}
+
+// TestPushReceipts: the gateway records a push as sent when it hands it
+// to the link (round and live), and the client's receipts; the funnel
+// counts them.
+func TestPushReceipts(t *testing.T) {
+	e, d := envWithViews(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	push := func(id string) {
+		t.Helper()
+		if _, err := d.Push(ctx, &deliverypb.Push{Id: id, Title: id,
+			Audience: &deliverypb.Push_Users{Users: &deliverypb.Targets{Ids: []string{"u7"}}}}, "test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	push("in-round")
+	c := e.dialTCP()
+	c.send(hello(e.token("u7", "dev-7", time.Hour)))
+	_, items, _ := c.syncAll()
+	push("live")
+	items = append(items, c.live(1)...)
+	if len(items) != 2 {
+		t.Fatalf("got %d items", len(items))
+	}
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Receipts: []*deliverypb.Receipt{
+		{PushId: "in-round", State: deliverypb.ReceiptState_RECEIPT_STATE_DELIVERED},
+		{PushId: "live", State: deliverypb.ReceiptState_RECEIPT_STATE_DELIVERED},
+		{PushId: "live", State: deliverypb.ReceiptState_RECEIPT_STATE_OPENED},
+		{PushId: "live", State: deliverypb.ReceiptState_RECEIPT_STATE_SENT}, // only the server says sent: ignored
+	}}}})
+	want := map[string][3]uint64{"in-round": {1, 1, 0}, "live": {1, 1, 1}}
+	deadline := time.Now().Add(10 * time.Second)
+	for id, w := range want {
+		for {
+			f, err := d.Funnel(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := [3]uint64{f.Sent, f.Delivered, f.Opened}; got == w {
+				break
+			} else if time.Now().After(deadline) {
+				t.Fatalf("%s: funnel sent/delivered/opened %v, want %v", id, got, w)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	// Too many receipts in one event: a non-fatal error.
+	c.send(&gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: &gatewaypb.ClientEvent{Receipts: make([]*deliverypb.Receipt, 300)}}})
+	for {
+		f := c.must(5 * time.Second)
+		if er := f.GetError(); er != nil {
+			if er.Fatal || er.Code != gatewaypb.Error_CODE_INVALID {
+				t.Fatalf("error %v", er)
+			}
+			break
+		}
 	}
 }

@@ -46,8 +46,17 @@ import (
 //	POST   /v1/pushes/dry-run                   body: Push; how many known devices it would reach
 //	POST   /v1/pushes/{id}/recall               withdraws what is not delivered yet
 //	GET    /v1/pushes/recalled                  recalled push ids
+//	GET    /v1/pushes/{id}/funnel               targeted, sent, delivered, opened, expired, offline
 func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 	d := m.delivery
+	mux.HandleFunc("GET /v1/pushes/{id}/funnel", func(w http.ResponseWriter, r *http.Request) {
+		f, err := d.Funnel(r.Context(), r.PathValue("id"))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(f))
+	})
 	mux.HandleFunc("POST /v1/pushes", func(w http.ResponseWriter, r *http.Request) {
 		p := new(deliverypb.Push)
 		if err := readProtoJSONMax(w, r, p, 8<<20); err != nil {

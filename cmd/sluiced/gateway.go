@@ -47,6 +47,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 		Views:     m.delivery,
 		Devices:   m.devices,
 		Suppress:  m.delivery.Suppressed,
+		Receipts:  m.delivery,
 		Inbox:     m.inbox,
 		Topics:    m.topics,
 		Buckets:   m.buckets,
@@ -218,12 +219,13 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("delivery key: %w", err)
 	}
-	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
-		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
+	m.devices, err = delivery.OpenRegistry(ctx, delivery.RegistryConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "devices"), Logger: &m.log})
 	if err != nil {
 		return err
 	}
-	m.devices, err = delivery.OpenRegistry(ctx, delivery.RegistryConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "devices"), Logger: &m.log})
+	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
+		Dir: filepath.Join(m.cfg.DataDir, "receipts"), Registry: m.devices,
+		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
 	return err
 }
 

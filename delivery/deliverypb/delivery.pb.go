@@ -262,6 +262,59 @@ func (Priority) EnumDescriptor() ([]byte, []int) {
 	return file_delivery_proto_rawDescGZIP(), []int{3}
 }
 
+// ReceiptState is what a receipt says of a push on one device.
+type ReceiptState int32
+
+const (
+	ReceiptState_RECEIPT_STATE_UNSPECIFIED ReceiptState = 0
+	ReceiptState_RECEIPT_STATE_SENT        ReceiptState = 1 // handed to the device's link, or to its vendor channel (set by the server)
+	ReceiptState_RECEIPT_STATE_DELIVERED   ReceiptState = 2 // the app has it
+	ReceiptState_RECEIPT_STATE_OPENED      ReceiptState = 3 // its user opened it
+)
+
+// Enum value maps for ReceiptState.
+var (
+	ReceiptState_name = map[int32]string{
+		0: "RECEIPT_STATE_UNSPECIFIED",
+		1: "RECEIPT_STATE_SENT",
+		2: "RECEIPT_STATE_DELIVERED",
+		3: "RECEIPT_STATE_OPENED",
+	}
+	ReceiptState_value = map[string]int32{
+		"RECEIPT_STATE_UNSPECIFIED": 0,
+		"RECEIPT_STATE_SENT":        1,
+		"RECEIPT_STATE_DELIVERED":   2,
+		"RECEIPT_STATE_OPENED":      3,
+	}
+)
+
+func (x ReceiptState) Enum() *ReceiptState {
+	p := new(ReceiptState)
+	*p = x
+	return p
+}
+
+func (x ReceiptState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReceiptState) Descriptor() protoreflect.EnumDescriptor {
+	return file_delivery_proto_enumTypes[4].Descriptor()
+}
+
+func (ReceiptState) Type() protoreflect.EnumType {
+	return &file_delivery_proto_enumTypes[4]
+}
+
+func (x ReceiptState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReceiptState.Descriptor instead.
+func (ReceiptState) EnumDescriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{4}
+}
+
 // Rule says which devices something reaches. A device matches when the
 // time is inside the window and it is whitelisted, or when it passes every
 // predicate that is set and falls inside the sticky percentage.
@@ -1745,6 +1798,8 @@ type Device struct {
 	Channel       string                 `protobuf:"bytes,10,opt,name=channel,proto3" json:"channel,omitempty"`
 	Cpu           string                 `protobuf:"bytes,11,opt,name=cpu,proto3" json:"cpu,omitempty"`
 	SeenMs        int64                  `protobuf:"varint,12,opt,name=seen_ms,json=seenMs,proto3" json:"seen_ms,omitempty"`
+	PushChannel   string                 `protobuf:"bytes,13,opt,name=push_channel,json=pushChannel,proto3" json:"push_channel,omitempty"` // vendor push channel name, e.g. "apns", "fcm", "webhook"
+	PushToken     string                 `protobuf:"bytes,14,opt,name=push_token,json=pushToken,proto3" json:"push_token,omitempty"`       // the device's token there
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1861,6 +1916,20 @@ func (x *Device) GetSeenMs() int64 {
 		return x.SeenMs
 	}
 	return 0
+}
+
+func (x *Device) GetPushChannel() string {
+	if x != nil {
+		return x.PushChannel
+	}
+	return ""
+}
+
+func (x *Device) GetPushToken() string {
+	if x != nil {
+		return x.PushToken
+	}
+	return ""
 }
 
 // DryRun is the answer to "how many known devices would this reach".
@@ -2039,9 +2108,13 @@ type Push struct {
 	//	*Push_Devices
 	//	*Push_Segment
 	//	*Push_Everyone
-	Audience      isPush_Audience `protobuf_oneof:"audience"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Audience isPush_Audience `protobuf_oneof:"audience"`
+	// Devices that have not received the push over their link this long
+	// after it is sent get it through their vendor push channel (offline
+	// channel). 0: the server's default; negative: never.
+	OfflineAfterMs int64 `protobuf:"varint,13,opt,name=offline_after_ms,json=offlineAfterMs,proto3" json:"offline_after_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Push) Reset() {
@@ -2199,6 +2272,13 @@ func (x *Push) GetEveryone() bool {
 		}
 	}
 	return false
+}
+
+func (x *Push) GetOfflineAfterMs() int64 {
+	if x != nil {
+		return x.OfflineAfterMs
+	}
+	return 0
 }
 
 type isPush_Audience interface {
@@ -2486,6 +2566,396 @@ func (x *Recall) GetActor() string {
 	return ""
 }
 
+// PushAddress is a device's address at a vendor push service.
+type PushAddress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Channel       string                 `protobuf:"bytes,1,opt,name=channel,proto3" json:"channel,omitempty"` // the offline channel's name, e.g. "apns", "fcm", "webhook"
+	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`     // the device's token there; at most 512 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushAddress) Reset() {
+	*x = PushAddress{}
+	mi := &file_delivery_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushAddress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushAddress) ProtoMessage() {}
+
+func (x *PushAddress) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushAddress.ProtoReflect.Descriptor instead.
+func (*PushAddress) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PushAddress) GetChannel() string {
+	if x != nil {
+		return x.Channel
+	}
+	return ""
+}
+
+func (x *PushAddress) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+// Receipt is a client's report on a push.
+type Receipt struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	State         ReceiptState           `protobuf:"varint,2,opt,name=state,proto3,enum=sluice.delivery.v1.ReceiptState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Receipt) Reset() {
+	*x = Receipt{}
+	mi := &file_delivery_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Receipt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Receipt) ProtoMessage() {}
+
+func (x *Receipt) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Receipt.ProtoReflect.Descriptor instead.
+func (*Receipt) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Receipt) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *Receipt) GetState() ReceiptState {
+	if x != nil {
+		return x.State
+	}
+	return ReceiptState_RECEIPT_STATE_UNSPECIFIED
+}
+
+// PushRecord is stored when a push is sent, on
+// sluice.receipt.<push>.targeted: what the funnel counts against.
+type PushRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Targeted      uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"` // targets addressed: users or devices as named; known devices for everyone
+	ExpiresMs     int64                  `protobuf:"varint,3,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	SentMs        int64                  `protobuf:"varint,4,opt,name=sent_ms,json=sentMs,proto3" json:"sent_ms,omitempty"`
+	Audience      string                 `protobuf:"bytes,5,opt,name=audience,proto3" json:"audience,omitempty"` // users, devices, list, segment, everyone
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushRecord) Reset() {
+	*x = PushRecord{}
+	mi := &file_delivery_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushRecord) ProtoMessage() {}
+
+func (x *PushRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushRecord.ProtoReflect.Descriptor instead.
+func (*PushRecord) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *PushRecord) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *PushRecord) GetTargeted() uint64 {
+	if x != nil {
+		return x.Targeted
+	}
+	return 0
+}
+
+func (x *PushRecord) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *PushRecord) GetSentMs() int64 {
+	if x != nil {
+		return x.SentMs
+	}
+	return 0
+}
+
+func (x *PushRecord) GetAudience() string {
+	if x != nil {
+		return x.Audience
+	}
+	return ""
+}
+
+// Funnel is what became of a push: targeted, then per device sent,
+// delivered and opened; expired counts targets never delivered by the end
+// of the validity (targeted minus delivered, once it ended).
+type Funnel struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Targeted      uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"`
+	Sent          uint64                 `protobuf:"varint,3,opt,name=sent,proto3" json:"sent,omitempty"`
+	Delivered     uint64                 `protobuf:"varint,4,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	Opened        uint64                 `protobuf:"varint,5,opt,name=opened,proto3" json:"opened,omitempty"`
+	Expired       uint64                 `protobuf:"varint,6,opt,name=expired,proto3" json:"expired,omitempty"`
+	Offline       uint64                 `protobuf:"varint,7,opt,name=offline,proto3" json:"offline,omitempty"` // of sent: handed to a vendor channel
+	ExpiresMs     int64                  `protobuf:"varint,8,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	Recalled      bool                   `protobuf:"varint,9,opt,name=recalled,proto3" json:"recalled,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Funnel) Reset() {
+	*x = Funnel{}
+	mi := &file_delivery_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Funnel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Funnel) ProtoMessage() {}
+
+func (x *Funnel) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Funnel.ProtoReflect.Descriptor instead.
+func (*Funnel) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Funnel) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *Funnel) GetTargeted() uint64 {
+	if x != nil {
+		return x.Targeted
+	}
+	return 0
+}
+
+func (x *Funnel) GetSent() uint64 {
+	if x != nil {
+		return x.Sent
+	}
+	return 0
+}
+
+func (x *Funnel) GetDelivered() uint64 {
+	if x != nil {
+		return x.Delivered
+	}
+	return 0
+}
+
+func (x *Funnel) GetOpened() uint64 {
+	if x != nil {
+		return x.Opened
+	}
+	return 0
+}
+
+func (x *Funnel) GetExpired() uint64 {
+	if x != nil {
+		return x.Expired
+	}
+	return 0
+}
+
+func (x *Funnel) GetOffline() uint64 {
+	if x != nil {
+		return x.Offline
+	}
+	return 0
+}
+
+func (x *Funnel) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *Funnel) GetRecalled() bool {
+	if x != nil {
+		return x.Recalled
+	}
+	return false
+}
+
+// PushCheck is scheduled when a push is sent, to fire after its offline
+// deadline: the devices that have not received it by then get it through
+// their vendor channel.
+type PushCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Notification  []byte                 `protobuf:"bytes,2,opt,name=notification,proto3" json:"notification,omitempty"` // the payload (protojson Notification), common to all targets
+	Users         []string               `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`               // users audience (up to one event's targets)
+	Devices       []string               `protobuf:"bytes,4,rep,name=devices,proto3" json:"devices,omitempty"`           // devices audience
+	Segment       string                 `protobuf:"bytes,5,opt,name=segment,proto3" json:"segment,omitempty"`
+	Everyone      bool                   `protobuf:"varint,6,opt,name=everyone,proto3" json:"everyone,omitempty"`
+	ExpiresMs     int64                  `protobuf:"varint,7,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushCheck) Reset() {
+	*x = PushCheck{}
+	mi := &file_delivery_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushCheck) ProtoMessage() {}
+
+func (x *PushCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_delivery_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushCheck.ProtoReflect.Descriptor instead.
+func (*PushCheck) Descriptor() ([]byte, []int) {
+	return file_delivery_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *PushCheck) GetPushId() string {
+	if x != nil {
+		return x.PushId
+	}
+	return ""
+}
+
+func (x *PushCheck) GetNotification() []byte {
+	if x != nil {
+		return x.Notification
+	}
+	return nil
+}
+
+func (x *PushCheck) GetUsers() []string {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *PushCheck) GetDevices() []string {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *PushCheck) GetSegment() string {
+	if x != nil {
+		return x.Segment
+	}
+	return ""
+}
+
+func (x *PushCheck) GetEveryone() bool {
+	if x != nil {
+		return x.Everyone
+	}
+	return false
+}
+
+func (x *PushCheck) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
 var File_delivery_proto protoreflect.FileDescriptor
 
 const file_delivery_proto_rawDesc = "" +
@@ -2629,7 +3099,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\x04View\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12;\n" +
 	"\bswitches\x18\x02 \x03(\v2\x1f.sluice.delivery.v1.SwitchValueR\bswitches\x12>\n" +
-	"\breleases\x18\x03 \x03(\v2\".sluice.delivery.v1.SignedManifestR\breleases\"\xa3\x02\n" +
+	"\breleases\x18\x03 \x03(\v2\".sluice.delivery.v1.SignedManifestR\breleases\"\xe5\x02\n" +
 	"\x06Device\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12\x10\n" +
@@ -2645,7 +3115,10 @@ const file_delivery_proto_rawDesc = "" +
 	"\achannel\x18\n" +
 	" \x01(\tR\achannel\x12\x10\n" +
 	"\x03cpu\x18\v \x01(\tR\x03cpu\x12\x17\n" +
-	"\aseen_ms\x18\f \x01(\x03R\x06seenMs\"R\n" +
+	"\aseen_ms\x18\f \x01(\x03R\x06seenMs\x12!\n" +
+	"\fpush_channel\x18\r \x01(\tR\vpushChannel\x12\x1d\n" +
+	"\n" +
+	"push_token\x18\x0e \x01(\tR\tpushToken\"R\n" +
 	"\x06DryRun\x12\x14\n" +
 	"\x05known\x18\x01 \x01(\x04R\x05known\x12\x1a\n" +
 	"\bmatching\x18\x02 \x01(\x04R\bmatching\x12\x16\n" +
@@ -2656,7 +3129,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\x04vars\x18\x01 \x03(\v2\".sluice.delivery.v1.Vars.VarsEntryR\x04vars\x1a7\n" +
 	"\tVarsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x06\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb9\x06\n" +
 	"\x04Push\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05title\x18\x02 \x01(\tR\x05title\x12\x12\n" +
@@ -2679,7 +3152,8 @@ const file_delivery_proto_rawDesc = "" +
 	"\x05users\x18\x14 \x01(\v2\x1b.sluice.delivery.v1.TargetsH\x00R\x05users\x127\n" +
 	"\adevices\x18\x15 \x01(\v2\x1b.sluice.delivery.v1.TargetsH\x00R\adevices\x12\x1a\n" +
 	"\asegment\x18\x16 \x01(\tH\x00R\asegment\x12\x1c\n" +
-	"\beveryone\x18\x17 \x01(\bH\x00R\beveryone\x1a7\n" +
+	"\beveryone\x18\x17 \x01(\bH\x00R\beveryone\x12(\n" +
+	"\x10offline_after_ms\x18\r \x01(\x03R\x0eofflineAfterMs\x1a7\n" +
 	"\tVarsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aW\n" +
@@ -2713,7 +3187,41 @@ const file_delivery_proto_rawDesc = "" +
 	"\x06Recall\x12\x12\n" +
 	"\x04push\x18\x01 \x01(\tR\x04push\x12\x13\n" +
 	"\x05at_ms\x18\x02 \x01(\x03R\x04atMs\x12\x14\n" +
-	"\x05actor\x18\x03 \x01(\tR\x05actor*\x9a\x01\n" +
+	"\x05actor\x18\x03 \x01(\tR\x05actor\"=\n" +
+	"\vPushAddress\x12\x18\n" +
+	"\achannel\x18\x01 \x01(\tR\achannel\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\"Z\n" +
+	"\aReceipt\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x126\n" +
+	"\x05state\x18\x02 \x01(\x0e2 .sluice.delivery.v1.ReceiptStateR\x05state\"\x95\x01\n" +
+	"\n" +
+	"PushRecord\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x1a\n" +
+	"\btargeted\x18\x02 \x01(\x04R\btargeted\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\x03 \x01(\x03R\texpiresMs\x12\x17\n" +
+	"\asent_ms\x18\x04 \x01(\x03R\x06sentMs\x12\x1a\n" +
+	"\baudience\x18\x05 \x01(\tR\baudience\"\xf6\x01\n" +
+	"\x06Funnel\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x1a\n" +
+	"\btargeted\x18\x02 \x01(\x04R\btargeted\x12\x12\n" +
+	"\x04sent\x18\x03 \x01(\x04R\x04sent\x12\x1c\n" +
+	"\tdelivered\x18\x04 \x01(\x04R\tdelivered\x12\x16\n" +
+	"\x06opened\x18\x05 \x01(\x04R\x06opened\x12\x18\n" +
+	"\aexpired\x18\x06 \x01(\x04R\aexpired\x12\x18\n" +
+	"\aoffline\x18\a \x01(\x04R\aoffline\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\b \x01(\x03R\texpiresMs\x12\x1a\n" +
+	"\brecalled\x18\t \x01(\bR\brecalled\"\xcd\x01\n" +
+	"\tPushCheck\x12\x17\n" +
+	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\"\n" +
+	"\fnotification\x18\x02 \x01(\fR\fnotification\x12\x14\n" +
+	"\x05users\x18\x03 \x03(\tR\x05users\x12\x18\n" +
+	"\adevices\x18\x04 \x03(\tR\adevices\x12\x18\n" +
+	"\asegment\x18\x05 \x01(\tR\asegment\x12\x1a\n" +
+	"\beveryone\x18\x06 \x01(\bR\beveryone\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\a \x01(\x03R\texpiresMs*\x9a\x01\n" +
 	"\n" +
 	"SwitchType\x12\x1b\n" +
 	"\x17SWITCH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n" +
@@ -2741,7 +3249,12 @@ const file_delivery_proto_rawDesc = "" +
 	"\x11STAGE_ROLLED_BACK\x10\x05*2\n" +
 	"\bPriority\x12\x13\n" +
 	"\x0fPRIORITY_NORMAL\x10\x00\x12\x11\n" +
-	"\rPRIORITY_HIGH\x10\x01B0Z.github.com/sluicehq/sluice/delivery/deliverypbb\x06proto3"
+	"\rPRIORITY_HIGH\x10\x01*|\n" +
+	"\fReceiptState\x12\x1d\n" +
+	"\x19RECEIPT_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12RECEIPT_STATE_SENT\x10\x01\x12\x1b\n" +
+	"\x17RECEIPT_STATE_DELIVERED\x10\x02\x12\x18\n" +
+	"\x14RECEIPT_STATE_OPENED\x10\x03B0Z.github.com/sluicehq/sluice/delivery/deliverypbb\x06proto3"
 
 var (
 	file_delivery_proto_rawDescOnce sync.Once
@@ -2755,73 +3268,80 @@ func file_delivery_proto_rawDescGZIP() []byte {
 	return file_delivery_proto_rawDescData
 }
 
-var file_delivery_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_delivery_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_delivery_proto_goTypes = []any{
 	(SwitchType)(0),        // 0: sluice.delivery.v1.SwitchType
 	(PackageKind)(0),       // 1: sluice.delivery.v1.PackageKind
 	(Stage)(0),             // 2: sluice.delivery.v1.Stage
 	(Priority)(0),          // 3: sluice.delivery.v1.Priority
-	(*Rule)(nil),           // 4: sluice.delivery.v1.Rule
-	(*Value)(nil),          // 5: sluice.delivery.v1.Value
-	(*Variant)(nil),        // 6: sluice.delivery.v1.Variant
-	(*Switch)(nil),         // 7: sluice.delivery.v1.Switch
-	(*SwitchValue)(nil),    // 8: sluice.delivery.v1.SwitchValue
-	(*Diff)(nil),           // 9: sluice.delivery.v1.Diff
-	(*Version)(nil),        // 10: sluice.delivery.v1.Version
-	(*PackageEvent)(nil),   // 11: sluice.delivery.v1.PackageEvent
-	(*ProducerKey)(nil),    // 12: sluice.delivery.v1.ProducerKey
-	(*Release)(nil),        // 13: sluice.delivery.v1.Release
-	(*Manifest)(nil),       // 14: sluice.delivery.v1.Manifest
-	(*SignedManifest)(nil), // 15: sluice.delivery.v1.SignedManifest
-	(*View)(nil),           // 16: sluice.delivery.v1.View
-	(*Device)(nil),         // 17: sluice.delivery.v1.Device
-	(*DryRun)(nil),         // 18: sluice.delivery.v1.DryRun
-	(*Targets)(nil),        // 19: sluice.delivery.v1.Targets
-	(*Vars)(nil),           // 20: sluice.delivery.v1.Vars
-	(*Push)(nil),           // 21: sluice.delivery.v1.Push
-	(*Notification)(nil),   // 22: sluice.delivery.v1.Notification
-	(*PushResult)(nil),     // 23: sluice.delivery.v1.PushResult
-	(*Recall)(nil),         // 24: sluice.delivery.v1.Recall
-	nil,                    // 25: sluice.delivery.v1.Vars.VarsEntry
-	nil,                    // 26: sluice.delivery.v1.Push.VarsEntry
-	nil,                    // 27: sluice.delivery.v1.Push.TargetVarsEntry
+	(ReceiptState)(0),      // 4: sluice.delivery.v1.ReceiptState
+	(*Rule)(nil),           // 5: sluice.delivery.v1.Rule
+	(*Value)(nil),          // 6: sluice.delivery.v1.Value
+	(*Variant)(nil),        // 7: sluice.delivery.v1.Variant
+	(*Switch)(nil),         // 8: sluice.delivery.v1.Switch
+	(*SwitchValue)(nil),    // 9: sluice.delivery.v1.SwitchValue
+	(*Diff)(nil),           // 10: sluice.delivery.v1.Diff
+	(*Version)(nil),        // 11: sluice.delivery.v1.Version
+	(*PackageEvent)(nil),   // 12: sluice.delivery.v1.PackageEvent
+	(*ProducerKey)(nil),    // 13: sluice.delivery.v1.ProducerKey
+	(*Release)(nil),        // 14: sluice.delivery.v1.Release
+	(*Manifest)(nil),       // 15: sluice.delivery.v1.Manifest
+	(*SignedManifest)(nil), // 16: sluice.delivery.v1.SignedManifest
+	(*View)(nil),           // 17: sluice.delivery.v1.View
+	(*Device)(nil),         // 18: sluice.delivery.v1.Device
+	(*DryRun)(nil),         // 19: sluice.delivery.v1.DryRun
+	(*Targets)(nil),        // 20: sluice.delivery.v1.Targets
+	(*Vars)(nil),           // 21: sluice.delivery.v1.Vars
+	(*Push)(nil),           // 22: sluice.delivery.v1.Push
+	(*Notification)(nil),   // 23: sluice.delivery.v1.Notification
+	(*PushResult)(nil),     // 24: sluice.delivery.v1.PushResult
+	(*Recall)(nil),         // 25: sluice.delivery.v1.Recall
+	(*PushAddress)(nil),    // 26: sluice.delivery.v1.PushAddress
+	(*Receipt)(nil),        // 27: sluice.delivery.v1.Receipt
+	(*PushRecord)(nil),     // 28: sluice.delivery.v1.PushRecord
+	(*Funnel)(nil),         // 29: sluice.delivery.v1.Funnel
+	(*PushCheck)(nil),      // 30: sluice.delivery.v1.PushCheck
+	nil,                    // 31: sluice.delivery.v1.Vars.VarsEntry
+	nil,                    // 32: sluice.delivery.v1.Push.VarsEntry
+	nil,                    // 33: sluice.delivery.v1.Push.TargetVarsEntry
 }
 var file_delivery_proto_depIdxs = []int32{
-	4,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
-	5,  // 1: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
+	5,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
+	6,  // 1: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
 	0,  // 2: sluice.delivery.v1.Switch.type:type_name -> sluice.delivery.v1.SwitchType
-	5,  // 3: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
-	6,  // 4: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
-	5,  // 5: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
-	5,  // 6: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
-	9,  // 7: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
-	4,  // 8: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
+	6,  // 3: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
+	7,  // 4: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
+	6,  // 5: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
+	6,  // 6: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
+	10, // 7: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
+	5,  // 8: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
 	1,  // 9: sluice.delivery.v1.PackageEvent.kind:type_name -> sluice.delivery.v1.PackageKind
-	10, // 10: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
-	4,  // 11: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
+	11, // 10: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
+	5,  // 11: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
 	1,  // 12: sluice.delivery.v1.Release.kind:type_name -> sluice.delivery.v1.PackageKind
-	10, // 13: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
+	11, // 13: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
 	2,  // 14: sluice.delivery.v1.Release.stage:type_name -> sluice.delivery.v1.Stage
-	4,  // 15: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
+	5,  // 15: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
 	1,  // 16: sluice.delivery.v1.Manifest.kind:type_name -> sluice.delivery.v1.PackageKind
-	9,  // 17: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
-	8,  // 18: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
-	15, // 19: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
-	25, // 20: sluice.delivery.v1.Vars.vars:type_name -> sluice.delivery.v1.Vars.VarsEntry
-	26, // 21: sluice.delivery.v1.Push.vars:type_name -> sluice.delivery.v1.Push.VarsEntry
-	27, // 22: sluice.delivery.v1.Push.target_vars:type_name -> sluice.delivery.v1.Push.TargetVarsEntry
+	10, // 17: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
+	9,  // 18: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
+	16, // 19: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
+	31, // 20: sluice.delivery.v1.Vars.vars:type_name -> sluice.delivery.v1.Vars.VarsEntry
+	32, // 21: sluice.delivery.v1.Push.vars:type_name -> sluice.delivery.v1.Push.VarsEntry
+	33, // 22: sluice.delivery.v1.Push.target_vars:type_name -> sluice.delivery.v1.Push.TargetVarsEntry
 	3,  // 23: sluice.delivery.v1.Push.priority:type_name -> sluice.delivery.v1.Priority
-	4,  // 24: sluice.delivery.v1.Push.conditions:type_name -> sluice.delivery.v1.Rule
-	19, // 25: sluice.delivery.v1.Push.users:type_name -> sluice.delivery.v1.Targets
-	19, // 26: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
+	5,  // 24: sluice.delivery.v1.Push.conditions:type_name -> sluice.delivery.v1.Rule
+	20, // 25: sluice.delivery.v1.Push.users:type_name -> sluice.delivery.v1.Targets
+	20, // 26: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
 	3,  // 27: sluice.delivery.v1.Notification.priority:type_name -> sluice.delivery.v1.Priority
-	20, // 28: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	4,  // 28: sluice.delivery.v1.Receipt.state:type_name -> sluice.delivery.v1.ReceiptState
+	21, // 29: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
+	30, // [30:30] is the sub-list for method output_type
+	30, // [30:30] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_delivery_proto_init() }
@@ -2857,8 +3377,8 @@ func file_delivery_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_delivery_proto_rawDesc), len(file_delivery_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   24,
+			NumEnums:      5,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -790,8 +790,11 @@ type Hello struct {
 	// The client wants View frames (switches and releases, §4.11); it holds
 	// the view with this digest ("" for none) and is sent one only if its
 	// view differs.
-	Views         bool   `protobuf:"varint,9,opt,name=views,proto3" json:"views,omitempty"`
-	ViewDigest    string `protobuf:"bytes,10,opt,name=view_digest,json=viewDigest,proto3" json:"view_digest,omitempty"`
+	Views      bool   `protobuf:"varint,9,opt,name=views,proto3" json:"views,omitempty"`
+	ViewDigest string `protobuf:"bytes,10,opt,name=view_digest,json=viewDigest,proto3" json:"view_digest,omitempty"`
+	// The device's address at a vendor push service (APNs, FCM, a webhook
+	// bridge...), for pushes it does not receive over this link in time.
+	Push          *deliverypb.PushAddress `protobuf:"bytes,11,opt,name=push,proto3" json:"push,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -894,6 +897,13 @@ func (x *Hello) GetViewDigest() string {
 		return x.ViewDigest
 	}
 	return ""
+}
+
+func (x *Hello) GetPush() *deliverypb.PushAddress {
+	if x != nil {
+		return x.Push
+	}
+	return nil
 }
 
 // Welcome answers a valid Hello; the sync that follows is computed from
@@ -1334,10 +1344,16 @@ func (x *Ack) GetTopics() []*TopicCursor {
 // token that names the user to bind; LOGOUT unbinds it (the round lists the
 // user's businesses in resets).
 type ClientEvent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Type          ClientEvent_Type       `protobuf:"varint,1,opt,name=type,proto3,enum=sluice.gateway.v1.ClientEvent_Type" json:"type,omitempty"`
-	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"` // LOGIN: a token naming this device and the user
-	Attrs         *Attrs                 `protobuf:"bytes,3,opt,name=attrs,proto3" json:"attrs,omitempty"` // replaces the session's attributes when set
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Type  ClientEvent_Type       `protobuf:"varint,1,opt,name=type,proto3,enum=sluice.gateway.v1.ClientEvent_Type" json:"type,omitempty"`
+	Token string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"` // LOGIN: a token naming this device and the user
+	Attrs *Attrs                 `protobuf:"bytes,3,opt,name=attrs,proto3" json:"attrs,omitempty"` // replaces the session's attributes when set
+	// Push receipts: the app has the push (delivered) or its user opened it.
+	// An event may carry only receipts (type unspecified).
+	Receipts []*deliverypb.Receipt `protobuf:"bytes,4,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	// The device's address at a vendor push service, replacing the one
+	// given before (empty token: none).
+	Push          *deliverypb.PushAddress `protobuf:"bytes,5,opt,name=push,proto3" json:"push,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1389,6 +1405,20 @@ func (x *ClientEvent) GetToken() string {
 func (x *ClientEvent) GetAttrs() *Attrs {
 	if x != nil {
 		return x.Attrs
+	}
+	return nil
+}
+
+func (x *ClientEvent) GetReceipts() []*deliverypb.Receipt {
+	if x != nil {
+		return x.Receipts
+	}
+	return nil
+}
+
+func (x *ClientEvent) GetPush() *deliverypb.PushAddress {
+	if x != nil {
+		return x.Push
 	}
 	return nil
 }
@@ -1743,7 +1773,7 @@ const file_gateway_proto_rawDesc = "" +
 	"\vTopicCursor\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\x8e\x03\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xc3\x03\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
@@ -1758,7 +1788,8 @@ const file_gateway_proto_rawDesc = "" +
 	"\x05views\x18\t \x01(\bR\x05views\x12\x1f\n" +
 	"\vview_digest\x18\n" +
 	" \x01(\tR\n" +
-	"viewDigest\"\xf7\x02\n" +
+	"viewDigest\x123\n" +
+	"\x04push\x18\v \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\"\xf7\x02\n" +
 	"\aWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12$\n" +
@@ -1798,11 +1829,13 @@ const file_gateway_proto_rawDesc = "" +
 	"\x05items\x18\x01 \x03(\v2\x17.sluice.gateway.v1.ItemR\x05items\"s\n" +
 	"\x03Ack\x124\n" +
 	"\x06points\x18\x01 \x03(\v2\x1c.sluice.gateway.v1.SyncPointR\x06points\x126\n" +
-	"\x06topics\x18\x02 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\"\xf5\x01\n" +
+	"\x06topics\x18\x02 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\"\xe3\x02\n" +
 	"\vClientEvent\x127\n" +
 	"\x04type\x18\x01 \x01(\x0e2#.sluice.gateway.v1.ClientEvent.TypeR\x04type\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
-	"\x05attrs\x18\x03 \x01(\v2\x18.sluice.gateway.v1.AttrsR\x05attrs\"g\n" +
+	"\x05attrs\x18\x03 \x01(\v2\x18.sluice.gateway.v1.AttrsR\x05attrs\x127\n" +
+	"\breceipts\x18\x04 \x03(\v2\x1b.sluice.delivery.v1.ReceiptR\breceipts\x123\n" +
+	"\x04push\x18\x05 \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\"g\n" +
 	"\x04Type\x12\x14\n" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fTYPE_FOREGROUND\x10\x01\x12\x13\n" +
@@ -1869,28 +1902,30 @@ func file_gateway_proto_rawDescGZIP() []byte {
 var file_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
 var file_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_gateway_proto_goTypes = []any{
-	(Compression)(0),        // 0: sluice.gateway.v1.Compression
-	(ClientEvent_Type)(0),   // 1: sluice.gateway.v1.ClientEvent.Type
-	(GoAway_Reason)(0),      // 2: sluice.gateway.v1.GoAway.Reason
-	(Error_Code)(0),         // 3: sluice.gateway.v1.Error.Code
-	(*Frame)(nil),           // 4: sluice.gateway.v1.Frame
-	(*Attrs)(nil),           // 5: sluice.gateway.v1.Attrs
-	(*SyncPoint)(nil),       // 6: sluice.gateway.v1.SyncPoint
-	(*TopicCursor)(nil),     // 7: sluice.gateway.v1.TopicCursor
-	(*Hello)(nil),           // 8: sluice.gateway.v1.Hello
-	(*Welcome)(nil),         // 9: sluice.gateway.v1.Welcome
-	(*Item)(nil),            // 10: sluice.gateway.v1.Item
-	(*Sync)(nil),            // 11: sluice.gateway.v1.Sync
-	(*Live)(nil),            // 12: sluice.gateway.v1.Live
-	(*Ack)(nil),             // 13: sluice.gateway.v1.Ack
-	(*ClientEvent)(nil),     // 14: sluice.gateway.v1.ClientEvent
-	(*Ping)(nil),            // 15: sluice.gateway.v1.Ping
-	(*Pong)(nil),            // 16: sluice.gateway.v1.Pong
-	(*Probe)(nil),           // 17: sluice.gateway.v1.Probe
-	(*ProbeEcho)(nil),       // 18: sluice.gateway.v1.ProbeEcho
-	(*GoAway)(nil),          // 19: sluice.gateway.v1.GoAway
-	(*Error)(nil),           // 20: sluice.gateway.v1.Error
-	(*deliverypb.View)(nil), // 21: sluice.delivery.v1.View
+	(Compression)(0),               // 0: sluice.gateway.v1.Compression
+	(ClientEvent_Type)(0),          // 1: sluice.gateway.v1.ClientEvent.Type
+	(GoAway_Reason)(0),             // 2: sluice.gateway.v1.GoAway.Reason
+	(Error_Code)(0),                // 3: sluice.gateway.v1.Error.Code
+	(*Frame)(nil),                  // 4: sluice.gateway.v1.Frame
+	(*Attrs)(nil),                  // 5: sluice.gateway.v1.Attrs
+	(*SyncPoint)(nil),              // 6: sluice.gateway.v1.SyncPoint
+	(*TopicCursor)(nil),            // 7: sluice.gateway.v1.TopicCursor
+	(*Hello)(nil),                  // 8: sluice.gateway.v1.Hello
+	(*Welcome)(nil),                // 9: sluice.gateway.v1.Welcome
+	(*Item)(nil),                   // 10: sluice.gateway.v1.Item
+	(*Sync)(nil),                   // 11: sluice.gateway.v1.Sync
+	(*Live)(nil),                   // 12: sluice.gateway.v1.Live
+	(*Ack)(nil),                    // 13: sluice.gateway.v1.Ack
+	(*ClientEvent)(nil),            // 14: sluice.gateway.v1.ClientEvent
+	(*Ping)(nil),                   // 15: sluice.gateway.v1.Ping
+	(*Pong)(nil),                   // 16: sluice.gateway.v1.Pong
+	(*Probe)(nil),                  // 17: sluice.gateway.v1.Probe
+	(*ProbeEcho)(nil),              // 18: sluice.gateway.v1.ProbeEcho
+	(*GoAway)(nil),                 // 19: sluice.gateway.v1.GoAway
+	(*Error)(nil),                  // 20: sluice.gateway.v1.Error
+	(*deliverypb.View)(nil),        // 21: sluice.delivery.v1.View
+	(*deliverypb.PushAddress)(nil), // 22: sluice.delivery.v1.PushAddress
+	(*deliverypb.Receipt)(nil),     // 23: sluice.delivery.v1.Receipt
 }
 var file_gateway_proto_depIdxs = []int32{
 	8,  // 0: sluice.gateway.v1.Frame.hello:type_name -> sluice.gateway.v1.Hello
@@ -1910,20 +1945,23 @@ var file_gateway_proto_depIdxs = []int32{
 	6,  // 14: sluice.gateway.v1.Hello.points:type_name -> sluice.gateway.v1.SyncPoint
 	7,  // 15: sluice.gateway.v1.Hello.topics:type_name -> sluice.gateway.v1.TopicCursor
 	0,  // 16: sluice.gateway.v1.Hello.compression:type_name -> sluice.gateway.v1.Compression
-	0,  // 17: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
-	10, // 18: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
-	10, // 19: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
-	6,  // 20: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
-	7,  // 21: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
-	1,  // 22: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
-	5,  // 23: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
-	2,  // 24: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
-	3,  // 25: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	22, // 17: sluice.gateway.v1.Hello.push:type_name -> sluice.delivery.v1.PushAddress
+	0,  // 18: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
+	10, // 19: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
+	10, // 20: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
+	6,  // 21: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
+	7,  // 22: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
+	1,  // 23: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
+	5,  // 24: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
+	23, // 25: sluice.gateway.v1.ClientEvent.receipts:type_name -> sluice.delivery.v1.Receipt
+	22, // 26: sluice.gateway.v1.ClientEvent.push:type_name -> sluice.delivery.v1.PushAddress
+	2,  // 27: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
+	3,  // 28: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
+	29, // [29:29] is the sub-list for method output_type
+	29, // [29:29] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_gateway_proto_init() }
