@@ -2,16 +2,21 @@ package client
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
+	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 	"google.golang.org/protobuf/proto"
@@ -106,6 +111,34 @@ type Config struct {
 	// DialTimeout bounds a connection attempt: dial, TLS, WebSocket upgrade,
 	// Hello and Welcome. Default 10 s.
 	DialTimeout time.Duration
+	// Views asks the server for View frames: the device's switches and
+	// releases (see "Switches and releases" in the package doc).
+	// CheckUpdates works without it. The last view, however it came, is
+	// kept in StateDir (view.pb) across restarts.
+	Views bool
+	// ManifestKeys are the server keys release manifests may be signed
+	// with (several during a key rotation). A release whose manifest none
+	// of them verifies is dropped (logged, Stats.ManifestsRejected); the
+	// switches of its view still apply. Default: none, so no release is
+	// trusted.
+	ManifestKeys []ed25519.PublicKey
+	// HTTPBase is the base URL of the gateway's HTTP endpoints, the update
+	// check (/v1/updates) and the package downloads whose paths manifests
+	// name: "http(s)://host:port", maybe with a path prefix. Default: from
+	// the ws:// or wss:// URL of the current or last link, else of the
+	// first such URL configured, as http(s)://host:port (the gateway
+	// serves both on one listener); none with tcp:// and tls:// URLs only.
+	HTTPBase string
+	// PushAddress is the device's address at a vendor push service (APNs,
+	// FCM, a webhook bridge...), given in each Hello: pushes that do not
+	// reach the device over its link in time go there. SetPushAddress
+	// changes it while connected. Optional.
+	PushAddress *deliverypb.PushAddress
+	// HTTPClient makes the HTTP requests of CheckUpdates and Install.
+	// Default: a client of the client's own, with TLS's roots and
+	// certificates (its MinVersion is not raised: a fallback URL may be a
+	// CDN's). The contexts of CheckUpdates and Install bound the requests.
+	HTTPClient *http.Client
 	// Logger. Default zerolog.Nop().
 	Logger *zerolog.Logger
 }
@@ -123,6 +156,10 @@ type Client struct {
 
 	running atomic.Bool
 
+	httpc    *http.Client
+	viewMu   sync.Mutex // serializes applying views: verify, persist, publish
+	serialMu sync.Mutex // serializes writes of the serial file
+
 	mu              sync.Mutex
 	handlers        map[string]Handler // by business
 	topicHandlers   map[string]Handler // by topic
@@ -135,6 +172,13 @@ type Client struct {
 	persistedTopics map[string]SyncPoint // the topic cursors in StateDir
 	linkCodec       *wire.Codec          // frames after Welcome, by its limits
 	stats           Stats
+	offset          time.Duration     // server clock minus ours, from the last Welcome
+	httpLast        string            // HTTP base of the last link's endpoint, if any
+	view            *View             // the last view applied (or loaded), nil if none
+	onView          ViewHandler       // HandleView's
+	viewBusy        bool              // a ViewHandler call is under way
+	viewPending     bool              // a view was applied meanwhile: call again
+	serials         map[string]uint64 // highest manifest serial accepted, by package
 }
 
 // Stats are counters and the state of a Client, as Client.Stats returns
@@ -166,10 +210,19 @@ type Stats struct {
 	LastGoAway        gatewaypb.GoAway_Reason // reason of the last GoAway
 	LastGoAwayMessage string
 	LastError         *ServerError // the last Error frame, fatal or not
+
+	Views             int64 // views applied (View frames and CheckUpdates answers)
+	ManifestsRejected int64 // release manifests dropped: untrusted key, bad signature or content
+	Installs          int64 // Install calls that returned verified bytes
+	DiffInstalls      int64 // of them, rebuilt from a diff
+	FallbackInstalls  int64 // of them, downloaded from the fallback URL
+	DownloadResumes   int64 // download requests resuming a broken transfer (Range)
+	Receipts          int   // delivered receipts of push items sent to the server
 }
 
-// New checks cfg, creates StateDir if needed and loads the sync points
-// and topic cursors persisted there. It starts nothing: see Run.
+// New checks cfg, creates StateDir if needed and loads what is persisted
+// there: the sync points and topic cursors, the last view and the
+// manifest serials accepted. It starts nothing: see Run.
 func New(cfg Config) (*Client, error) {
 	if cfg.Token == nil {
 		return nil, errors.New("client: Config.Token is required")
@@ -205,11 +258,31 @@ func New(cfg Config) (*Client, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		return nil, fmt.Errorf("client: MaxBackoff %v below MinBackoff %v", cfg.MaxBackoff, cfg.MinBackoff)
 	}
+	if cfg.HTTPBase != "" {
+		u, err := url.Parse(cfg.HTTPBase)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+			return nil, fmt.Errorf("client: HTTPBase %q: want http(s)://host[:port][/path]", cfg.HTTPBase)
+		}
+		cfg.HTTPBase = strings.TrimRight(cfg.HTTPBase, "/")
+	}
+	for i, k := range cfg.ManifestKeys {
+		if len(k) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("client: ManifestKeys[%d]: %d bytes, want an ed25519 public key", i, len(k))
+		}
+	}
 	c.tls = &tls.Config{}
 	if cfg.TLS != nil {
 		c.tls = cfg.TLS.Clone()
 	}
 	c.tls.MinVersion = max(c.tls.MinVersion, tls.VersionTLS13)
+	c.httpc = cfg.HTTPClient
+	if c.httpc == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		if cfg.TLS != nil {
+			tr.TLSClientConfig = cfg.TLS.Clone()
+		}
+		c.httpc = &http.Client{Transport: tr}
+	}
 	c.attrs = &gatewaypb.Attrs{}
 	if cfg.Attrs != nil {
 		c.attrs = proto.Clone(cfg.Attrs).(*gatewaypb.Attrs)
@@ -228,10 +301,14 @@ func New(cfg Config) (*Client, error) {
 		return nil, err
 	}
 	c.persisted, c.persistedUser, c.persistedTopics = state.Points, state.User, state.Topics
+	if c.serials, err = loadSerials(cfg.StateDir); err != nil {
+		return nil, err
+	}
 	if c.codec, err = wire.NewCodec(wire.Options{}); err != nil {
 		return nil, err
 	}
 	c.cfg = cfg
+	c.loadView()
 	return c, nil
 }
 
@@ -431,6 +508,7 @@ func (c *Client) setLink(l *link) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cur = l
+	c.offset, c.httpLast = l.offset, l.ep.http
 	c.stats.Connected = true
 	c.stats.URL, c.stats.SessionID = l.ep.raw, l.welcome.SessionId
 	c.stats.Connects++

@@ -39,6 +39,7 @@ type endpoint struct {
 	tls      bool   // wss:// or tls://
 	url      string // ws: the URL to dial
 	hostport string // tcp: the address to dial
+	http     string // ws: the HTTP base of the same listener, http(s)://host:port
 }
 
 // parseEndpoint checks one configured address.
@@ -54,6 +55,10 @@ func parseEndpoint(s string) (endpoint, error) {
 	switch u.Scheme {
 	case "ws", "wss":
 		e.ws, e.tls, e.url = true, u.Scheme == "wss", s
+		e.http = "http://" + u.Host
+		if e.tls {
+			e.http = "https://" + u.Host
+		}
 	case "tcp", "tls":
 		if u.Port() == "" {
 			return endpoint{}, fmt.Errorf("client: URL %q has no port", s)

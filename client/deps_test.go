@@ -7,8 +7,8 @@ import (
 )
 
 // TestDependencies checks that an app importing the client does not pull
-// in the server: of this module only the schema and the codec, and no
-// NATS or badger.
+// in the server: of this module only the schemas, the codec and the diff
+// package, and no NATS or badger.
 func TestDependencies(t *testing.T) {
 	const module = "github.com/sluicehq/sluice"
 	out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", module+"/client").CombinedOutput()
@@ -16,9 +16,11 @@ func TestDependencies(t *testing.T) {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}
 	allowed := map[string]bool{
-		module + "/client":            true,
-		module + "/gateway/gatewaypb": true,
-		module + "/gateway/wire":      true,
+		module + "/client":              true,
+		module + "/gateway/gatewaypb":   true,
+		module + "/gateway/wire":        true,
+		module + "/delivery/deliverypb": true,
+		module + "/delivery/diff":       true,
 	}
 	forbidden := []string{"github.com/nats-io/", "github.com/dgraph-io/"}
 	n := 0

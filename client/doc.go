@@ -3,8 +3,9 @@
 // WebSocket (ws://, wss://) or TLV-framed TCP (tcp://, tls://), and hands
 // the app each item once, in order, per business and per topic.
 //
-// It imports only gateway/gatewaypb (the schema) and gateway/wire (the
-// codec) of this module, never the server; deps_test.go checks it. It is
+// It imports only gateway/gatewaypb and delivery/deliverypb (the
+// schemas), gateway/wire (the codec) and delivery/diff (to apply package
+// diffs) of this module, never the server; deps_test.go checks it. It is
 // the one package besides gateway and cmd that uses coder/websocket, to
 // dial what the gateway serves (oplog/deps_test.go lists it as an owner).
 //
@@ -75,6 +76,42 @@
 // link's Hello starts a round anyway). The server also runs a round by
 // itself a little later if the client does not ask.
 //
+// # Switches and releases
+//
+// With Config.Views the Hello asks for View frames (PROTOCOL.md §4.11):
+// the device's switch values and, per package, the release it should have
+// as a manifest signed by the server. The server sends one after Welcome
+// when the device's view differs from the one the client holds (whose
+// digest the Hello presents), and again whenever it changes; each View
+// replaces the last. The client verifies every manifest's ed25519
+// signature with Config.ManifestKeys (the key its key_id names: hex of
+// the key's first 8 bytes), drops those that fail (logged,
+// Stats.ManifestsRejected; the rest of the view still applies), writes
+// the view to StateDir (view.pb, replaced atomically like the sync
+// points) and then tells the HandleView function. View frames are applied
+// on Run's goroutine in their order among Sync and Live frames. The
+// persisted view is loaded by New, so Switch, SwitchBool, SwitchString,
+// SwitchInt, SwitchNumber and Releases answer offline and after a
+// restart, and its digest saves a resend at the next Hello. Without a
+// link, CheckUpdates asks over HTTP (GET /v1/updates on Config.HTTPBase,
+// by default the ws:// or wss:// URL's host as http(s)://; If-None-Match
+// the digest held) and applies a new view the same way.
+//
+// The client installs nothing itself: the app calls CheckInstall, or
+// Install, which checks the same, downloads, verifies and returns the
+// bytes to install. A manifest is refused when it expired (by the
+// server's clock as the last Welcome told it), when its serial is below
+// the highest the client accepted for the package (a replay;
+// serials.json in StateDir), and when its version is not above the one
+// installed unless it is a signed rollback from it. Install prefers a diff
+// from the installed version (applied with delivery/diff, the result
+// checked against the manifest's SHA-256 or, for an archive, its tree
+// digest), then the whole package from the gateway (a broken transfer
+// resumes with a range request), then the manifest's fallback_url (sent
+// no token); every body is bounded by the size the manifest announces and
+// checked against its digest. Only verified bytes are returned, and only
+// then is the manifest's serial accepted.
+//
 // # Links and reconnection
 //
 // Run makes one link at a time. It pings every Welcome.heartbeat_ms and
@@ -121,6 +158,12 @@
 // A Client's methods are safe for concurrent use; one Run runs at a time
 // (ErrRunning). Run owns every goroutine it starts, a reader and a pinger
 // per link, and returns after they exit; its timers (acks, deferral
-// retries) fire into Run's own loop. Client.mu (handlers, stats, the
-// current link) and a link's write lock are never held together.
+// retries) fire into Run's own loop. CheckUpdates and Install run on their
+// caller's goroutine and start none of their own (the HTTP client's
+// transport keeps idle connections, as net/http does). Client.mu
+// (handlers, stats, the current link, the view, the serials) is taken
+// last: viewMu (applying a view) and serialMu (writing the serial file)
+// may be held while taking it, never the reverse, and neither is held
+// while a handler runs. Client.mu and a link's write lock are never held
+// together. View handler calls never overlap (see HandleView).
 package client

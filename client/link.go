@@ -25,8 +25,8 @@ var errStopped = errors.New("link stopped")
 // link is one connection past Welcome. Its goroutines, owned by start and
 // stop:
 //   - the reader, for the link's life: it answers Probes (and Pings) at
-//     once, records Error and GoAway, and hands Sync and Live frames to the
-//     session loop over frames, blocking while the loop is busy;
+//     once, records Error and GoAway, and hands Sync, Live and View frames
+//     to the session loop over frames, blocking while the loop is busy;
 //   - the pinger, which sends a Ping every heartbeat.
 //
 // Writes come from the reader, the pinger, the session loop and the app
@@ -58,8 +58,8 @@ type linkEnd struct {
 	fatal  *gatewaypb.Error  // the fatal Error before it, if any
 }
 
-// frameQueue is how many Sync and Live frames the reader may read ahead
-// of the handlers.
+// frameQueue is how many Sync, Live and View frames the reader may read
+// ahead of the handlers.
 const frameQueue = 8
 
 // start runs the reader and, unless pings are off, the pinger.
@@ -142,7 +142,7 @@ func (l *link) readLoop() {
 		case *gatewaypb.Frame_Goaway:
 			l.end.goAway = b.Goaway
 			return
-		case *gatewaypb.Frame_Sync, *gatewaypb.Frame_Live:
+		case *gatewaypb.Frame_Sync, *gatewaypb.Frame_Live, *gatewaypb.Frame_View:
 			select {
 			case l.frames <- f:
 			case <-l.done:

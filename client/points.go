@@ -41,11 +41,7 @@ type stateDoc struct {
 // loadPoints reads the state persisted in dir: none if there is no file
 // yet. It removes temporary files a crash may have left.
 func loadPoints(dir string) (stateDoc, error) {
-	if tmps, err := filepath.Glob(filepath.Join(dir, stateFile+".tmp-*")); err == nil {
-		for _, t := range tmps {
-			_ = os.Remove(t)
-		}
-	}
+	removeTemps(dir, stateFile)
 	path := filepath.Join(dir, stateFile)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -71,17 +67,32 @@ func loadPoints(dir string) (stateDoc, error) {
 }
 
 // savePoints replaces the state file in dir atomically with the sync
-// points earned under user and the topic cursors: it writes a
-// temporary file, syncs it, renames it over the old one and syncs the
-// directory, so a crash leaves either the old state or the new one.
-func savePoints(dir, user string, points, topics map[string]SyncPoint) (err error) {
+// points earned under user and the topic cursors (see writeFileAtomic).
+func savePoints(dir, user string, points, topics map[string]SyncPoint) error {
 	b, err := json.Marshal(stateDoc{Version: stateVersion, User: user, Points: points, Topics: topics})
 	if err != nil {
 		return fmt.Errorf("client: encode state: %w", err)
 	}
-	f, err := os.CreateTemp(dir, stateFile+".tmp-*")
+	return writeFileAtomic(dir, stateFile, b)
+}
+
+// removeTemps removes the temporary files of name in dir that a crash
+// during writeFileAtomic may have left.
+func removeTemps(dir, name string) {
+	if tmps, err := filepath.Glob(filepath.Join(dir, name+".tmp-*")); err == nil {
+		for _, t := range tmps {
+			_ = os.Remove(t)
+		}
+	}
+}
+
+// writeFileAtomic replaces the file name in dir with b: it writes a
+// temporary file, syncs it, renames it over the old one and syncs the
+// directory, so a crash leaves either the old content or the new one.
+func writeFileAtomic(dir, name string, b []byte) (err error) {
+	f, err := os.CreateTemp(dir, name+".tmp-*")
 	if err != nil {
-		return fmt.Errorf("client: write state: %w", err)
+		return fmt.Errorf("client: write %s: %w", name, err)
 	}
 	defer func() {
 		if err != nil {
@@ -90,16 +101,16 @@ func savePoints(dir, user string, points, topics map[string]SyncPoint) (err erro
 		}
 	}()
 	if _, err = f.Write(b); err != nil {
-		return fmt.Errorf("client: write state: %w", err)
+		return fmt.Errorf("client: write %s: %w", name, err)
 	}
 	if err = f.Sync(); err != nil {
-		return fmt.Errorf("client: sync state: %w", err)
+		return fmt.Errorf("client: sync %s: %w", name, err)
 	}
 	if err = f.Close(); err != nil {
-		return fmt.Errorf("client: close state: %w", err)
+		return fmt.Errorf("client: close %s: %w", name, err)
 	}
-	if err = os.Rename(f.Name(), filepath.Join(dir, stateFile)); err != nil {
-		return fmt.Errorf("client: rename state: %w", err)
+	if err = os.Rename(f.Name(), filepath.Join(dir, name)); err != nil {
+		return fmt.Errorf("client: rename %s: %w", name, err)
 	}
 	// Make the rename durable. Best effort: some systems cannot sync a
 	// directory, and the data itself is already on disk.

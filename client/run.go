@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/gateway/wire"
 )
@@ -83,6 +84,8 @@ type run struct {
 	// when the link ends.
 	retry      *time.Timer
 	retryArmed bool
+
+	receipts []*deliverypb.Receipt // delivered receipts to send with the next ack
 }
 
 // linkResult is how one connection attempt ended, and what Run does next.
@@ -203,10 +206,11 @@ func (r *run) switchUser(user string) (again bool) {
 }
 
 // hello is the Hello frame for ep: the token, the attributes, the sync
-// points and topic cursors, the compression the client takes, the
-// previous session.
+// points and topic cursors, the digest of the view held (with
+// Config.Views), the compression the client takes, the previous session.
 func (r *run) hello(ep endpoint, token string) *gatewaypb.Frame {
-	h := &gatewaypb.Hello{Version: wire.Version, Token: token, Attrs: r.c.attrs, SessionId: r.session, PointsUser: r.owner}
+	h := &gatewaypb.Hello{Version: wire.Version, Token: token, Attrs: r.c.attrs, SessionId: r.session, PointsUser: r.owner,
+		Push: r.c.pushAddress()}
 	for _, biz := range slices.Sorted(maps.Keys(r.points.at)) {
 		if len(h.Points) == maxPoints {
 			// Omitted businesses resume from the device's recorded points.
@@ -224,6 +228,9 @@ func (r *run) hello(ep endpoint, token string) *gatewaypb.Frame {
 		}
 		p := r.topics.at[topic]
 		h.Topics = append(h.Topics, &gatewaypb.TopicCursor{Topic: topic, Id: p.ID, Epoch: p.Epoch})
+	}
+	if r.c.cfg.Views {
+		h.Views, h.ViewDigest = true, r.c.viewDigest()
 	}
 	if !r.c.cfg.NoCompression && !(ep.ws && r.c.cfg.JSON) {
 		h.Compression = []gatewaypb.Compression{gatewaypb.Compression_COMPRESSION_ZSTD}
@@ -340,8 +347,8 @@ func (r *run) serve(ctx context.Context, l *link) linkResult {
 	}
 }
 
-// handle delivers one Sync or Live frame; done reports the end of a sync
-// round, err a handler's failure.
+// handle delivers one Sync or Live frame, or applies a View; done reports
+// the end of a sync round, err a handler's failure.
 func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done bool, err error) {
 	switch b := f.Body.(type) {
 	case *gatewaypb.Frame_Sync:
@@ -366,6 +373,8 @@ func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done boo
 		}
 	case *gatewaypb.Frame_Live:
 		return false, r.deliver(ctx, l, b.Live.Items)
+	case *gatewaypb.Frame_View:
+		r.c.applyView(ctx, b.View)
 	}
 	return false, nil
 }
@@ -488,6 +497,10 @@ func (r *run) deliver(ctx context.Context, l *link, items []*Item) error {
 					s.TopicItems++
 				}
 			})
+			if id := PushID(it); id != "" {
+				r.receipts = append(r.receipts, &deliverypb.Receipt{PushId: id, State: deliverypb.ReceiptState_RECEIPT_STATE_DELIVERED})
+				r.arm()
+			}
 		}
 		if it.Id != 0 {
 			m.advance(name, it.Id, it.Epoch)
@@ -528,6 +541,16 @@ func (r *run) flush(ctx context.Context, l *link) {
 	}
 	if l == nil {
 		return
+	}
+	for len(r.receipts) > 0 {
+		n := min(len(r.receipts), maxReceipts)
+		ev := &gatewaypb.ClientEvent{Receipts: r.receipts[:n]}
+		if err := l.send(ctx, &gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: ev}}); err != nil {
+			l.log.Debug().Err(err).Msg("receipts not sent")
+			break // they go with the next flush, on this link or the next
+		}
+		r.c.count(func(s *Stats) { s.Receipts += n })
+		r.receipts = r.receipts[n:]
 	}
 	bizs, topics := r.points.pending(), r.topics.pending()
 	for len(bizs) > 0 || len(topics) > 0 {
