@@ -16,11 +16,17 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
-// adminHandler serves the admin HTTP API. It is meant for localhost: it has
-// no authentication of its own.
+// adminHandler serves the admin HTTP API. Every route but /healthz and
+// /readyz (open, for health checks) needs "Authorization: Bearer <token>"
+// with an admin's token (see admin_auth.go: --admin-tokens, --admin-token
+// or SLUICE_ADMIN_TOKEN, else <data>/admin.token); the admin's name is the
+// actor recorded in the control events a change writes. A request without
+// a valid token gets 401, a WWW-Authenticate: Bearer challenge and
+// {"error": "...", "code": "UNAUTHENTICATED"}. Listen on localhost or a
+// private network all the same: the API speaks plain HTTP.
 //
-//	GET  /healthz                          the process is up
-//	GET  /readyz                           NATS connected and components running
+//	GET  /healthz                          the process is up (no token)
+//	GET  /readyz                           NATS connected and components running (no token)
 //	GET  /v1/info                          NATS URL, shards and their epochs
 //	GET  /v1/backlog?user=&device=&limit=  a device's backlog after its recorded sync points
 //	GET  /v1/syncpoints?device=            a device's recorded sync points
@@ -38,11 +44,13 @@ import (
 //	GET  /v1/fanout/{job}                  one job's progress: total, done, failed, rate
 //	POST /v1/fanout/{job}/cancel           stop a job
 //	GET  /v1/topics                        topics with their follower counts
+//	...                                    switches, packages, producer keys, pushes, devices:
+//	                                       see deliveryRoutes (admin_delivery.go)
 //
 // Projections are named after their streams: the inbox's (SLUICE_OPLOG_n,
 // SLUICE_ACKS), the topics' (SLUICE_TOPICS, SLUICE_FOLLOWS,
 // SLUICE_TOPIC_ACKS) and fanout's (SLUICE_SEGMENTS).
-func (m *Main) adminHandler() http.Handler {
+func (m *Main) adminHandler(auth *adminAuth) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -203,7 +211,7 @@ func (m *Main) adminHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"topics": out})
 	})
-	return mux
+	return auth.wrap(mux)
 }
 
 // projections is what the inbox, topics and fanout have in common for

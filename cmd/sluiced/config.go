@@ -32,6 +32,13 @@ type Config struct {
 	LogLevel        string        `json:"log_level"`
 	LogFormat       string        `json:"log_format"`
 
+	// AdminToken is the admin API's bearer token, for one admin named
+	// "admin"; never logged. AdminTokens is a file of "name token" lines,
+	// one per admin; the two exclude each other. Neither set: the token
+	// in <data>/admin.token, generated at the first start.
+	AdminToken  string `json:"-"`
+	AdminTokens string `json:"admin_tokens,omitempty"`
+
 	WSListen        string        `json:"ws_listen"`
 	TCPListen       string        `json:"tcp_listen"`
 	AdvertiseWS     string        `json:"advertise_ws,omitempty"`
@@ -52,6 +59,8 @@ type Config struct {
 	DeliveryKey string        `json:"delivery_key,omitempty"`
 	MaxPackage  int64         `json:"max_package"`
 	ManifestTTL time.Duration `json:"manifest_ttl"`
+
+	adminTokenFromEnv bool // AdminToken came from SLUICE_ADMIN_TOKEN, for the start log
 }
 
 // Fsync modes.
@@ -70,6 +79,8 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.Fsync, "fsync", FsyncAlways, "embedded JetStream fsync policy: always (an ack means on disk) or interval (faster; a power loss can lose up to --fsync-interval of acknowledged writes)")
 	fs.DurationVar(&c.FsyncInterval, "fsync-interval", 2*time.Minute, "fsync period with --fsync interval")
 	fs.StringVar(&c.AdminListen, "admin", "127.0.0.1:7480", "admin HTTP listen address (/healthz, /readyz, /v1/...)")
+	fs.StringVar(&c.AdminToken, "admin-token", "", "bearer token of the admin API for one admin named \"admin\" (at least 16 characters; prefer SLUICE_ADMIN_TOKEN: flags show in ps); default: <data>/admin.token, a random token written at the first start")
+	fs.StringVar(&c.AdminTokens, "admin-tokens", "", "file of admin API tokens, one \"name token\" a line (# comments); the name is recorded as the actor of the admin's changes; excludes --admin-token")
 	fs.IntVar(&c.AtomicBatch, "atomic-batch", -1, "group commit: fewest concurrent appends to one shard written as one atomic batch (one fsync); 0 never, -1 auto (32 with the embedded server and --fsync always, else 0)")
 	fs.IntVar(&c.Shards, "shards", 1, "oplog shards (streams); fixed for the life of the data")
 	fs.IntVar(&c.Replicas, "replicas", 1, "stream replicas (with --nats on a cluster)")
@@ -119,6 +130,14 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.AdminToken != "" {
+		c.adminTokenFromEnv = true
+		fs.Visit(func(f *flag.Flag) { // flags given on the command line
+			if f.Name == "admin-token" {
+				c.adminTokenFromEnv = false
+			}
+		})
 	}
 	if c.AtomicBatch == -1 {
 		c.AtomicBatch = 0
@@ -172,6 +191,14 @@ func (c Config) validate() error {
 	}
 	if c.SyncOverload < 1 {
 		errs = append(errs, errors.New("--sync-overload must be positive"))
+	}
+	if c.AdminToken != "" && c.AdminTokens != "" {
+		errs = append(errs, errors.New("--admin-token (or SLUICE_ADMIN_TOKEN) and --admin-tokens exclude each other"))
+	}
+	if c.AdminToken != "" {
+		if err := checkAdminToken(c.AdminToken); err != nil {
+			errs = append(errs, fmt.Errorf("--admin-token: %w", err))
+		}
 	}
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("--data must not be empty"))

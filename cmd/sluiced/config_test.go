@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -50,6 +51,50 @@ func TestParseBusinesses(t *testing.T) {
 	for _, bad := range []string{"Chat", "chat:group", "chat:user:twice", "a:user:single:x"} {
 		if _, err := parseBusinesses(bad); err == nil {
 			t.Errorf("parseBusinesses(%q) accepted", bad)
+		}
+	}
+}
+
+func TestParseConfigAdminToken(t *testing.T) {
+	const tok = "0123456789abcdef0123"
+	env := func(kv ...string) func(string) string {
+		return func(k string) string {
+			for i := 0; i+1 < len(kv); i += 2 {
+				if kv[i] == k {
+					return kv[i+1]
+				}
+			}
+			return ""
+		}
+	}
+	c, err := parseConfig(nil, env("SLUICE_ADMIN_TOKEN", tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AdminToken != tok || !c.adminTokenFromEnv {
+		t.Errorf("from the environment: token %q, from env %v", c.AdminToken, c.adminTokenFromEnv)
+	}
+	c, err = parseConfig([]string{"--admin-token", tok}, env("SLUICE_ADMIN_TOKEN", "ignored-because-of-the-flag"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AdminToken != tok || c.adminTokenFromEnv {
+		t.Errorf("from the flag: token %q, from env %v", c.AdminToken, c.adminTokenFromEnv)
+	}
+	data, _ := json.Marshal(c)
+	if strings.Contains(string(data), tok) {
+		t.Errorf("the logged configuration shows the token: %s", data)
+	}
+	c, err = parseConfig([]string{"--admin-tokens", "/etc/sluice/admins"}, env())
+	if err != nil || c.AdminTokens != "/etc/sluice/admins" || c.AdminToken != "" {
+		t.Errorf("--admin-tokens: %+v, %v", c, err)
+	}
+	for _, bad := range [][]string{{"--admin-token", "short"}, {"--admin-token", tok, "--admin-tokens", "f"}, {"--admin-token", tok + " x"}} {
+		_, err := parseConfig(bad, env())
+		if err == nil {
+			t.Errorf("parseConfig(%q) accepted", bad)
+		} else if strings.Contains(err.Error(), tok) {
+			t.Errorf("parseConfig(%q): %v shows the token", bad, err)
 		}
 	}
 }

@@ -152,6 +152,7 @@ type daemon struct {
 	args    []string
 	natsURL string
 	admin   string // http://host:port
+	data    string // data directory: sluiced keeps its admin token there
 	logPath string
 	logFile *os.File
 	http    *http.Client
@@ -294,12 +295,18 @@ func (d *daemon) doJSON(ctx context.Context, method, path string, v any) error {
 	return nil
 }
 
-// do sends one admin request and returns the body of a 200 answer.
+// do sends one admin request, with the admin token sluiced generated at
+// its first start, and returns the body of a 200 answer.
 func (d *daemon) do(ctx context.Context, method, path string) ([]byte, error) {
+	tok, err := os.ReadFile(filepath.Join(d.data, adminTokenFile))
+	if err != nil {
+		return nil, err
+	}
 	req, err := http.NewRequestWithContext(ctx, method, d.admin+path, nil)
 	if err != nil {
 		return nil, err
 	}
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
 	resp, err := d.http.Do(req)
 	if err != nil {
 		return nil, err
@@ -743,6 +750,7 @@ func TestDurability(t *testing.T) {
 		},
 		natsURL: "nats://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(natsPort)),
 		admin:   "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(adminPort)),
+		data:    filepath.Join(tmp, "data"),
 		logPath: logPath,
 		logFile: logFile,
 		http:    &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},

@@ -103,6 +103,11 @@ func (m *Main) Run(ctx context.Context) error {
 	if err := os.MkdirAll(m.cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	auth, err := loadAdminAuth(m.cfg, m.log)
+	if err != nil {
+		return err
+	}
+	m.log.Info().Str("component", "admin").Str("token_source", auth.source).Strs("admins", auth.names()).Msg("admin api authentication")
 	natsURL, err := m.connect()
 	if err != nil {
 		return err
@@ -187,7 +192,7 @@ func (m *Main) Run(ctx context.Context) error {
 		_ = gw.ws.Close()
 		return fmt.Errorf("admin listener: %w", err)
 	}
-	m.admin = &http.Server{Handler: m.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	m.admin = &http.Server{Handler: m.adminHandler(auth), ReadHeaderTimeout: 10 * time.Second}
 	m.mu.Lock()
 	m.endpoints = Endpoints{NATS: natsURL, Admin: "http://" + ln.Addr().String(), WebSocket: gw.wsURL,
 		TCP: gw.tcp.Addr().String(), PID: os.Getpid()}

@@ -108,6 +108,7 @@ func TestGatewayThroughRestarts(t *testing.T) {
 			"--businesses", rsUserBiz + ":user," + rsDevBiz + ":device", "--drain-timeout", "5s"},
 		natsURL: "nats://" + addr(0),
 		admin:   "http://" + addr(1),
+		data:    data,
 		logPath: logPath,
 		logFile: logFile,
 		http:    &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
