@@ -30,6 +30,11 @@ type global struct {
 	nats  string
 	admin string
 	data  string // data directory of sluiced
+
+	// adminTok is the admin API's bearer token, from adminTokFrom: --admin-token,
+	// SLUICE_ADMIN_TOKEN, or (read at the first admin request) the file
+	// <data>/admin.token that sluiced writes.
+	adminTok, adminTokFrom string
 }
 
 // parseGlobal reads the flags before the command.
@@ -39,10 +44,14 @@ func parseGlobal(args []string) (global, []string, error) {
 	data := fs.String("data", envOr("SLUICE_DATA", "./sluice-data"), "sluiced data directory (for endpoints.json)")
 	natsURL := fs.String("nats", os.Getenv("SLUICE_NATS_URL"), "NATS URL of sluiced (default: from endpoints.json, else nats://127.0.0.1:4222)")
 	admin := fs.String("admin", os.Getenv("SLUICE_ADMIN_URL"), "admin URL of sluiced (default: from endpoints.json, else http://127.0.0.1:7480)")
+	token := fs.String("admin-token", "", "admin API token (default: $SLUICE_ADMIN_TOKEN, which ps does not show, else <data>/admin.token)")
 	if err := fs.Parse(args); err != nil {
 		return global{}, nil, fmt.Errorf("%v (command flags go after the command): %w", err, errUsage)
 	}
-	g := global{nats: *natsURL, admin: *admin, data: *data}
+	g := global{nats: *natsURL, admin: *admin, data: *data, adminTok: *token, adminTokFrom: "--admin-token"}
+	if g.adminTok == "" {
+		g.adminTok, g.adminTokFrom = os.Getenv("SLUICE_ADMIN_TOKEN"), "SLUICE_ADMIN_TOKEN"
+	}
 	var ep struct{ NATS, Admin string }
 	if raw, err := os.ReadFile(filepath.Join(*data, "endpoints.json")); err == nil {
 		_ = json.Unmarshal(raw, &ep)
@@ -89,15 +98,57 @@ func (c *cli) get(ctx context.Context, path string, q url.Values, v any) error {
 	return decodeAnswer(resp, v)
 }
 
-// call sends one request to the admin API; the caller closes the body.
+// errUnauthenticated: sluiced refused the admin token, or sluicectl found
+// none to send.
+var errUnauthenticated = errors.New("admin API: not authenticated")
+
+// adminToken returns the token to send, reading <data>/admin.token when
+// neither --admin-token nor SLUICE_ADMIN_TOKEN gave one.
+func (c *cli) adminToken() (string, error) {
+	if c.adminTok != "" {
+		return c.adminTok, nil
+	}
+	path := filepath.Join(c.data, adminTokenFile)
+	raw, err := os.ReadFile(path)
+	if err != nil || strings.TrimSpace(string(raw)) == "" {
+		if err == nil {
+			err = errors.New("empty file")
+		}
+		return "", fmt.Errorf("no admin token: give --admin-token or SLUICE_ADMIN_TOKEN, or --data for the directory whose %s sluiced wrote (%v): %w",
+			adminTokenFile, err, errUnauthenticated)
+	}
+	c.adminTok, c.adminTokFrom = strings.TrimSpace(string(raw)), path
+	return c.adminTok, nil
+}
+
+// call sends one request to the admin API, with the admin token; the
+// caller closes the body.
 func (c *cli) call(ctx context.Context, method, path string, q url.Values, body io.Reader) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, method, c.admin+path+"?"+q.Encode(), body)
+	tok, err := c.adminToken()
 	if err != nil {
 		return nil, err
+	}
+	u := c.admin + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	if sr, ok := body.(*io.SectionReader); ok {
+		req.ContentLength = sr.Size() // a file upload
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("admin API %s: %w", c.admin, err)
+	}
+	if resp.StatusCode == http.StatusUnauthorized {
+		var e struct{ Code string }
+		_ = json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&e)
+		resp.Body.Close()
+		return nil, fmt.Errorf("%s refused the admin token from %s (%s): %w", c.admin, c.adminTokFrom, cmp(e.Code, resp.Status), errUnauthenticated)
 	}
 	return resp, nil
 }

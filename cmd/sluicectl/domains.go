@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"sort"
 	"strings"
 	"time"
 
@@ -410,6 +411,7 @@ func (c *cli) bucketsCmd(ctx context.Context, args []string) error {
 					members = append(members, biz)
 				}
 			}
+			sort.Strings(members) // the businesses come from a map
 			m := out.Metrics.Buckets[b.Name]
 			fmt.Fprintf(c.out, "%-14s priority=%d rate=%g burst=%d computations=%v reads=%v deferrals=%v p99_ms=%v businesses=%s\n",
 				b.Name, b.Priority, b.Rate, b.Burst, m["computations"], m["reads"], m["deferrals"], m["p99_ms"], strings.Join(members, ","))

@@ -28,6 +28,10 @@ import (
 // sluiced signs and verifies client tokens with.
 const tokenKeyFile = "token.key"
 
+// adminTokenFile is the name, in the data directory, of the admin API
+// token sluiced generates at its first start (unless given one).
+const adminTokenFile = "admin.token"
+
 // token prints a client token signed with sluiced's key.
 func (c *cli) token(args []string) error {
 	fs := flag.NewFlagSet("token", flag.ContinueOnError)

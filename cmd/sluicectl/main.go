@@ -1,9 +1,12 @@
 // Command sluicectl administers a running sluiced: it publishes test
 // events, tails a user's oplog live, shows a device's backlog and sync
-// points, registers businesses, and rebuilds projections by replay.
+// points, registers businesses, rebuilds projections by replay, and runs
+// delivery: switches, package releases, producer keys and pushes.
 //
 // It finds sluiced through <data>/endpoints.json (written by sluiced at
-// start), or through --nats and --admin.
+// start), or through --nats and --admin. It authenticates to the admin API
+// with --admin-token, else $SLUICE_ADMIN_TOKEN, else <data>/admin.token
+// (written by sluiced at its first start unless given tokens).
 package main
 
 import (
@@ -16,7 +19,9 @@ import (
 	"syscall"
 )
 
-const usage = `Usage: sluicectl [--data DIR | --nats URL --admin URL] COMMAND [flags]
+const usage = `Usage: sluicectl [--data DIR | --nats URL --admin URL] [--admin-token TOKEN] COMMAND [flags]
+
+The admin token: --admin-token, else $SLUICE_ADMIN_TOKEN, else <data>/admin.token.
 
 Commands:
   publish   append a test event and print its id and epoch
@@ -29,6 +34,12 @@ Commands:
   fanout    send one event to a list, a segment or everyone; status, list, cancel jobs
   segment   add or remove segment members, or show a segment's size
   buckets   show buckets, businesses and metrics; define, remove, assign
+  switch    switches: list, get KEY, set KEY --file F [--expect V], kill|unkill|rm KEY
+  package   packages: list, show, upload, gray, full, pause, resume, stop, rollback, dry-run
+  producer-key  hot-patch signing keys: list, add ID, revoke ID, gen OUTFILE
+  push      push notifications: send, dry-run, recall ID, recalled, funnel ID
+  device    device show ID: what the device registry knows
+  delivery  key (the manifest key apps pin), view DEVICE, dry-run [rule flags]
   token     print a client token signed with <data>/token.key (no sluiced needed)
   cert      write a self-signed development TLS certificate and key to <data>/tls
 
@@ -86,6 +97,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return c.segment(ctx, rest)
 	case "buckets":
 		return c.bucketsCmd(ctx, rest)
+	case "switch":
+		return c.switchCmd(ctx, rest)
+	case "package":
+		return c.packageCmd(ctx, rest)
+	case "producer-key":
+		return c.producerKeyCmd(ctx, rest)
+	case "push":
+		return c.pushCmd(ctx, rest)
+	case "device":
+		return c.deviceCmd(ctx, rest)
+	case "delivery":
+		return c.deliveryCmd(ctx, rest)
 	case "token":
 		return c.token(rest)
 	case "cert":
