@@ -225,7 +225,7 @@ type projections interface {
 }
 
 func (m *Main) projectionSets() []projections {
-	return []projections{m.inbox, m.topics, m.fanout, oplog.ProjectionSet{m.devices.Projection()}}
+	return []projections{m.inbox, m.topics, m.fanout, oplog.ProjectionSet{m.devices.Projection(), m.delivery.ReceiptsProjection()}}
 }
 
 // projectionSet finds the owner of a projection.

@@ -60,6 +60,10 @@ type Config struct {
 	MaxPackage  int64         `json:"max_package"`
 	ManifestTTL time.Duration `json:"manifest_ttl"`
 
+	PushWebhook       string        `json:"push_webhook,omitempty"`
+	PushWebhookSecret string        `json:"-"`
+	OfflineAfter      time.Duration `json:"offline_after"`
+
 	adminTokenFromEnv bool // AdminToken came from SLUICE_ADMIN_TOKEN, for the start log
 }
 
@@ -106,6 +110,9 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 	fs.StringVar(&c.DeliveryKey, "delivery-key", "", "Ed25519 key that signs release manifests; apps pin its public key (default <data>/delivery.key, created if missing)")
 	fs.Int64Var(&c.MaxPackage, "max-package", 256<<20, "largest package upload in bytes")
 	fs.DurationVar(&c.ManifestTTL, "manifest-ttl", 7*24*time.Hour, "how long a signed release manifest is valid (re-signed at half of it)")
+	fs.StringVar(&c.PushWebhook, "push-webhook", "", "URL of the webhook offline channel (named \"webhook\"): pushes a device with that push address has not received over its link in time are POSTed there, signed with --push-webhook-secret")
+	fs.StringVar(&c.PushWebhookSecret, "push-webhook-secret", "", "HMAC secret of --push-webhook requests (prefer SLUICE_PUSH_WEBHOOK_SECRET: flags show in ps)")
+	fs.DurationVar(&c.OfflineAfter, "offline-after", 30*time.Second, "how long a push has to reach a device over its link before its vendor channel is used")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "auto (console on a terminal, JSON otherwise), console or json")
 	fs.Usage = func() {
@@ -149,6 +156,12 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 }
 
 func (c Config) validate() error {
+	if (c.PushWebhook == "") != (c.PushWebhookSecret == "") {
+		return fmt.Errorf("--push-webhook and --push-webhook-secret go together")
+	}
+	if c.PushWebhook != "" && !strings.HasPrefix(c.PushWebhook, "http://") && !strings.HasPrefix(c.PushWebhook, "https://") {
+		return fmt.Errorf("--push-webhook %q: want an http(s) URL", c.PushWebhook)
+	}
 	var errs []error
 	if c.Fsync != FsyncAlways && c.Fsync != FsyncInterval {
 		errs = append(errs, fmt.Errorf("--fsync %q: want always or interval", c.Fsync))

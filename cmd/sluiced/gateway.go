@@ -223,8 +223,16 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var channels []delivery.OfflineChannel
+	if m.cfg.PushWebhook != "" {
+		hook, err := delivery.NewWebhook(delivery.WebhookConfig{URL: m.cfg.PushWebhook, Secret: []byte(m.cfg.PushWebhookSecret)})
+		if err != nil {
+			return err
+		}
+		channels = append(channels, hook)
+	}
 	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
-		Dir: filepath.Join(m.cfg.DataDir, "receipts"), Registry: m.devices,
+		Dir: filepath.Join(m.cfg.DataDir, "receipts"), Registry: m.devices, OfflineChannels: channels, OfflineAfter: m.cfg.OfflineAfter,
 		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
 	return err
 }

@@ -324,6 +324,11 @@ func (m *Main) Close() {
 		if m.buckets != nil {
 			_ = m.buckets.Close()
 		}
+		if m.delivery != nil {
+			if err := m.delivery.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close delivery")
+			}
+		}
 		if m.devices != nil {
 			if err := m.devices.Close(); err != nil {
 				m.log.Error().Err(err).Msg("close device registry")
