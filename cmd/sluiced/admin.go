@@ -49,7 +49,10 @@ import (
 //
 // Projections are named after their streams: the inbox's (SLUICE_OPLOG_n,
 // SLUICE_ACKS), the topics' (SLUICE_TOPICS, SLUICE_FOLLOWS,
-// SLUICE_TOPIC_ACKS) and fanout's (SLUICE_SEGMENTS).
+// SLUICE_TOPIC_ACKS), fanout's (SLUICE_SEGMENTS) and delivery's (the device
+// registry SLUICE_DEVICES, the push receipts SLUICE_RECEIPTS). Delivery's
+// routes (switches, packages, pushes, producer keys, dry runs) are listed
+// in admin_delivery.go.
 func (m *Main) adminHandler(auth *adminAuth) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
