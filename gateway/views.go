@@ -1,6 +1,11 @@
 package gateway
 
 import (
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
@@ -98,17 +103,27 @@ func (s *Server) followViews() {
 			sessions = append(sessions, ss)
 		}
 		s.mu.Unlock()
-		n := 0
-		for _, ss := range sessions {
-			ss.mu.Lock()
-			wants := ss.view != nil
-			ss.mu.Unlock()
-			if wants {
-				ss.sendView()
-				n++
-			}
+		// Every core computes views: a change must reach a node's devices
+		// within a second, and a view costs microseconds.
+		start := time.Now()
+		var next, n atomic.Int64
+		var wg sync.WaitGroup
+		for range runtime.GOMAXPROCS(0) {
+			wg.Go(func() {
+				for i := next.Add(1) - 1; i < int64(len(sessions)); i = next.Add(1) - 1 {
+					ss := sessions[i]
+					ss.mu.Lock()
+					wants := ss.view != nil
+					ss.mu.Unlock()
+					if wants {
+						ss.sendView()
+						n.Add(1)
+					}
+				}
+			})
 		}
-		s.log.Debug().Int("sessions", n).Msg("views re-evaluated")
+		wg.Wait()
+		s.log.Debug().Int64("sessions", n.Load()).Dur("took", time.Since(start)).Msg("views re-evaluated")
 	}
 }
 
