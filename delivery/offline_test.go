@@ -24,7 +24,7 @@ type vendor struct {
 	mu     sync.Mutex
 	got    map[string]string // device → notification title
 	calls  int
-	status []int          // status to answer per call (then 200)
+	status []int           // status to answer per call (then 200)
 	refuse map[string]bool // devices answered with a per-message error
 }
 
@@ -126,7 +126,9 @@ func TestOfflineChannelAndFunnel(t *testing.T) {
 	v := &vendor{secret: []byte("s3cret"), got: map[string]string{}, status: []int{503}, refuse: map[string]bool{"b2": true}}
 	e, reg := offlineEnv(t, v)
 	web := &deliverypb.PushAddress{Channel: "webhook"}
-	addr := func(dev string) *deliverypb.PushAddress { return &deliverypb.PushAddress{Channel: web.Channel, Token: "tok-" + dev} }
+	addr := func(dev string) *deliverypb.PushAddress {
+		return &deliverypb.PushAddress{Channel: web.Channel, Token: "tok-" + dev}
+	}
 	for _, s := range []struct {
 		dev, user string
 		push      *deliverypb.PushAddress

@@ -102,7 +102,7 @@ func (rc *receipts) apply(txn *badger.Txn, r *oplog.Record) error {
 			return err
 		}
 		count := []byte("c/" + parts[0] + "/" + parts[1])
-		n, err := readCounter(txn, count)
+		n, err := oplog.GetUint64(txn, count)
 		if err != nil {
 			return err
 		}
@@ -110,24 +110,6 @@ func (rc *receipts) apply(txn *badger.Txn, r *oplog.Record) error {
 	}
 	rc.lg.Warn().Uint64("seq", r.Seq).Str("subject", r.Subject).Msg("receipt skipped: malformed subject")
 	return nil
-}
-
-func readCounter(txn *badger.Txn, key []byte) (uint64, error) {
-	it, err := txn.Get(key)
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	var n uint64
-	err = it.Value(func(v []byte) error {
-		if len(v) == 8 {
-			n = binary.BigEndian.Uint64(v)
-		}
-		return nil
-	})
-	return n, err
 }
 
 // run publishes queued receipts and runs the projection until ctx ends.
@@ -257,7 +239,7 @@ func (d *Delivery) Funnel(ctx context.Context, push string) (*deliverypb.Funnel,
 			return err
 		}
 		for state, to := range map[string]*uint64{"sent": &f.Sent, "delivered": &f.Delivered, "opened": &f.Opened, stateOffline: &f.Offline} {
-			if *to, err = readCounter(txn, []byte("c/"+push+"/"+state)); err != nil {
+			if *to, err = oplog.GetUint64(txn, []byte("c/"+push+"/"+state)); err != nil {
 				return err
 			}
 		}

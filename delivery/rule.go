@@ -3,7 +3,6 @@ package delivery
 import (
 	"fmt"
 	"math"
-	"strings"
 
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/oplog"
@@ -74,7 +73,7 @@ func Compile(pb *deliverypb.Rule, salt string) (*Rule, error) {
 		return nil, fmt.Errorf("rule: salt over %d bytes: %w", maxSaltLen, oplog.ErrInvalid)
 	}
 	for _, v := range []string{r.appMin, r.appMax, r.osMin, r.osMax} {
-		if !validVersion(v) {
+		if !oplog.ValidVersion(v) {
 			return nil, fmt.Errorf("rule: version %q: want up to 32 of [0-9A-Za-z.+-]: %w", clip(v), oplog.ErrInvalid)
 		}
 	}
@@ -173,9 +172,9 @@ func (r *Rule) Match(d *Device, now int64) bool {
 		return true
 	}
 	a := &d.Attrs
-	return inRange(a.AppVersion, r.appMin, r.appMax) && inRange(a.OSVersion, r.osMin, r.osMax) &&
-		oneOf(a.OS, r.os) && oneOf(a.Model, r.models) && oneOf(a.Network, r.nets) &&
-		oneOf(a.Region, r.regions) && oneOf(a.CPU, r.cpus) && oneOf(a.Channel, r.chs) &&
+	return oplog.InRange(a.AppVersion, r.appMin, r.appMax) && oplog.InRange(a.OSVersion, r.osMin, r.osMax) &&
+		oplog.OneOf(a.OS, r.os) && oplog.OneOf(a.Model, r.models) && oplog.OneOf(a.Network, r.nets) &&
+		oplog.OneOf(a.Region, r.regions) && oplog.OneOf(a.CPU, r.cpus) && oplog.OneOf(a.Channel, r.chs) &&
 		r.inPercent(d.ID)
 }
 
@@ -238,41 +237,6 @@ func Place(salt, device string) uint32 {
 	// Lemire's multiply-shift maps the top 32 bits onto [0, PercentScale)
 	// without the bias of a modulo.
 	return uint32((h >> 32) * PercentScale >> 32)
-}
-
-func oneOf(v string, set []string) bool {
-	if set == nil {
-		return true
-	}
-	for _, s := range set {
-		if strings.EqualFold(s, v) {
-			return true
-		}
-	}
-	return false
-}
-
-func inRange(v, min, max string) bool {
-	if min == "" && max == "" {
-		return true
-	}
-	if v == "" {
-		return false
-	}
-	return (min == "" || oplog.CompareVersions(v, min) >= 0) && (max == "" || oplog.CompareVersions(v, max) <= 0)
-}
-
-func validVersion(s string) bool {
-	if len(s) > 32 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '.' || c == '-' || c == '+') {
-			return false
-		}
-	}
-	return true
 }
 
 // clip shortens s for an error message.

@@ -372,7 +372,7 @@ func transition(p *pkgState, ev *deliverypb.PackageEvent, seq uint64, keys map[s
 
 // upload adds a new version as a draft.
 func upload(p *pkgState, ev *deliverypb.PackageEvent, v *deliverypb.Version, seq uint64, keys map[string]*deliverypb.ProducerKey) (*pkgState, error) {
-	if v == nil || !validVersion(v.Version) || v.Version == "" {
+	if v == nil || !oplog.ValidVersion(v.Version) || v.Version == "" {
 		return nil, fmt.Errorf("package %s: version %q: want up to 32 of [0-9A-Za-z.+-]: %w", ev.Package, clip(v.GetVersion()), oplog.ErrInvalid)
 	}
 	if ev.Kind == deliverypb.PackageKind_PACKAGE_KIND_UNSPECIFIED || deliverypb.PackageKind_name[int32(ev.Kind)] == "" {

@@ -106,7 +106,7 @@ func (f *Fanout) SegmentSize(ctx context.Context, segment string) (uint64, error
 	var n uint64
 	err := f.db.View(func(txn *badger.Txn) error {
 		var err error
-		n, err = readCount(txn, countKey(segment))
+		n, err = oplog.GetUint64(txn, countKey(segment))
 		return err
 	})
 	if err != nil {
@@ -169,7 +169,7 @@ func (f *Fanout) applyMembership(txn *badger.Txn, r *oplog.Record) error {
 	if present == m.Member {
 		return nil
 	}
-	n, err := readCount(txn, countKey(m.Segment))
+	n, err := oplog.GetUint64(txn, countKey(m.Segment))
 	if err != nil {
 		return err
 	}
@@ -189,23 +189,6 @@ func (f *Fanout) applyMembership(txn *badger.Txn, r *oplog.Record) error {
 	return txn.Set(countKey(m.Segment), binary.BigEndian.AppendUint64(nil, n))
 }
 
-func readCount(txn *badger.Txn, key []byte) (uint64, error) {
-	it, err := txn.Get(key)
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	var n uint64
-	err = it.Value(func(v []byte) error {
-		if len(v) == 8 {
-			n = binary.BigEndian.Uint64(v)
-		}
-		return nil
-	})
-	return n, err
-}
 
 // members returns up to limit members of a segment after user after
 // (exclusive; "" from the start), and up to upto (inclusive; "" no bound),

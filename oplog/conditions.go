@@ -28,13 +28,15 @@ func Match(c *oplogpb.Conditions, a Attrs) bool {
 	if c == nil {
 		return true
 	}
-	return inRange(a.AppVersion, c.AppVersionMin, c.AppVersionMax) &&
-		inRange(a.OSVersion, c.OsVersionMin, c.OsVersionMax) &&
-		oneOf(a.OS, c.Os) && oneOf(a.Model, c.Models) && oneOf(a.Region, c.Regions) &&
-		oneOf(a.Network, c.Networks) && oneOf(a.Channel, c.Channels) && oneOf(a.CPU, c.Cpus)
+	return InRange(a.AppVersion, c.AppVersionMin, c.AppVersionMax) &&
+		InRange(a.OSVersion, c.OsVersionMin, c.OsVersionMax) &&
+		OneOf(a.OS, c.Os) && OneOf(a.Model, c.Models) && OneOf(a.Region, c.Regions) &&
+		OneOf(a.Network, c.Networks) && OneOf(a.Channel, c.Channels) && OneOf(a.CPU, c.Cpus)
 }
 
-func oneOf(v string, set []string) bool {
+// OneOf reports whether v is in set, case-insensitively; an empty set
+// holds everything. It does not allocate.
+func OneOf(v string, set []string) bool {
 	if len(set) == 0 {
 		return true
 	}
@@ -46,7 +48,10 @@ func oneOf(v string, set []string) bool {
 	return false
 }
 
-func inRange(v, min, max string) bool {
+// InRange reports whether version v is within the inclusive bounds (""
+// for none); a bound on a version the client did not report ("") does not
+// hold. It does not allocate.
+func InRange(v, min, max string) bool {
 	if min == "" && max == "" {
 		return true
 	}
@@ -125,7 +130,9 @@ func parseDecimal(s string) (uint64, bool) {
 
 const maxConditionValues = 64
 
-func validVersion(s string) bool {
+// ValidVersion reports whether s can be a version bound: up to 32 of
+// [0-9A-Za-z.+-] ("" is no bound).
+func ValidVersion(s string) bool {
 	if len(s) > 32 {
 		return false
 	}
@@ -143,7 +150,7 @@ func checkConditions(c *oplogpb.Conditions) error {
 		return nil
 	}
 	for _, v := range []string{c.AppVersionMin, c.AppVersionMax, c.OsVersionMin, c.OsVersionMax} {
-		if !validVersion(v) {
+		if !ValidVersion(v) {
 			return fmt.Errorf("conditions: version %q: %w", clip(v), ErrInvalid)
 		}
 	}

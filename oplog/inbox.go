@@ -605,7 +605,7 @@ func (in *Inbox) Backlog(ctx context.Context, req BacklogRequest) (*Backlog, err
 					continue
 				}
 				if e.CollapseKey != "" {
-					newest, err := collapsed(txn, collapseKey(sc.shard, sc.dim, sc.target, e.Business, e.CollapseKey))
+					newest, err := GetUint64(txn, collapseKey(sc.shard, sc.dim, sc.target, e.Business, e.CollapseKey))
 					if err != nil {
 						return err
 					}
@@ -767,9 +767,9 @@ func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn().Msgf(f, a...) }
 func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug().Msgf(f, a...) }
 func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Trace().Msgf(f, a...) }
 
-// collapsed returns the id of the newest entry indexed under a collapse
-// key, 0 if none.
-func collapsed(txn *badger.Txn, key []byte) (uint64, error) {
+// GetUint64 reads a big-endian uint64 stored under key (a counter, an
+// id): 0 when the key is absent. Projections share it.
+func GetUint64(txn *badger.Txn, key []byte) (uint64, error) {
 	it, err := txn.Get(key)
 	if errors.Is(err, badger.ErrKeyNotFound) {
 		return 0, nil
@@ -777,12 +777,12 @@ func collapsed(txn *badger.Txn, key []byte) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	var id uint64
+	var n uint64
 	err = it.Value(func(v []byte) error {
 		if len(v) == 8 {
-			id = binary.BigEndian.Uint64(v)
+			n = binary.BigEndian.Uint64(v)
 		}
 		return nil
 	})
-	return id, err
+	return n, err
 }

@@ -380,7 +380,7 @@ func (s *Topics) FollowMany(ctx context.Context, topic string, users []string) (
 func (s *Topics) following(topic string, users []string) ([]bool, error) {
 	var marks []bool
 	err := s.db.View(func(txn *badger.Txn) error {
-		n, err := getCount(txn, countKey(topic))
+		n, err := oplog.GetUint64(txn, countKey(topic))
 		if err != nil || n == 0 {
 			return err
 		}
@@ -473,7 +473,7 @@ func (s *Topics) Followers(ctx context.Context, topic string) (uint64, error) {
 	var n uint64
 	err := s.db.View(func(txn *badger.Txn) error {
 		var err error
-		n, err = getCount(txn, countKey(topic))
+		n, err = oplog.GetUint64(txn, countKey(topic))
 		return err
 	})
 	if err != nil {

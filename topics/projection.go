@@ -2,7 +2,6 @@ package topics
 
 import (
 	"encoding/binary"
-	"errors"
 	"strconv"
 	"time"
 
@@ -113,7 +112,7 @@ func (s *Topics) applyFollows(txn *badger.Txn, r *oplog.Record) error {
 	var n uint64
 	nk := countKey(topic)
 	if delta != 0 {
-		if n, err = getCount(txn, nk); err != nil {
+		if n, err = oplog.GetUint64(txn, nk); err != nil {
 			return err
 		}
 		size, writes = size+len(nk)+8, 2
@@ -148,23 +147,6 @@ func b2i(b bool) int64 {
 	return 0
 }
 
-func getCount(txn *badger.Txn, key []byte) (uint64, error) {
-	it, err := txn.Get(key)
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	var n uint64
-	err = it.Value(func(v []byte) error {
-		if len(v) == 8 {
-			n = binary.BigEndian.Uint64(v)
-		}
-		return nil
-	})
-	return n, err
-}
 
 // applyCursor records a device's cursor of a topic: the last ack in stream
 // order, which is the only one the stream keeps.
