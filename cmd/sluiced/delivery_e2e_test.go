@@ -105,34 +105,9 @@ func (dv *e2eDevice) has() string {
 // connects during the gray gets the gray version. Every manifest verifies
 // with the key sluiced serves at /v1/delivery/key.
 func TestGrayReleaseEndToEnd(t *testing.T) {
-	bin := buildSluiced(t)
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 11))
-	tmp := t.TempDir()
-	var ports []int
-	for range 4 {
-		ports = append(ports, freePort(t, rng, ports...))
-	}
-	addr := func(i int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[i])) }
-	logPath := filepath.Join(tmp, "sluiced.log")
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := filepath.Join(tmp, "data")
-	d := &daemon{
-		bin: bin,
-		args: []string{"--data", data, "--nats-listen", addr(0), "--admin", addr(1),
-			"--ws-listen", addr(2), "--tcp-listen", addr(3), "--log-format", "json", "--fsync", "interval"},
-		natsURL: "nats://" + addr(0), admin: "http://" + addr(1), data: data,
-		logPath: logPath, logFile: logFile, http: &http.Client{Timeout: 30 * time.Second},
-	}
-	t.Cleanup(func() { _ = logFile.Close() })
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sluiced log, last lines:\n%s", d.tail(40))
-		}
-	})
-	t.Cleanup(func() { _ = d.kill() })
+	d, addr := newTestDaemon(t, "--fsync", "interval")
+	data := d.data
+	tmp := filepath.Dir(data)
 	if _, err := d.start(); err != nil {
 		t.Fatal(err)
 	}
@@ -328,3 +303,49 @@ func TestGrayReleaseEndToEnd(t *testing.T) {
 func ptr[T any](v T) *T { return &v }
 
 func attrsFor(os string) oplog.Attrs { return oplog.Attrs{OS: os, AppVersion: "5.0"} }
+
+// newTestDaemon prepares sluiced (built once per test binary) on free
+// loopback ports with a data directory and log under t.TempDir(), with
+// args added to the listener flags; the test's cleanup kills it, and
+// prints its last log lines if the test failed. addr(i) is the address of
+// port i: 0 NATS, 1 admin, 2 WebSocket, 3 TLV.
+func newTestDaemon(t *testing.T, args ...string) (*daemon, func(int) string) {
+	t.Helper()
+	bin := buildSluiced(t)
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	tmp := t.TempDir()
+	var ports []int
+	for range 4 {
+		ports = append(ports, freePort(t, rng, ports...))
+	}
+	addr := func(i int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[i])) }
+	logPath := filepath.Join(tmp, "sluiced.log")
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(tmp, "data")
+	d := &daemon{
+		bin: bin,
+		args: append([]string{"--data", data, "--nats-listen", addr(0), "--admin", addr(1),
+			"--ws-listen", addr(2), "--tcp-listen", addr(3), "--log-format", "json"}, args...),
+		natsURL: "nats://" + addr(0),
+		admin:   "http://" + addr(1),
+		data:    data,
+		logPath: logPath,
+		logFile: logFile,
+		http:    &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
+	}
+	t.Cleanup(func() { _ = logFile.Close() })
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("sluiced log %s, last lines:\n%s", logPath, d.tail(60))
+		}
+	})
+	t.Cleanup(func() {
+		if err := d.kill(); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return d, addr
+}

@@ -298,28 +298,7 @@ func (d *daemon) doJSON(ctx context.Context, method, path string, v any) error {
 // do sends one admin request, with the admin token sluiced generated at
 // its first start, and returns the body of a 200 answer.
 func (d *daemon) do(ctx context.Context, method, path string) ([]byte, error) {
-	tok, err := os.ReadFile(filepath.Join(d.data, adminTokenFile))
-	if err != nil {
-		return nil, err
-	}
-	req, err := http.NewRequestWithContext(ctx, method, d.admin+path, nil)
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	resp, err := d.http.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s %s: status %d: %s", method, path, resp.StatusCode, body)
-	}
-	return body, nil
+	return d.request(ctx, method, path, nil)
 }
 
 // Producer paths.

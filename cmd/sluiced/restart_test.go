@@ -6,9 +6,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net"
-	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -87,43 +84,9 @@ func TestGatewayThroughRestarts(t *testing.T) {
 	if testing.Short() {
 		t.Skip("the restart test takes about half a minute")
 	}
-	bin := buildSluiced(t)
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
-	tmp := t.TempDir()
-	var ports []int
-	for range 4 {
-		ports = append(ports, freePort(t, rng, ports...))
-	}
-	addr := func(i int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[i])) }
-	logPath := filepath.Join(tmp, "sluiced.log")
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := filepath.Join(tmp, "data")
-	d := &daemon{
-		bin: bin,
-		args: []string{"--data", data, "--nats-listen", addr(0), "--admin", addr(1),
-			"--ws-listen", addr(2), "--tcp-listen", addr(3), "--log-format", "json",
-			"--businesses", rsUserBiz + ":user," + rsDevBiz + ":device", "--drain-timeout", "5s"},
-		natsURL: "nats://" + addr(0),
-		admin:   "http://" + addr(1),
-		data:    data,
-		logPath: logPath,
-		logFile: logFile,
-		http:    &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
-	}
-	t.Cleanup(func() { _ = logFile.Close() })
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("sluiced log %s, last lines:\n%s", logPath, d.tail(60))
-		}
-	})
-	t.Cleanup(func() {
-		if err := d.kill(); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	d, addr := newTestDaemon(t, "--businesses", rsUserBiz+":user,"+rsDevBiz+":device", "--drain-timeout", "5s")
+	data := d.data
+	tmp := filepath.Dir(data)
 	if _, err := d.start(); err != nil {
 		t.Fatalf("first start: %v", err)
 	}
