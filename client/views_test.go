@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/client"
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/oplog"
 )
@@ -38,39 +39,9 @@ type deliveryEnv struct {
 func newDeliveryEnv(t *testing.T, front func(http.Handler) http.Handler) *deliveryEnv {
 	t.Helper()
 	e := newEnv(t)
-	_, priv, err := ed25519.GenerateKey(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	lg := testLogger(t)
-	d, err := delivery.Open(testCtx(t), delivery.Config{Log: e.log, Signer: delivery.NewSigner(priv), Logger: &lg, Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, stop := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	t.Cleanup(func() {
-		stop()
-		if err := <-done; err != nil {
-			t.Errorf("delivery run: %v", err)
-		}
-		_ = d.Close()
-	})
-	reg, err := delivery.OpenRegistry(testCtx(t), delivery.RegistryConfig{Log: e.log, Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	regCtx, regStop := context.WithCancel(context.Background())
-	regDone := make(chan error, 1)
-	go func() { regDone <- reg.Run(regCtx) }()
-	t.Cleanup(func() {
-		regStop()
-		if err := <-regDone; err != nil {
-			t.Errorf("registry run: %v", err)
-		}
-		_ = reg.Close()
-	})
+	d := deliverytest.MustRun(t, delivery.Config{Log: e.log, Logger: &lg}, true)
+	reg := deliverytest.MustRunRegistry(t, delivery.RegistryConfig{Log: e.log})
 	verifier := gateway.NewVerifier(e.pub)
 	srv, err := gateway.NewServer(gateway.Config{Inbox: e.in, Tokens: verifier, Views: d, Receipts: d, Suppress: d.Suppressed, Devices: reg})
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
 	"google.golang.org/protobuf/proto"
@@ -43,20 +44,7 @@ func newEnv(t *testing.T) *env {
 // open opens a Delivery on the env's log and runs it until the test ends.
 func (e *env) open(t *testing.T, now func() time.Time) *delivery.Delivery {
 	t.Helper()
-	d, err := delivery.Open(ctx(t), delivery.Config{Log: e.log, Signer: e.signer, Now: now})
-	if err != nil {
-		t.Fatalf("open: %v", err)
-	}
-	runCtx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
-	return d
+	return deliverytest.MustRun(t, delivery.Config{Log: e.log, Signer: e.signer, Now: now}, false)
 }
 
 func boolValue(b bool) *deliverypb.Value {

@@ -1,34 +1,20 @@
 package delivery_test
 
 import (
-	"context"
 	"fmt"
 	"testing"
 	"time"
 
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/oplog"
 )
 
 // openRegistry opens and runs a device registry on the env's log.
 func (e *env) openRegistry(t *testing.T, dir string) *delivery.Registry {
 	t.Helper()
-	reg, err := delivery.OpenRegistry(ctx(t), delivery.RegistryConfig{Log: e.log, Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- reg.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("registry run: %v", err)
-		}
-		_ = reg.Close()
-	})
-	return reg
+	return deliverytest.MustRunRegistry(t, delivery.RegistryConfig{Log: e.log, Dir: dir})
 }
 
 // waitKnown waits until the registry counts n devices.

@@ -1,8 +1,6 @@
 package delivery_test
 
 import (
-	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -14,6 +12,7 @@ import (
 
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/oplog"
 )
 
@@ -93,28 +92,16 @@ func (v *vendor) devices() []string {
 func offlineEnv(t *testing.T, v *vendor) (*pushEnv, *delivery.Registry) {
 	t.Helper()
 	e := newPushEnv(t)
-	reg, err := delivery.OpenRegistry(ctx(t), delivery.RegistryConfig{Log: e.l, Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runFor(t, "registry", reg.Run)
-	t.Cleanup(func() { _ = reg.Close() })
+	reg := deliverytest.MustRunRegistry(t, delivery.RegistryConfig{Log: e.l})
 	srv := httptest.NewServer(v)
 	t.Cleanup(srv.Close)
 	hook, err := delivery.NewWebhook(delivery.WebhookConfig{URL: srv.URL, Secret: v.secret})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, key, _ := ed25519.GenerateKey(rand.Reader)
 	// A second Delivery on the same log with receipts and the channel.
-	d, err := delivery.Open(ctx(t), delivery.Config{Log: e.l, Signer: delivery.NewSigner(key), Fanout: e.f,
-		Dir: t.TempDir(), Registry: reg, OfflineChannels: []delivery.OfflineChannel{hook}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runFor(t, "delivery with receipts", d.Run)
-	t.Cleanup(func() { _ = d.Close() })
-	e.d = d
+	e.d = deliverytest.MustRun(t, delivery.Config{Log: e.l, Fanout: e.f, Registry: reg,
+		OfflineChannels: []delivery.OfflineChannel{hook}}, true)
 	return e, reg
 }
 

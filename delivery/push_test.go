@@ -2,8 +2,6 @@ package delivery_test
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"strings"
@@ -12,6 +10,7 @@ import (
 
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/fanout"
 	"github.com/sluicehq/sluice/fanout/fanoutpb"
 	"github.com/sluicehq/sluice/oplog"
@@ -42,19 +41,6 @@ func (e everyone) Publish(ctx context.Context, ev *oplogpb.Event) (*oplogpb.Appe
 	return e.tp.Publish(ctx, ev)
 }
 
-func runFor(t *testing.T, name string, run func(context.Context) error) {
-	t.Helper()
-	c, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(c) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("%s: %v", name, err)
-		}
-	})
-}
-
 func newPushEnv(t *testing.T) *pushEnv {
 	t.Helper()
 	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
@@ -66,13 +52,12 @@ func newPushEnv(t *testing.T) *pushEnv {
 		t.Fatal(err)
 	}
 	e.f = f
-	runFor(t, "fanout", f.Run)
-	t.Cleanup(func() { _ = f.Close() })
-	_, key, _ := ed25519.GenerateKey(rand.Reader)
-	if e.d, err = delivery.Open(ctx(t), delivery.Config{Log: e.l, Signer: delivery.NewSigner(key), Fanout: f}); err != nil {
-		t.Fatal(err)
-	}
-	runFor(t, "delivery", e.d.Run)
+	stop := oplogtest.RunUntilCleanup(t, "fanout", f.Run)
+	t.Cleanup(func() {
+		stop()
+		_ = f.Close()
+	})
+	e.d = deliverytest.MustRun(t, delivery.Config{Log: e.l, Fanout: f}, false)
 	return e
 }
 
@@ -365,12 +350,7 @@ func TestRender(t *testing.T) {
 // TestPushDryRun counts the known devices of each audience.
 func TestPushDryRun(t *testing.T) {
 	e := newPushEnv(t)
-	reg, err := delivery.OpenRegistry(ctx(t), delivery.RegistryConfig{Log: e.l, Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runFor(t, "registry", reg.Run)
-	t.Cleanup(func() { _ = reg.Close() })
+	reg := deliverytest.MustRunRegistry(t, delivery.RegistryConfig{Log: e.l})
 	devs := fleet(300) // users u0, u10, ... on every tenth device; OS cycles android, ios, harmony
 	for _, d := range devs {
 		reg.Seen("app", d, nil)

@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"context"
-	"crypto/ed25519"
 	"errors"
 	"os"
 	"testing"
@@ -10,33 +9,17 @@ import (
 
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
 )
 
-// newDelivery opens and runs a Delivery on log l for the test.
+// newDelivery opens and runs a Delivery, with receipts, on the env's log.
 func newDelivery(t *testing.T, e *env) *delivery.Delivery {
 	t.Helper()
-	_, key, _ := ed25519.GenerateKey(nil)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	d, err := delivery.Open(ctx, delivery.Config{Log: e.l, Signer: delivery.NewSigner(key), Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, stop := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	t.Cleanup(func() {
-		stop()
-		if err := <-done; err != nil {
-			t.Errorf("delivery run: %v", err)
-		}
-		_ = d.Close()
-	})
-	return d
+	return deliverytest.MustRun(t, delivery.Config{Log: e.l}, true)
 }
 
 // envWithViews is a gateway serving the views of a Delivery opened on its

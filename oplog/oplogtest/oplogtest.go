@@ -86,7 +86,7 @@ func MustRunInbox(tb testing.TB, l *oplog.Log, dir string) *oplog.Inbox {
 	if err != nil {
 		tb.Fatalf("open inbox: %v", err)
 	}
-	wait := runUntilCleanup(tb, "inbox", in.Run)
+	wait := RunUntilCleanup(tb, "inbox", in.Run)
 	tb.Cleanup(func() {
 		wait()
 		_ = in.Close()
@@ -94,9 +94,9 @@ func MustRunInbox(tb testing.TB, l *oplog.Log, dir string) *oplog.Inbox {
 	return in
 }
 
-// runUntilCleanup runs fn in a goroutine until the end of the test; the
+// RunUntilCleanup runs fn in a goroutine until the end of the test; the
 // returned func cancels it and waits (idempotent), reporting its error.
-func runUntilCleanup(tb testing.TB, name string, fn func(context.Context) error) (stop func()) {
+func RunUntilCleanup(tb testing.TB, name string, fn func(context.Context) error) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	finished := make(chan struct{})
 	var err error
@@ -123,7 +123,7 @@ func MustRunService(tb testing.TB, l *oplog.Log) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	stop := runUntilCleanup(tb, "service", s.Run)
+	stop := RunUntilCleanup(tb, "service", s.Run)
 	select {
 	case <-s.Ready():
 	case <-time.After(10 * time.Second):

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicehq/sluice/oplog/oplogtest"
 	"github.com/sluicehq/sluice/topics"
 )
 
@@ -24,7 +25,7 @@ func MustRun(tb testing.TB, cfg topics.Config) *topics.Topics {
 	if err != nil {
 		tb.Fatalf("open topics: %v", err)
 	}
-	stop := runUntilCleanup(tb, "topics", s.Run)
+	stop := oplogtest.RunUntilCleanup(tb, "topics", s.Run)
 	tb.Cleanup(func() {
 		stop()
 		if err := s.Close(); err != nil {
@@ -41,7 +42,7 @@ func MustRunService(tb testing.TB, s *topics.Topics) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	stop := runUntilCleanup(tb, "topic service", sv.Run)
+	stop := oplogtest.RunUntilCleanup(tb, "topic service", sv.Run)
 	select {
 	case <-sv.Ready():
 	case <-time.After(10 * time.Second):
@@ -50,24 +51,3 @@ func MustRunService(tb testing.TB, s *topics.Topics) {
 	}
 }
 
-// runUntilCleanup runs fn in a goroutine until the end of the test; the
-// returned func cancels it and waits (idempotent), reporting its error.
-func runUntilCleanup(tb testing.TB, name string, fn func(context.Context) error) (stop func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	finished := make(chan struct{})
-	var err error
-	go func() {
-		defer close(finished)
-		err = fn(ctx)
-	}()
-	stop = func() {
-		cancel()
-		<-finished
-		if err != nil {
-			tb.Errorf("%s run: %v", name, err)
-			err = nil
-		}
-	}
-	tb.Cleanup(stop)
-	return stop
-}
