@@ -47,18 +47,8 @@ func newDeliveryEnv(t *testing.T, front func(http.Handler) http.Handler) *delive
 	if err != nil {
 		t.Fatal(err)
 	}
-	// As cmd/sluiced's deviceAuth.
-	auth := func(r *http.Request) (delivery.Identity, error) {
-		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok {
-			return delivery.Identity{}, errors.New("want Authorization: Bearer <device token>")
-		}
-		c, err := verifier.Verify(tok, time.Now())
-		if err != nil {
-			return delivery.Identity{}, err
-		}
-		return delivery.Identity{Device: c.Device, User: c.User}, nil
-	}
+	auth := gateway.DeviceAuth(verifier)
+
 	mux := http.NewServeMux()
 	mux.Handle("/v1/ws", srv.WebSocketHandler(nil))
 	mux.Handle("/v1/updates", d.UpdatesHandler(auth))

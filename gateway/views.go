@@ -1,7 +1,10 @@
 package gateway
 
 import (
+	"errors"
+	"net/http"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -130,4 +133,20 @@ func (s *Server) followViews() {
 // suppressed reports whether an entry must not be sent (Config.Suppress).
 func (s *Server) suppressed(e *oplogpb.Entry) bool {
 	return s.cfg.Suppress != nil && s.cfg.Suppress(e)
+}
+
+// DeviceAuth authenticates a device's HTTP request (the update check,
+// downloads) by the bearer token it also presents in its Hello.
+func DeviceAuth(v *Verifier) delivery.Authenticator {
+	return func(r *http.Request) (delivery.Identity, error) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok {
+			return delivery.Identity{}, errors.New("want Authorization: Bearer <device token>")
+		}
+		c, err := v.Verify(tok, time.Now())
+		if err != nil {
+			return delivery.Identity{}, err
+		}
+		return delivery.Identity{Device: c.Device, User: c.User}, nil
+	}
 }

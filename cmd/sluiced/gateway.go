@@ -113,7 +113,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/v1/ws", srv.WebSocketHandler(splitList(m.cfg.WSOrigins)))
 	mux.Handle("/v1/dispatch", gp.registry.Handler())
-	auth := deviceAuth(tokens)
+	auth := gateway.DeviceAuth(tokens)
 	mux.Handle("/v1/updates", m.delivery.UpdatesHandler(auth))
 	mux.Handle("/v1/packages/", m.delivery.DownloadHandler("/v1/packages/", auth))
 	mux.Handle("/", web.Handler()) // the browser client and its demo page
@@ -237,18 +237,3 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	return err
 }
 
-// deviceAuth authenticates a device's HTTP request by the bearer token it
-// also presents in its Hello.
-func deviceAuth(v *gateway.Verifier) delivery.Authenticator {
-	return func(r *http.Request) (delivery.Identity, error) {
-		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok {
-			return delivery.Identity{}, errors.New("want Authorization: Bearer <device token>")
-		}
-		c, err := v.Verify(tok, time.Now())
-		if err != nil {
-			return delivery.Identity{}, err
-		}
-		return delivery.Identity{Device: c.Device, User: c.User}, nil
-	}
-}
