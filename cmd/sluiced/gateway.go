@@ -236,4 +236,3 @@ func (m *Main) openDelivery(ctx context.Context) error {
 		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})
 	return err
 }
-
