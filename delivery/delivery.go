@@ -274,7 +274,7 @@ func (d *Delivery) signed(s *snapshot, o offer, now, half int64) *deliverypb.Sig
 	if e, ok := s.signed.m.Load(key); ok && now-e.(*signedEntry).issued < half {
 		return e.(*signedEntry).sm
 	}
-	m := o.manifest(d.cfg.URLPrefix, now, now+d.cfg.ManifestTTL.Milliseconds(), s.keys)
+	m := o.manifest(d.cfg.URLPrefix, now, now+d.cfg.ManifestTTL.Milliseconds())
 	sm, err := d.cfg.Signer.Sign(m)
 	if err != nil {
 		// Marshalling a manifest built here cannot fail; if it ever does
@@ -313,25 +313,31 @@ func (d *Delivery) SetSwitch(ctx context.Context, sw *deliverypb.Switch, actor s
 	if _, err := compileSwitch(sw); err != nil {
 		return nil, err
 	}
+	s := d.ctl.Snapshot()
 	var opts []jetstream.PublishOpt
 	if expect > 0 {
-		opts = append(opts, jetstream.WithExpectLastSequencePerSubject(expect))
+		if cur, ok := s.switches[sw.Key]; !ok || cur.pb.Version != expect {
+			return nil, fmt.Errorf("switch %s: not at version %d: %w", sw.Key, expect, oplog.ErrConflict)
+		}
+		opts = append(opts, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subjectSwitch+sw.Key]))
 	}
 	return d.writeSwitch(ctx, sw, opts...)
 }
 
+// writeSwitch stores a switch event and returns the switch as applied.
 func (d *Delivery) writeSwitch(ctx context.Context, sw *deliverypb.Switch, opts ...jetstream.PublishOpt) (*deliverypb.Switch, error) {
-	_, s, err := d.ctl.Write(ctx, subjectSwitch+sw.Key, sw, opts...)
+	seq, s, err := d.ctl.Write(ctx, subjectSwitch+sw.Key, sw, opts...)
 	if err != nil {
 		return nil, err
 	}
-	if cs, ok := s.switches[sw.Key]; ok {
+	cs, ok := s.switches[sw.Key]
+	switch {
+	case sw.Removed && !ok:
+		return sw, nil
+	case ok && cs.pb.Version == seq:
 		return cs.pb, nil
 	}
-	if sw.Removed {
-		return sw, nil
-	}
-	return nil, fmt.Errorf("switch %s: removed meanwhile: %w", sw.Key, oplog.ErrConflict)
+	return nil, fmt.Errorf("switch %s: changed meanwhile: %w", sw.Key, oplog.ErrConflict)
 }
 
 // Kill turns a switch's kill switch on (every device gets its kill value,
@@ -353,7 +359,7 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 			}
 			sw.KillValue = &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}
 		}
-		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(cur.Version))
+		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(d.ctl.Snapshot().lastSeq[subjectSwitch+key]))
 		if !errors.Is(err, oplog.ErrConflict) {
 			return out, err
 		}
@@ -364,12 +370,12 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 // RemoveSwitch removes a switch: devices stop getting it. Errors:
 // oplog.ErrNotFound.
 func (d *Delivery) RemoveSwitch(ctx context.Context, key, actor string) error {
-	cur, ok := d.Switch(key)
-	if !ok {
+	s := d.ctl.Snapshot()
+	if _, ok := s.switches[key]; !ok {
 		return fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
 	}
 	_, err := d.writeSwitch(ctx, &deliverypb.Switch{Key: key, Removed: true, UpdatedMs: d.cfg.Now().UnixMilli(), UpdatedBy: actor},
-		jetstream.WithExpectLastSequencePerSubject(cur.Version))
+		jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subjectSwitch+key]))
 	return err
 }
 
@@ -508,7 +514,7 @@ func (d *Delivery) Upload(ctx context.Context, up Upload, actor string) (*delive
 		return nil, err
 	}
 	ver.Diffs = diffs
-	r, err := d.change(ctx, cur, ev)
+	r, err := d.change(ctx, s, ev)
 	if err != nil {
 		d.deleteObjects(ctx, objects...)
 		return nil, err
@@ -568,15 +574,12 @@ func (d *Delivery) deleteObjects(ctx context.Context, names ...string) {
 	}
 }
 
-// change validates a package event against cur and stores it, expecting
-// the package's subject to be unchanged since cur. It returns the release
-// the event acted on, as applied.
-func (d *Delivery) change(ctx context.Context, cur *pkgState, ev *deliverypb.PackageEvent) (*deliverypb.Release, error) {
-	var serial uint64
-	if cur != nil {
-		serial = cur.serial
-	}
-	_, s, err := d.ctl.Write(ctx, subjectPackage+ev.Package, ev, jetstream.WithExpectLastSequencePerSubject(serial))
+// change stores a package event validated against snapshot was,
+// expecting the package's subject to be unchanged since. It returns the
+// release the event acted on, as applied.
+func (d *Delivery) change(ctx context.Context, was *snapshot, ev *deliverypb.PackageEvent) (*deliverypb.Release, error) {
+	subject := subjectPackage + ev.Package
+	seq, s, err := d.ctl.Write(ctx, subject, ev, jetstream.WithExpectLastSequencePerSubject(was.lastSeq[subject]))
 	if err != nil {
 		return nil, err
 	}
@@ -588,8 +591,10 @@ func (d *Delivery) change(ctx context.Context, cur *pkgState, ev *deliverypb.Pac
 	if rb, ok := ev.Op.(*deliverypb.PackageEvent_RollbackTo); ok {
 		version = rb.RollbackTo
 	}
-	if p == nil || p.serial == 0 {
-		return nil, fmt.Errorf("package %s: event not applied: %w", ev.Package, oplog.ErrConflict)
+	if p == nil || p.serial != seq {
+		// Valid when checked, refused when applied: something it relied
+		// on changed in between (a producer key revoked, ...).
+		return nil, fmt.Errorf("package %s: the change was refused when applied (see the log): %w", ev.Package, oplog.ErrConflict)
 	}
 	if _, r := p.find(version); r != nil {
 		return r.pb, nil
@@ -606,7 +611,7 @@ func (d *Delivery) lifecycle(ctx context.Context, pkg, version, actor string, op
 	if _, err := transition(cur, ev, 0, s.keys); err != nil {
 		return nil, err
 	}
-	r, err := d.change(ctx, cur, ev)
+	r, err := d.change(ctx, s, ev)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -478,11 +479,11 @@ func TestOffers(t *testing.T) {
 		t.Fatalf("resumed: %d offered 2.0, want the same %d", n, gray)
 	}
 	mustDo(d.Rollback(c, pkg, "x"))
-	if n := count("1.0 rollback from [2.0]"); n != gray {
-		t.Fatalf("rolled back: %d offered the rollback, want %d", n, gray)
-	}
-	if n := count("1.0"); n != len(devs)-gray {
-		t.Fatalf("rolled back: %d offered plain 1.0, want %d", n, len(devs)-gray)
+	// Every device of the audience is told: whichever rule let it have
+	// 2.0 then, it may have it now (a client only downgrades from a
+	// version the rollback lists).
+	if n := count("1.0 rollback from [2.0]"); n != len(devs) {
+		t.Fatalf("rolled back: %d of %d offered the rollback", n, len(devs))
 	}
 	if got := describe(offerOf(t, d, pub, tester, pkg)); got != "1.0 rollback from [2.0]" {
 		t.Fatalf("tester after rollback: %s", got)
@@ -525,5 +526,194 @@ func TestWindowWakesWatchers(t *testing.T) {
 	}
 	if got := valueOf(d, dev, "sale"); got != "&{true}/on" {
 		t.Fatalf("after the window opened: %s", got)
+	}
+}
+
+// The rollback cases a review found (each failed before the fix).
+
+func lifecycleDevs(n int) []*delivery.Device {
+	devs := make([]*delivery.Device, n)
+	for i := range devs {
+		devs[i] = &delivery.Device{ID: fmt.Sprintf("d%03d", i), Attrs: oplog.Attrs{OS: "android"}}
+	}
+	return devs
+}
+
+func mustRelease(t *testing.T) func(*deliverypb.Release, error) {
+	return func(_ *deliverypb.Release, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRollbackReachesEveryDeviceThatHadIt: devices given 2.0 under a wider
+// gray rule, or in a window since closed, get the rollback.
+func TestRollbackReachesEveryDeviceThatHadIt(t *testing.T) {
+	e := newEnv(t)
+	clock := time.Now()
+	var mu sync.Mutex
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	d := e.open(t, now)
+	c := ctx(t)
+	pub := e.signer.PublicKey()
+	must := mustRelease(t)
+	mustUpload(t, d, "app", "1.0")
+	mustUpload(t, d, "app", "2.0")
+	must(d.Gray(c, "app", "1.0", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	must(d.Full(c, "app", "1.0", "x"))
+	must(d.Gray(c, "app", "2.0", &deliverypb.Rule{Percent: pct(50), NotAfterMs: clock.Add(time.Hour).UnixMilli()}, "x"))
+	var had []*delivery.Device
+	for _, dev := range lifecycleDevs(200) {
+		if describe(offerOf(t, d, pub, dev, "app")) == "2.0" {
+			had = append(had, dev)
+		}
+	}
+	must(d.Gray(c, "app", "2.0", &deliverypb.Rule{Percent: pct(10), NotAfterMs: clock.Add(time.Hour).UnixMilli()}, "x"))
+	mu.Lock()
+	clock = clock.Add(2 * time.Hour) // the window closed
+	mu.Unlock()
+	must(d.Rollback(c, "app", "x"))
+	for _, dev := range had {
+		if got := describe(offerOf(t, d, pub, dev, "app")); got != "1.0 rollback from [2.0]" {
+			t.Fatalf("%s had 2.0 and is offered %q", dev.ID, got)
+		}
+	}
+}
+
+// TestRollbackAfterStop: stopping a bad release, then rolling back, takes
+// back the stopped release (not the good one before it).
+func TestRollbackAfterStop(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub := e.signer.PublicKey()
+	must := mustRelease(t)
+	dev := &delivery.Device{ID: "x1", Attrs: oplog.Attrs{OS: "android"}}
+	for _, v := range []string{"1.0", "2.0", "3.0"} {
+		mustUpload(t, d, "app", v)
+	}
+	for _, v := range []string{"1.0", "2.0"} {
+		must(d.Gray(c, "app", v, &deliverypb.Rule{Percent: pct(100)}, "x"))
+		must(d.Full(c, "app", v, "x"))
+	}
+	must(d.Gray(c, "app", "3.0", &deliverypb.Rule{Devices: []string{"x1"}, Percent: pct(0)}, "x"))
+	must(d.Stop(c, "app", "3.0", "x"))
+	rb, err := d.Rollback(c, "app", "x")
+	if err != nil || rb.Version.Version != "2.0" {
+		t.Fatalf("rollback after stopping 3.0: %v, %v; want 2.0", rb, err)
+	}
+	if got := describe(offerOf(t, d, pub, dev, "app")); got != "2.0 rollback from [3.0]" {
+		t.Fatalf("the device on 3.0 is offered %q", got)
+	}
+}
+
+// TestRollbackResumesAPausedTarget: rolling back to a paused full release
+// resumes it: devices are sent what Rollback names.
+func TestRollbackResumesAPausedTarget(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub := e.signer.PublicKey()
+	must := mustRelease(t)
+	dev := &delivery.Device{ID: "x1", Attrs: oplog.Attrs{OS: "android"}}
+	for _, v := range []string{"1.0", "2.0", "3.0"} {
+		mustUpload(t, d, "app", v)
+	}
+	for _, v := range []string{"1.0", "2.0"} {
+		must(d.Gray(c, "app", v, &deliverypb.Rule{Percent: pct(100)}, "x"))
+		must(d.Full(c, "app", v, "x"))
+	}
+	must(d.Pause(c, "app", "2.0", "x"))
+	must(d.Gray(c, "app", "3.0", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	rb, err := d.Rollback(c, "app", "x")
+	if err != nil || rb.Version.Version != "2.0" || rb.Paused {
+		t.Fatalf("rollback: %v, %v; want 2.0, resumed", rb, err)
+	}
+	if got := describe(offerOf(t, d, pub, dev, "app")); got != "2.0 rollback from [3.0]" {
+		t.Fatalf("device offered %q", got)
+	}
+}
+
+// TestSkippedEventDoesNotWedge: an event valid when written but refused
+// when applied (its producer key was revoked in between) fails its writer
+// and leaves the package writable.
+func TestSkippedEventDoesNotWedge(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	if err := d.RegisterProducerKey(c, "team", pub); err != nil {
+		t.Fatal(err)
+	}
+	data := []byte("patch")
+	sum := sha256.Sum256(data)
+	v := &deliverypb.Version{Version: "1", Sha256: sum[:], Size: 5, Object: "fix/1/x", ProducerKey: "team",
+		ProducerSignature: delivery.SignPackage(key, sum[:])}
+	// Write the upload event straight to the stream after revoking the
+	// key: what an upload racing a revocation stores.
+	if err := d.RevokeProducerKey(c, "team"); err != nil {
+		t.Fatal(err)
+	}
+	ev := &deliverypb.PackageEvent{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Op: &deliverypb.PackageEvent_Upload{Upload: v}}
+	b, _ := proto.Marshal(ev)
+	if _, err := e.log.JetStream().Publish(c, oplog.SubjectControl("package", "fix"), b); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.RegisterProducerKey(c, "team", pub); err != nil { // catch up past the skipped event
+		t.Fatal(err)
+	}
+	// The package accepts a new upload: the expectation counts the
+	// skipped event.
+	if _, err := d.Upload(c, delivery.Upload{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Version: "2",
+		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, sum[:])}, "x"); err != nil {
+		t.Fatalf("upload after a skipped event: %v", err)
+	}
+	// Same for switches.
+	sw, err := d.SetSwitch(c, &deliverypb.Switch{Key: "k", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: boolValue(true)}, "x", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad, _ := proto.Marshal(&deliverypb.Switch{Key: "k"}) // no type: skipped on apply
+	if _, err := e.log.JetStream().Publish(c, oplog.SubjectControl("switch", "k"), bad); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.SetSwitch(c, &deliverypb.Switch{Key: "other", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: boolValue(true)}, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Kill(c, "k", true, "x"); err != nil {
+		t.Fatalf("kill after a skipped event: %v", err)
+	}
+	if _, err := d.SetSwitch(c, sw, "x", sw.Version); !errors.Is(err, oplog.ErrConflict) {
+		t.Fatalf("set with a version since changed: %v", err)
+	}
+}
+
+// TestHotPatchKeyRotation: a hot patch keeps the public key it was
+// signed with when its producer key id is registered again with another.
+func TestHotPatchKeyRotation(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	pub2, _, _ := ed25519.GenerateKey(rand.Reader)
+	if err := d.RegisterProducerKey(c, "team", pub); err != nil {
+		t.Fatal(err)
+	}
+	data := []byte("patch v1")
+	sum := sha256.Sum256(data)
+	if _, err := d.Upload(c, delivery.Upload{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Version: "1",
+		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, sum[:])}, "x"); err != nil {
+		t.Fatal(err)
+	}
+	must := mustRelease(t)
+	must(d.Gray(c, "fix", "1", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	if err := d.RegisterProducerKey(c, "team", pub2); err != nil {
+		t.Fatal(err)
+	}
+	m := offerOf(t, d, e.signer.PublicKey(), &delivery.Device{ID: "x"}, "fix")
+	if m == nil || !ed25519.Verify(m.ProducerPublicKey, m.Sha256, m.ProducerSignature) {
+		t.Fatalf("after the key id was registered again, the patch's producer signature does not verify: %v", m)
 	}
 }

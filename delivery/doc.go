@@ -27,9 +27,9 @@
 // made conditional on the version read (ErrConflict otherwise).
 //
 // Lifecycle: draft → gray (with a gray rule; the rule may change) → full;
-// gray or full ↔ paused; any → stopped; Rollback rolls the package's
-// newest gray or full release (and any newer than the target) back to
-// the last stable (full) version.
+// gray or full ↔ paused; any → stopped; Rollback takes back every release
+// devices may have (gray, full, or offered then stopped) newer than the
+// last stable (full) version, and resumes that version if paused.
 //
 // # Views: what one device is told
 //
@@ -37,9 +37,12 @@
 // switch and, per package, the release to have: walking the releases
 // newest first, a gray release if the device is in its audience and gray
 // rule, a full one if in its audience; paused, stopped and draft ones are
-// skipped (devices keep what they have: they never downgrade on that); a
-// rolled-back release that could have reached the device makes the
-// release finally offered a rollback (Manifest.rollback, rollback_from).
+// skipped (devices keep what they have: they never downgrade on that);
+// the rolled-back releases newer than the one offered make it a rollback
+// (Manifest.rollback, rollback_from listing them) for every device, since
+// a device may have a rolled-back release under a rule, window or
+// attributes that no longer hold, and a client downgrades only from a
+// version listed.
 // Each release is a Manifest signed with the server's ed25519 key (signed
 // once per state, not per device), carrying version, serial and expiry:
 // clients install only what a valid, unexpired manifest with a serial no

@@ -173,10 +173,24 @@ func (p *pkgState) find(version string) (int, *release) {
 	return -1, nil
 }
 
-// current returns the index of the newest gray or full release, or -1.
+// rollbackable reports whether devices may have r and a rollback takes
+// it back: it is gray or full (paused or not), or was offered before it
+// was stopped.
+func rollbackable(r *release) bool {
+	switch r.pb.Stage {
+	case deliverypb.Stage_STAGE_GRAY, deliverypb.Stage_STAGE_FULL:
+		return true
+	case deliverypb.Stage_STAGE_STOPPED:
+		return r.pb.Offered
+	}
+	return false
+}
+
+// current returns the index of the newest release a rollback takes back
+// (rollbackable), or -1.
 func (p *pkgState) current() int {
 	for i := len(p.releases) - 1; i >= 0; i-- {
-		if s := p.releases[i].pb.Stage; s == deliverypb.Stage_STAGE_GRAY || s == deliverypb.Stage_STAGE_FULL {
+		if rollbackable(p.releases[i]) {
 			return i
 		}
 	}
@@ -184,8 +198,8 @@ func (p *pkgState) current() int {
 }
 
 // stableBefore returns the index of the newest release before i that is
-// full (and was not stopped or rolled back), or -1: the version a rollback
-// of release i returns to.
+// full (paused or not; not stopped or rolled back), or -1: the version a
+// rollback of release i returns to.
 func (p *pkgState) stableBefore(i int) int {
 	for j := i - 1; j >= 0; j-- {
 		if p.releases[j].pb.Stage == deliverypb.Stage_STAGE_FULL {
@@ -203,11 +217,15 @@ type model struct {
 	packages map[string]*pkgState
 	keys     map[string]*deliverypb.ProducerKey
 	recalled map[string]bool // push ids
+	// lastSeq is the sequence of the last event stored on each subject,
+	// applied or skipped: what a writer expects (JetStream's expected last
+	// subject sequence counts skipped events too).
+	lastSeq map[string]uint64
 }
 
 func newModel() *model {
 	return &model{switches: map[string]*compiledSwitch{}, packages: map[string]*pkgState{},
-		keys: map[string]*deliverypb.ProducerKey{}, recalled: map[string]bool{}}
+		keys: map[string]*deliverypb.ProducerKey{}, recalled: map[string]bool{}, lastSeq: map[string]uint64{}}
 }
 
 // Apply applies the delivery event stored at seq. An event that is not
@@ -215,6 +233,7 @@ func newModel() *model {
 // validating, so it is a foreign writer's or lost a race the expected
 // sequence should have caught) is skipped with an error.
 func (m *model) Apply(seq uint64, subject string, data []byte) (bool, error) {
+	m.lastSeq[subject] = seq
 	switch {
 	case strings.HasPrefix(subject, subjectSwitch):
 		sw := &deliverypb.Switch{}
@@ -278,6 +297,7 @@ func (m *model) Snapshot() *snapshot {
 		packages: maps.Clone(m.packages),
 		keys:     maps.Clone(m.keys),
 		recalled: maps.Clone(m.recalled),
+		lastSeq:  maps.Clone(m.lastSeq),
 		signed:   newManifestCache(),
 	}
 	s.switchKeys = slices.Sorted(maps.Keys(s.switches))
@@ -293,7 +313,8 @@ type snapshot struct {
 	packageNames []string
 	keys         map[string]*deliverypb.ProducerKey
 	recalled     map[string]bool
-	signed       *manifestCache // signed manifests of this state, filled on demand
+	lastSeq      map[string]uint64 // by subject: what writers expect
+	signed       *manifestCache    // signed manifests of this state, filled on demand
 }
 
 // transition applies a package event to p (nil for a new package) and
@@ -342,12 +363,12 @@ func transition(p *pkgState, ev *deliverypb.PackageEvent, seq uint64, keys map[s
 		if err != nil {
 			return nil, fmt.Errorf("package %s version %s: gray rule: %w", p.name, ev.Version, err)
 		}
-		nr.pb.Stage, nr.pb.Gray, nr.gray = deliverypb.Stage_STAGE_GRAY, op.Gray, g
+		nr.pb.Stage, nr.pb.Gray, nr.gray, nr.pb.Offered = deliverypb.Stage_STAGE_GRAY, op.Gray, g, true
 	case *deliverypb.PackageEvent_Full:
 		if st != deliverypb.Stage_STAGE_GRAY || paused {
 			return nil, refuse("release fully")
 		}
-		nr.pb.Stage, nr.pb.ReachedFull = deliverypb.Stage_STAGE_FULL, true
+		nr.pb.Stage, nr.pb.ReachedFull, nr.pb.Offered = deliverypb.Stage_STAGE_FULL, true, true
 	case *deliverypb.PackageEvent_Pause:
 		if (st != deliverypb.Stage_STAGE_GRAY && st != deliverypb.Stage_STAGE_FULL) || paused {
 			return nil, refuse("pause")
@@ -397,6 +418,8 @@ func upload(p *pkgState, ev *deliverypb.PackageEvent, v *deliverypb.Version, seq
 		if err := verifyProducer(v, keys); err != nil {
 			return nil, fmt.Errorf("package %s %s: %w", ev.Package, v.Version, err)
 		}
+		v = proto.Clone(v).(*deliverypb.Version)
+		v.ProducerPublicKey = keys[v.ProducerKey].PublicKey
 	}
 	aud, err := Compile(v.Audience, releaseSalt(ev.Package, v.Version))
 	if err != nil {
@@ -410,13 +433,14 @@ func upload(p *pkgState, ev *deliverypb.PackageEvent, v *deliverypb.Version, seq
 	return np, nil
 }
 
-// rollback marks the newest gray or full release and any gray or full
-// release newer than the target rolled back. to must be the last stable
-// version before the newest gray or full one.
+// rollback marks every release newer than the target that devices may
+// have (rollbackable: gray, full, or offered then stopped) rolled back,
+// and resumes the target if it was paused: it is what devices are sent.
+// to must be the last stable version before the newest rollbackable one.
 func rollback(np *pkgState, to string, seq uint64, at int64) error {
 	cur := np.current()
 	if cur < 0 {
-		return fmt.Errorf("package %s: no gray or full release to roll back: %w", np.name, oplog.ErrConflict)
+		return fmt.Errorf("package %s: no released version to roll back: %w", np.name, oplog.ErrConflict)
 	}
 	stable := np.stableBefore(cur)
 	if stable < 0 {
@@ -427,12 +451,17 @@ func rollback(np *pkgState, to string, seq uint64, at int64) error {
 	}
 	for i := stable + 1; i < len(np.releases); i++ {
 		r := np.releases[i]
-		if s := r.pb.Stage; s != deliverypb.Stage_STAGE_GRAY && s != deliverypb.Stage_STAGE_FULL {
+		if !rollbackable(r) {
 			continue
 		}
 		nr := &release{pb: proto.Clone(r.pb).(*deliverypb.Release), audience: r.audience, gray: r.gray}
 		nr.pb.Stage, nr.pb.Paused, nr.pb.Serial, nr.pb.UpdatedMs = deliverypb.Stage_STAGE_ROLLED_BACK, false, seq, at
 		np.releases[i] = nr
+	}
+	if t := np.releases[stable]; t.pb.Paused {
+		nt := &release{pb: proto.Clone(t.pb).(*deliverypb.Release), audience: t.audience, gray: t.gray}
+		nt.pb.Paused, nt.pb.Serial, nt.pb.UpdatedMs = false, seq, at
+		np.releases[stable] = nt
 	}
 	return nil
 }

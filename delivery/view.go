@@ -18,16 +18,22 @@ type offer struct {
 
 // offerFor walks a package's releases newest first and returns what device
 // d should have at now, or ok false for nothing:
+//   - a rolled-back release is remembered, and the release finally
+//     offered carries the rollback and lists it: whatever rule, window or
+//     attributes let the device have it then, it may have it now, and a
+//     client only downgrades when what it has is listed;
 //   - draft, stopped and paused releases are skipped;
 //   - a gray release is offered if d is in its audience and gray rule;
 //   - a full release is offered if d is in its audience;
-//   - a rolled-back release that could have reached d is remembered, and
-//     the release finally offered carries the rollback;
 //   - a hot patch whose producer key was revoked since is skipped.
 func offerFor(p *pkgState, d *Device, now int64, keys map[string]*deliverypb.ProducerKey) (offer, bool) {
 	var rolled []string
 	for i := len(p.releases) - 1; i >= 0; i-- {
 		r := p.releases[i]
+		if r.pb.Stage == deliverypb.Stage_STAGE_ROLLED_BACK {
+			rolled = append(rolled, r.pb.Version.Version)
+			continue
+		}
 		if r.pb.Paused || !r.audience.Match(d, now) {
 			continue
 		}
@@ -43,10 +49,6 @@ func offerFor(p *pkgState, d *Device, now int64, keys map[string]*deliverypb.Pro
 			}
 		case deliverypb.Stage_STAGE_FULL:
 			return offer{pkg: p, target: r, rollback: rolled}, true
-		case deliverypb.Stage_STAGE_ROLLED_BACK:
-			if r.pb.ReachedFull || (r.gray != nil && r.gray.Match(d, now)) {
-				rolled = append(rolled, r.pb.Version.Version)
-			}
 		}
 	}
 	return offer{}, false
@@ -67,9 +69,8 @@ func switchValue(cs *compiledSwitch, d *Device, now int64) *deliverypb.SwitchVal
 	return &deliverypb.SwitchValue{Key: sw.Key, Value: sw.DefaultValue, Version: sw.Version}
 }
 
-// manifest builds the manifest of an offer (unsigned); keys are the
-// registered producer keys, for a hot patch's.
-func (o offer) manifest(prefix string, issued, expires int64, keys map[string]*deliverypb.ProducerKey) *deliverypb.Manifest {
+// manifest builds the manifest of an offer (unsigned).
+func (o offer) manifest(prefix string, issued, expires int64) *deliverypb.Manifest {
 	v := o.target.pb.Version
 	m := &deliverypb.Manifest{
 		Package: o.pkg.name, Kind: o.pkg.kind, Version: v.Version, Sha256: v.Sha256, Size: v.Size,
@@ -78,9 +79,7 @@ func (o offer) manifest(prefix string, issued, expires int64, keys map[string]*d
 		IssuedMs: issued, ExpiresMs: expires,
 		ProducerSignature: v.ProducerSignature, ProducerKey: v.ProducerKey,
 	}
-	if k, ok := keys[v.ProducerKey]; ok && v.ProducerKey != "" {
-		m.ProducerPublicKey = k.PublicKey
-	}
+	m.ProducerPublicKey = v.ProducerPublicKey
 	for _, df := range v.Diffs {
 		m.Diffs = append(m.Diffs, &deliverypb.Diff{FromVersion: df.FromVersion, FromSha256: df.FromSha256,
 			Sha256: df.Sha256, Size: df.Size, Format: df.Format,

@@ -983,6 +983,10 @@ type Version struct {
 	ProducerKey       string                 `protobuf:"bytes,9,opt,name=producer_key,json=producerKey,proto3" json:"producer_key,omitempty"`
 	Audience          *Rule                  `protobuf:"bytes,10,opt,name=audience,proto3" json:"audience,omitempty"` // the devices the package is for at all
 	Notes             string                 `protobuf:"bytes,11,opt,name=notes,proto3" json:"notes,omitempty"`
+	// Hot patches: the public key of producer_key when the patch was
+	// uploaded (set by the server), so that rotating the key later does not
+	// invalidate what it signed before.
+	ProducerPublicKey []byte `protobuf:"bytes,12,opt,name=producer_public_key,json=producerPublicKey,proto3" json:"producer_public_key,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -1092,6 +1096,13 @@ func (x *Version) GetNotes() string {
 		return x.Notes
 	}
 	return ""
+}
+
+func (x *Version) GetProducerPublicKey() []byte {
+	if x != nil {
+		return x.ProducerPublicKey
+	}
+	return nil
 }
 
 // PackageEvent is one change to a package, stored on
@@ -1384,6 +1395,7 @@ type Release struct {
 	Serial        uint64                 `protobuf:"varint,7,opt,name=serial,proto3" json:"serial,omitempty"` // sequence of the package's last event
 	UpdatedMs     int64                  `protobuf:"varint,8,opt,name=updated_ms,json=updatedMs,proto3" json:"updated_ms,omitempty"`
 	ReachedFull   bool                   `protobuf:"varint,9,opt,name=reached_full,json=reachedFull,proto3" json:"reached_full,omitempty"` // it was full at some point
+	Offered       bool                   `protobuf:"varint,10,opt,name=offered,proto3" json:"offered,omitempty"`                           // it was gray or full at some point: devices may have it
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1477,6 +1489,13 @@ func (x *Release) GetUpdatedMs() int64 {
 func (x *Release) GetReachedFull() bool {
 	if x != nil {
 		return x.ReachedFull
+	}
+	return false
+}
+
+func (x *Release) GetOffered() bool {
+	if x != nil {
+		return x.Offered
 	}
 	return false
 }
@@ -3023,7 +3042,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\x06object\x18\x03 \x01(\tR\x06object\x12\x16\n" +
 	"\x06sha256\x18\x04 \x01(\fR\x06sha256\x12\x12\n" +
 	"\x04size\x18\x05 \x01(\x03R\x04size\x12\x16\n" +
-	"\x06format\x18\x06 \x01(\tR\x06format\"\xf9\x02\n" +
+	"\x06format\x18\x06 \x01(\tR\x06format\"\xa9\x03\n" +
 	"\aVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06sha256\x18\x02 \x01(\fR\x06sha256\x12\x12\n" +
@@ -3037,7 +3056,8 @@ const file_delivery_proto_rawDesc = "" +
 	"\fproducer_key\x18\t \x01(\tR\vproducerKey\x124\n" +
 	"\baudience\x18\n" +
 	" \x01(\v2\x18.sluice.delivery.v1.RuleR\baudience\x12\x14\n" +
-	"\x05notes\x18\v \x01(\tR\x05notes\"\x90\x03\n" +
+	"\x05notes\x18\v \x01(\tR\x05notes\x12.\n" +
+	"\x13producer_public_key\x18\f \x01(\fR\x11producerPublicKey\"\x90\x03\n" +
 	"\fPackageEvent\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x12\x18\n" +
@@ -3059,7 +3079,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x18\n" +
 	"\arevoked\x18\x03 \x01(\bR\arevoked\x12\x13\n" +
-	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\"\xe0\x02\n" +
+	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\"\xfa\x02\n" +
 	"\aRelease\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x125\n" +
@@ -3070,7 +3090,9 @@ const file_delivery_proto_rawDesc = "" +
 	"\x06serial\x18\a \x01(\x04R\x06serial\x12\x1d\n" +
 	"\n" +
 	"updated_ms\x18\b \x01(\x03R\tupdatedMs\x12!\n" +
-	"\freached_full\x18\t \x01(\bR\vreachedFull\"\xbc\x04\n" +
+	"\freached_full\x18\t \x01(\bR\vreachedFull\x12\x18\n" +
+	"\aoffered\x18\n" +
+	" \x01(\bR\aoffered\"\xbc\x04\n" +
 	"\bManifest\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x12\x18\n" +
