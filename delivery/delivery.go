@@ -162,25 +162,47 @@ func (d *Delivery) Run(ctx context.Context) error {
 }
 
 // watch turns state changes and window boundaries into Changed wake-ups.
+//
+// The next state-change channel is taken before the watchers are woken,
+// so a change landing while they are told of the previous one wakes them
+// again. Waits are at most maxWatchWait, so a far or overflowing boundary
+// is recomputed rather than trusted.
 func (d *Delivery) watch(ctx context.Context) {
+	const maxWatchWait = time.Hour
+	changed := d.ctl.Changed()
 	for {
-		next := d.ctl.Snapshot().nextBoundary(d.cfg.Now().UnixMilli())
-		var timer <-chan time.Time
-		var t *time.Timer
-		if next > 0 {
-			t = time.NewTimer(time.Duration(next-d.cfg.Now().UnixMilli()+1) * time.Millisecond)
-			timer = t.C
+		now := d.cfg.Now().UnixMilli()
+		s := d.ctl.Snapshot()
+		next := s.nextBoundary(now)
+		if len(s.packageNames) > 0 {
+			// Views carry manifests re-signed each half lifetime: their
+			// digest changes then, and online devices must get the new
+			// ones before theirs expire.
+			half := max(d.cfg.ManifestTTL.Milliseconds()/2, 1)
+			if refresh := (now/half + 1) * half; next == 0 || refresh < next {
+				next = refresh
+			}
 		}
+		wait := maxWatchWait
+		if next > 0 {
+			wait = time.Duration(min(next-now+1, maxWatchWait.Milliseconds())) * time.Millisecond
+		}
+		t := time.NewTimer(wait)
+		fired := false
 		select {
 		case <-ctx.Done():
-		case <-d.ctl.Changed():
-		case <-timer:
+		case <-changed:
+			fired = true
+		case <-t.C:
+			fired = next > 0 && next-now+1 <= maxWatchWait.Milliseconds()
 		}
-		if t != nil {
-			t.Stop()
-		}
+		t.Stop()
 		if ctx.Err() != nil {
 			return
+		}
+		changed = d.ctl.Changed()
+		if !fired {
+			continue // a capped wait ran out: nothing happened yet
 		}
 		d.mu.Lock()
 		close(d.changed)
@@ -190,9 +212,9 @@ func (d *Delivery) watch(ctx context.Context) {
 }
 
 // Changed returns a channel closed at the next change that may alter a
-// device's view: a switch or release event applied, or a rule's time
-// window opening or closing. Gateways re-evaluate their online devices
-// then.
+// device's view: a switch or release event applied, a rule's time window
+// opening or closing, or manifests due to be signed anew. Gateways
+// re-evaluate their online devices then.
 func (d *Delivery) Changed() <-chan struct{} {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -717,3 +717,54 @@ func TestHotPatchKeyRotation(t *testing.T) {
 		t.Fatalf("after the key id was registered again, the patch's producer signature does not verify: %v", m)
 	}
 }
+
+// TestManifestRefreshIsSignalled: with no event, Changed fires when the
+// manifests are due to be signed anew (half their lifetime), so online
+// devices get fresh ones before theirs expire.
+func TestManifestRefreshIsSignalled(t *testing.T) {
+	e := newEnv(t)
+	d := deliverytest.MustRun(t, delivery.Config{Log: e.log, Signer: e.signer, ManifestTTL: 2 * time.Second}, false)
+	mustUpload(t, d, "app", "1.0")
+	must := mustRelease(t)
+	must(d.Gray(ctx(t), "app", "1.0", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	dev := &delivery.Device{ID: "x1"}
+	time.Sleep(50 * time.Millisecond) // past the wake-up of the gray event itself
+	before := d.View(dev).Digest
+	select {
+	case <-d.Changed():
+	case <-time.After(3 * time.Second):
+		t.Fatal("no Changed within the manifests' half lifetime")
+	}
+	time.Sleep(20 * time.Millisecond)
+	if d.View(dev).Digest == before {
+		t.Fatal("Changed fired but the view is the same")
+	}
+}
+
+// TestFarWindowDoesNotSpin: a window ending in year 9999 does not wake
+// watchers (the wait used to overflow and fire at once, thousands of
+// times a second).
+func TestFarWindowDoesNotSpin(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	far := time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC).UnixMilli()
+	if _, err := d.SetSwitch(ctx(t), &deliverypb.Switch{Key: "s", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: boolValue(false),
+		Variants: []*deliverypb.Variant{{Name: "v", Value: boolValue(true), Rule: &deliverypb.Rule{NotAfterMs: far}}}}, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	wakes := 0
+	deadline := time.After(500 * time.Millisecond)
+	for {
+		select {
+		case <-d.Changed():
+			wakes++
+			continue
+		case <-deadline:
+		}
+		break
+	}
+	if wakes > 1 {
+		t.Fatalf("Changed fired %d times in 500 ms with nothing changing", wakes)
+	}
+}

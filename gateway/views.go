@@ -94,12 +94,16 @@ func (ss *session) sendView() {
 // delivery state may have changed, until the server shuts down.
 func (s *Server) followViews() {
 	defer s.wg.Done()
+	changed := s.cfg.Views.Changed()
 	for {
 		select {
 		case <-s.done:
 			return
-		case <-s.cfg.Views.Changed():
+		case <-changed:
 		}
+		// Taken before evaluating: a change during the evaluation wakes
+		// this loop again.
+		changed = s.cfg.Views.Changed()
 		s.mu.Lock()
 		sessions := make([]*session, 0, len(s.sessions))
 		for ss := range s.sessions {

@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -337,6 +338,49 @@ func TestPushReceipts(t *testing.T) {
 				t.Fatalf("error %v", er)
 			}
 			break
+		}
+	}
+}
+
+// TestViewsFollowRapidChanges: switch changes made back to back, while
+// the node is still telling its clients of the previous ones, all reach
+// them: every client ends with the last value (a wake-up lost between
+// evaluations would leave some on an older one).
+func TestViewsFollowRapidChanges(t *testing.T) {
+	e, d := envWithViews(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	iv := func(n int64) *deliverypb.Value { return &deliverypb.Value{Kind: &deliverypb.Value_IntValue{IntValue: n}} }
+	sw := &deliverypb.Switch{Key: "n", Type: deliverypb.SwitchType_SWITCH_TYPE_INT, DefaultValue: iv(0)}
+	if _, err := d.SetSwitch(ctx, sw, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	var clients []*client
+	for i := range 20 {
+		c := e.dialTCP()
+		c.send(viewHello(e.token("", fmt.Sprintf("dev-%d", i), time.Hour), "android", ""))
+		if v := c.firstRound(); v == nil {
+			t.Fatal("no first view")
+		}
+		clients = append(clients, c)
+	}
+	const last = 40
+	for n := int64(1); n <= last; n++ {
+		sw.DefaultValue = iv(n)
+		if _, err := d.SetSwitch(ctx, sw, "x", 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, c := range clients {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			v, _ := c.nextView(time.Until(deadline))
+			if got := v.Switches[0].Value.GetIntValue(); got == last {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("client %d never got value %d", i, last)
+			}
 		}
 	}
 }
