@@ -350,7 +350,9 @@ func TestViewsFollowRapidChanges(t *testing.T) {
 	e, d := envWithViews(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	iv := func(n int64) *deliverypb.Value { return &deliverypb.Value{Kind: &deliverypb.Value_IntValue{IntValue: n}} }
+	iv := func(n int64) *deliverypb.Value {
+		return &deliverypb.Value{Kind: &deliverypb.Value_IntValue{IntValue: n}}
+	}
 	sw := &deliverypb.Switch{Key: "n", Type: deliverypb.SwitchType_SWITCH_TYPE_INT, DefaultValue: iv(0)}
 	if _, err := d.SetSwitch(ctx, sw, "x", 0); err != nil {
 		t.Fatal(err)
