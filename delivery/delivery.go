@@ -336,6 +336,16 @@ func (d *Delivery) SetSwitch(ctx context.Context, sw *deliverypb.Switch, actor s
 		return nil, err
 	}
 	s := d.ctl.Snapshot()
+	total := proto.Size(sw)
+	for k, cs := range s.switches {
+		if k != sw.Key {
+			total += proto.Size(cs.pb)
+		}
+	}
+	if total > MaxSwitchesBytes {
+		return nil, fmt.Errorf("switch %s: all switches would take %d bytes, over %d (a device's view carries them): %w",
+			sw.Key, total, MaxSwitchesBytes, oplog.ErrInvalid)
+	}
 	var opts []jetstream.PublishOpt
 	if expect > 0 {
 		if cur, ok := s.switches[sw.Key]; !ok || cur.pb.Version != expect {

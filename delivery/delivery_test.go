@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -766,5 +767,30 @@ func TestFarWindowDoesNotSpin(t *testing.T) {
 	}
 	if wakes > 1 {
 		t.Fatalf("Changed fired %d times in 500 ms with nothing changing", wakes)
+	}
+}
+
+// TestSwitchesStayUnderTheViewBudget: switch definitions together are
+// bounded, so that a view always fits a protocol frame.
+func TestSwitchesStayUnderTheViewBudget(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	big := stringValue(strings.Repeat("x", 60<<10))
+	n := 0
+	for ; n < 20; n++ {
+		_, err := d.SetSwitch(ctx(t), &deliverypb.Switch{Key: fmt.Sprint("copy-", n), Type: deliverypb.SwitchType_SWITCH_TYPE_STRING, DefaultValue: big}, "x", 0)
+		if errors.Is(err, oplog.ErrInvalid) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n == 20 || n*60<<10 > delivery.MaxSwitchesBytes {
+		t.Fatalf("%d switches of 60 KiB accepted (budget %d bytes)", n, delivery.MaxSwitchesBytes)
+	}
+	// Replacing one is still allowed: the old definition does not count.
+	if _, err := d.SetSwitch(ctx(t), &deliverypb.Switch{Key: "copy-0", Type: deliverypb.SwitchType_SWITCH_TYPE_STRING, DefaultValue: big}, "x", 0); err != nil {
+		t.Fatalf("replacing a switch at the budget: %v", err)
 	}
 }

@@ -24,8 +24,12 @@ var (
 
 // Limits of switches and packages.
 const (
-	MaxVariants       = 64
-	MaxValueBytes     = 64 << 10 // a string or JSON switch value
+	MaxVariants   = 64
+	MaxValueBytes = 64 << 10 // a string or JSON switch value
+	// MaxSwitchesBytes bounds all switch definitions together (encoded),
+	// so that a device's view, which carries one value of each, stays far
+	// below the protocol's frame limit (1 MiB by default).
+	MaxSwitchesBytes  = 512 << 10
 	MaxDescriptionLen = 1024
 	maxNameLen        = 64
 )

@@ -9,10 +9,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
 	"github.com/sluicehq/sluice/oplog/oplogpb"
+	"google.golang.org/protobuf/proto"
 )
 
 // Views is what the gateway needs of the delivery state
@@ -61,6 +63,10 @@ func (ss *session) sentPush(e *oplogpb.Entry) {
 	}
 }
 
+// viewFrameSlack is room under the frame limit for the TLV or WebSocket
+// framing of a View.
+const viewFrameSlack = 1024
+
 // viewState is what a session that wants views knows of them.
 type viewState struct {
 	digest string // of the view the client holds
@@ -86,8 +92,16 @@ func (ss *session) sendView() {
 	if v.Digest == ss.view.digest {
 		return
 	}
+	f := &gatewaypb.Frame{Body: &gatewaypb.Frame_View{View: v}}
+	if n := proto.Size(f); n > ss.srv.codec.MaxFrame()-viewFrameSlack {
+		// Sent, it would break the link, and the device would loop
+		// reconnecting. Delivery bounds what views carry; this is the
+		// last guard.
+		ss.logAt(zerolog.ErrorLevel).Int("bytes", n).Msg("view over the frame limit: not sent")
+		return
+	}
 	ss.view.digest = v.Digest
-	ss.enqueueLocked(&gatewaypb.Frame{Body: &gatewaypb.Frame_View{View: v}}, false)
+	ss.enqueueLocked(f, false)
 }
 
 // followViews re-evaluates every session that wants views whenever the

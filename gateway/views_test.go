@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -384,5 +385,29 @@ func TestViewsFollowRapidChanges(t *testing.T) {
 				t.Fatalf("client %d never got value %d", i, last)
 			}
 		}
+	}
+}
+
+// TestViewOverFrameLimitKeepsTheLink: a view that would not fit a frame
+// is not sent (and logged); the link and its sync go on.
+func TestViewOverFrameLimitKeepsTheLink(t *testing.T) {
+	hook := &lateViews{ready: make(chan struct{})}
+	e := newEnv(t, func(c *gateway.Config) { c.Views, c.MaxFrame = hook, 32<<10 })
+	d := newDelivery(t, e)
+	hook.set(d)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.SetSwitch(ctx, &deliverypb.Switch{Key: "copy", Type: deliverypb.SwitchType_SWITCH_TYPE_STRING,
+		DefaultValue: &deliverypb.Value{Kind: &deliverypb.Value_StringValue{StringValue: strings.Repeat("x", 40<<10)}}}, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dialTCP()
+	c.send(viewHello(e.token("u1", "dev-a", time.Hour), "android", ""))
+	if v := c.firstRound(); v != nil {
+		t.Fatalf("a view over the frame limit was sent: %d bytes", len(v.String()))
+	}
+	id := e.append("chat", "u1")
+	if items := c.live(1); items[0].Id != id {
+		t.Fatalf("live after the refused view: %v", items)
 	}
 }
