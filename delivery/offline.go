@@ -137,7 +137,7 @@ func (o *offline) run(ctx context.Context) error {
 				_ = msg.Term()
 				continue
 			}
-			if err := o.check(ctx, pc); err != nil {
+			if err := o.check(ctx, pc, func() { _ = msg.InProgress() }); err != nil {
 				o.d.lg.Warn().Err(err).Str("push", pc.PushId).Msg("push check failed; retried")
 				_ = msg.NakWithDelay(10 * time.Second)
 				continue
@@ -150,7 +150,7 @@ func (o *offline) run(ctx context.Context) error {
 
 // check hands the push to the vendor channel of each device of its
 // audience that has not received it and has a push address.
-func (o *offline) check(ctx context.Context, pc *deliverypb.PushCheck) error {
+func (o *offline) check(ctx context.Context, pc *deliverypb.PushCheck, progress func()) error {
 	if o.d.ctl.Snapshot().recalled[pc.PushId] || o.d.cfg.Now().UnixMilli() >= pc.ExpiresMs {
 		return nil
 	}
@@ -158,13 +158,31 @@ func (o *offline) check(ctx context.Context, pc *deliverypb.PushCheck) error {
 	if err := protojson.Unmarshal(pc.Notification, n); err != nil {
 		return fmt.Errorf("notification: %w", err)
 	}
+	cond, err := conditionsOf(pc.Conditions)
+	if err != nil {
+		return fmt.Errorf("conditions: %w", err)
+	}
+	// own returns the notification of a target with variables of its own.
+	own := func(target string) (*deliverypb.Notification, error) {
+		b, ok := pc.TargetNotifications[target]
+		if !ok {
+			return n, nil
+		}
+		tn := &deliverypb.Notification{}
+		if err := protojson.Unmarshal(b, tn); err != nil {
+			return nil, fmt.Errorf("notification of %s: %w", target, err)
+		}
+		return tn, nil
+	}
 	// The receipts stored before the check are the ones that count.
 	if err := o.d.rc.proj.CatchUp(ctx); err != nil {
 		return err
 	}
 	var devices []*deliverypb.Device
 	add := func(dev *deliverypb.Device) {
-		if dev.PushToken != "" {
+		attrs := oplog.Attrs{AppVersion: dev.AppVersion, OS: dev.Os, OSVersion: dev.OsVersion, Model: dev.Model,
+			Region: dev.Region, Network: dev.Network, Channel: dev.Channel, CPU: dev.Cpu}
+		if dev.PushToken != "" && oplog.Match(cond, attrs) {
 			devices = append(devices, proto.Clone(dev).(*deliverypb.Device))
 		}
 	}
@@ -211,23 +229,44 @@ func (o *offline) check(ctx context.Context, pc *deliverypb.PushCheck) error {
 	}
 	byChannel := map[string][]OfflineMessage{}
 	for _, dev := range devices {
-		got, err := o.d.rc.has(pc.PushId, "delivered", dev.Device)
-		if err != nil {
-			return err
-		}
-		if got {
-			continue
-		}
 		if _, ok := o.channels[dev.PushChannel]; !ok {
 			continue
 		}
-		byChannel[dev.PushChannel] = append(byChannel[dev.PushChannel], OfflineMessage{Device: dev.Device, Token: dev.PushToken, Notification: n})
+		// Skip devices that have it, and those a previous run of this
+		// check (redelivered, or on another node) sent it to already.
+		done := false
+		for _, state := range []string{"delivered", stateOffline} {
+			got, err := o.d.rc.has(pc.PushId, state, dev.Device)
+			if err != nil {
+				return err
+			}
+			done = done || got
+		}
+		if done {
+			continue
+		}
+		target := dev.Device
+		if len(pc.Users) > 0 {
+			target = dev.User
+		}
+		dn, err := own(target)
+		if err != nil {
+			return err
+		}
+		byChannel[dev.PushChannel] = append(byChannel[dev.PushChannel], OfflineMessage{Device: dev.Device, Token: dev.PushToken, Notification: dn})
 	}
 	for name, msgs := range byChannel {
 		ch := o.channels[name]
 		for start := 0; start < len(msgs); start += maxOfflineBatch {
 			batch := msgs[start:min(start+maxOfflineBatch, len(msgs))]
+			if progress != nil {
+				progress() // a long check is not redelivered meanwhile
+			}
 			errs := ch.Send(ctx, batch)
+			if errs != nil && len(errs) != len(batch) {
+				o.d.lg.Error().Str("channel", name).Int("errors", len(errs)).Int("messages", len(batch)).Msg("offline channel answered a wrong number of results: counted as failed")
+				errs = repeatErr(errors.New("no result"), len(batch))
+			}
 			failed := 0
 			for i, m := range batch {
 				if errs != nil && errs[i] != nil {

@@ -221,3 +221,34 @@ func TestVerifyWebhookRefuses(t *testing.T) {
 		t.Fatal("an old timestamp and a bad signature verified")
 	}
 }
+
+// TestOfflineHonoursConditionsAndTargetVars: the vendor channel gets a
+// push only for devices its conditions match, rendered with the target's
+// own variables.
+func TestOfflineHonoursConditionsAndTargetVars(t *testing.T) {
+	v := &vendor{secret: []byte("k"), got: map[string]string{}}
+	e, reg := offlineEnv(t, v)
+	for _, s := range []struct{ dev, user, os string }{{"a1", "alice", "android"}, {"i1", "ivan", "ios"}, {"i2", "alice", "ios"}} {
+		reg.Seen("app", &delivery.Device{ID: s.dev, User: s.user, Attrs: oplog.Attrs{OS: s.os}},
+			&deliverypb.PushAddress{Channel: "webhook", Token: "tok-" + s.dev})
+	}
+	waitKnown(t, reg, 3)
+	if _, err := e.d.Push(ctx(t), &deliverypb.Push{Id: "ios-hi", Title: "Hi {{name}}", Vars: map[string]string{"name": "there"},
+		TargetVars: map[string]*deliverypb.Vars{"ivan": {Vars: map[string]string{"name": "Ivan"}}},
+		Conditions: &deliverypb.Rule{Os: []string{"ios"}}, OfflineAfterMs: 500,
+		Audience: &deliverypb.Push_Users{Users: &deliverypb.Targets{Ids: []string{"alice", "ivan"}}}}, "x"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Equal(v.devices(), []string{"i1", "i2"}) {
+		if time.Now().After(deadline) {
+			t.Fatalf("vendor got %v, want the iOS devices i1 and i2 only", v.devices())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.got["i1"] != "Hi Ivan" || v.got["i2"] != "Hi there" {
+		t.Fatalf("titles %v, want Ivan's own and the common one", v.got)
+	}
+}

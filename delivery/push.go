@@ -140,7 +140,7 @@ func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliver
 		return nil
 	}
 	rec := &deliverypb.PushRecord{PushId: p.Id, Targeted: res.Targets, ExpiresMs: n.ExpiresMs, SentMs: now.UnixMilli()}
-	pc := &deliverypb.PushCheck{PushId: p.Id, ExpiresMs: n.ExpiresMs}
+	pc := &deliverypb.PushCheck{PushId: p.Id, ExpiresMs: n.ExpiresMs, Conditions: p.Conditions}
 	switch a := p.Audience.(type) {
 	case *deliverypb.Push_Users:
 		rec.Audience, pc.Users = "users", a.Users.GetIds()
@@ -170,7 +170,9 @@ func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliver
 	}
 	after := d.cfg.OfflineAfter
 	if p.OfflineAfterMs != 0 {
-		after = time.Duration(p.OfflineAfterMs) * time.Millisecond
+		// Past the validity a check sends nothing: cap it there (which
+		// also keeps the duration from overflowing).
+		after = time.Duration(min(p.OfflineAfterMs, n.ExpiresMs-now.UnixMilli())) * time.Millisecond
 	}
 	if d.off == nil || after < 0 || (len(pc.Users) == 0 && len(pc.Devices) == 0 && pc.Segment == "" && !pc.Everyone) {
 		return nil
@@ -178,6 +180,19 @@ func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliver
 	var err error
 	if pc.Notification, err = render(p, n, nil); err != nil {
 		return err
+	}
+	for target, v := range p.TargetVars {
+		if len(v.GetVars()) == 0 {
+			continue
+		}
+		payload, err := render(p, n, v.GetVars())
+		if err != nil {
+			return err
+		}
+		if pc.TargetNotifications == nil {
+			pc.TargetNotifications = map[string][]byte{}
+		}
+		pc.TargetNotifications[target] = payload
 	}
 	return d.off.schedule(ctx, pc, after)
 }

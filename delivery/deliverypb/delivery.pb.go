@@ -2884,16 +2884,18 @@ func (x *Funnel) GetRecalled() bool {
 // deadline: the devices that have not received it by then get it through
 // their vendor channel.
 type PushCheck struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
-	Notification  []byte                 `protobuf:"bytes,2,opt,name=notification,proto3" json:"notification,omitempty"` // the payload (protojson Notification), common to all targets
-	Users         []string               `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`               // users audience (up to one event's targets)
-	Devices       []string               `protobuf:"bytes,4,rep,name=devices,proto3" json:"devices,omitempty"`           // devices audience
-	Segment       string                 `protobuf:"bytes,5,opt,name=segment,proto3" json:"segment,omitempty"`
-	Everyone      bool                   `protobuf:"varint,6,opt,name=everyone,proto3" json:"everyone,omitempty"`
-	ExpiresMs     int64                  `protobuf:"varint,7,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	PushId              string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Notification        []byte                 `protobuf:"bytes,2,opt,name=notification,proto3" json:"notification,omitempty"` // the payload (protojson Notification), common to all targets
+	Users               []string               `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`               // users audience (up to one event's targets)
+	Devices             []string               `protobuf:"bytes,4,rep,name=devices,proto3" json:"devices,omitempty"`           // devices audience
+	Segment             string                 `protobuf:"bytes,5,opt,name=segment,proto3" json:"segment,omitempty"`
+	Everyone            bool                   `protobuf:"varint,6,opt,name=everyone,proto3" json:"everyone,omitempty"`
+	ExpiresMs           int64                  `protobuf:"varint,7,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	Conditions          *Rule                  `protobuf:"bytes,8,opt,name=conditions,proto3" json:"conditions,omitempty"`                                                                                                                        // the push's attribute predicates
+	TargetNotifications map[string][]byte      `protobuf:"bytes,9,rep,name=target_notifications,json=targetNotifications,proto3" json:"target_notifications,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // per user or device: its own rendering
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *PushCheck) Reset() {
@@ -2973,6 +2975,20 @@ func (x *PushCheck) GetExpiresMs() int64 {
 		return x.ExpiresMs
 	}
 	return 0
+}
+
+func (x *PushCheck) GetConditions() *Rule {
+	if x != nil {
+		return x.Conditions
+	}
+	return nil
+}
+
+func (x *PushCheck) GetTargetNotifications() map[string][]byte {
+	if x != nil {
+		return x.TargetNotifications
+	}
+	return nil
 }
 
 var File_delivery_proto protoreflect.FileDescriptor
@@ -3234,7 +3250,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\aoffline\x18\a \x01(\x04R\aoffline\x12\x1d\n" +
 	"\n" +
 	"expires_ms\x18\b \x01(\x03R\texpiresMs\x12\x1a\n" +
-	"\brecalled\x18\t \x01(\bR\brecalled\"\xcd\x01\n" +
+	"\brecalled\x18\t \x01(\bR\brecalled\"\xba\x03\n" +
 	"\tPushCheck\x12\x17\n" +
 	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\"\n" +
 	"\fnotification\x18\x02 \x01(\fR\fnotification\x12\x14\n" +
@@ -3243,7 +3259,14 @@ const file_delivery_proto_rawDesc = "" +
 	"\asegment\x18\x05 \x01(\tR\asegment\x12\x1a\n" +
 	"\beveryone\x18\x06 \x01(\bR\beveryone\x12\x1d\n" +
 	"\n" +
-	"expires_ms\x18\a \x01(\x03R\texpiresMs*\x9a\x01\n" +
+	"expires_ms\x18\a \x01(\x03R\texpiresMs\x128\n" +
+	"\n" +
+	"conditions\x18\b \x01(\v2\x18.sluice.delivery.v1.RuleR\n" +
+	"conditions\x12i\n" +
+	"\x14target_notifications\x18\t \x03(\v26.sluice.delivery.v1.PushCheck.TargetNotificationsEntryR\x13targetNotifications\x1aF\n" +
+	"\x18TargetNotificationsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01*\x9a\x01\n" +
 	"\n" +
 	"SwitchType\x12\x1b\n" +
 	"\x17SWITCH_TYPE_UNSPECIFIED\x10\x00\x12\x14\n" +
@@ -3291,7 +3314,7 @@ func file_delivery_proto_rawDescGZIP() []byte {
 }
 
 var file_delivery_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_delivery_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_delivery_proto_goTypes = []any{
 	(SwitchType)(0),        // 0: sluice.delivery.v1.SwitchType
 	(PackageKind)(0),       // 1: sluice.delivery.v1.PackageKind
@@ -3327,6 +3350,7 @@ var file_delivery_proto_goTypes = []any{
 	nil,                    // 31: sluice.delivery.v1.Vars.VarsEntry
 	nil,                    // 32: sluice.delivery.v1.Push.VarsEntry
 	nil,                    // 33: sluice.delivery.v1.Push.TargetVarsEntry
+	nil,                    // 34: sluice.delivery.v1.PushCheck.TargetNotificationsEntry
 }
 var file_delivery_proto_depIdxs = []int32{
 	5,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
@@ -3358,12 +3382,14 @@ var file_delivery_proto_depIdxs = []int32{
 	20, // 26: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
 	3,  // 27: sluice.delivery.v1.Notification.priority:type_name -> sluice.delivery.v1.Priority
 	4,  // 28: sluice.delivery.v1.Receipt.state:type_name -> sluice.delivery.v1.ReceiptState
-	21, // 29: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
-	30, // [30:30] is the sub-list for method output_type
-	30, // [30:30] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	5,  // 29: sluice.delivery.v1.PushCheck.conditions:type_name -> sluice.delivery.v1.Rule
+	34, // 30: sluice.delivery.v1.PushCheck.target_notifications:type_name -> sluice.delivery.v1.PushCheck.TargetNotificationsEntry
+	21, // 31: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
+	32, // [32:32] is the sub-list for method output_type
+	32, // [32:32] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_delivery_proto_init() }
@@ -3400,7 +3426,7 @@ func file_delivery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_delivery_proto_rawDesc), len(file_delivery_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
