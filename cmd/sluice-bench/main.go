@@ -7,6 +7,7 @@
 //	sluice-bench topic [flags]     a topic message to its online followers vs write diffusion
 //	sluice-bench storm [flags]     a connect storm: bucketed vs per-business sync rounds
 //	sluice-bench diff [flags]      diff package sizes vs full and zstd-compressed packages
+//	sluice-bench delivery [flags]  rule evaluations, update checks, switch changes vs baselines
 //
 // Every benchmark but diff starts its own embedded NATS servers on temporary
 // directories (loopback or in-process only), is bounded in time and count,
@@ -115,6 +116,43 @@
 // baseline: what a client downloads without diffs when the transport
 // compresses), with Make and Apply times, and zstd -19 --patch-from as a
 // reference when the zstd command is installed.
+//
+// # delivery
+//
+// The delivery targets, on one embedded server (-fsync always by default,
+// as sluiced) whose Delivery holds -switches (50) switches of 2 variants
+// and -packages (5) packages, each with a full release and a 10% gray one;
+// -scenario selects:
+//
+//   - rules: evaluations per second on one core (GOMAXPROCS 1, one
+//     goroutine) of a typical gray rule (app version range, 2 OSes, 3
+//     regions, wifi, 10% sticky) over -devices (100,000) devices of varied
+//     attributes, next to oplog.Match of the same predicates as
+//     oplogpb.Conditions, in alternating slices; every device's answer is
+//     checked against oplog.Match and Place. Then Delivery.View per second
+//     on one core.
+//   - http: GET /v1/updates (Delivery.UpdatesHandler, the device's gateway
+//     token verified as sluiced does) next to a trivial handler on the same
+//     net/http server: -concurrency (64) keep-alive connections of a lean
+//     HTTP/1.1 client in this process, -http-time (5 s) per phase, trivial,
+//     updates, trivial again, over -http-devices (1,000) devices, every
+//     other request with If-None-Match. Requests/s, p50/p99, the 200/304
+//     mix and the ratio to the trivial mean (goal at least 0.6).
+//   - switch: -clients (1,000) clients on a gateway.Server with
+//     Config.Views (raw protocol clients, or client.Client with -client
+//     sdk), half of them matching a switch's variant; -changes (20)
+//     changes, each timed from just before SetSwitch until every matching
+//     client has the new value, alternating with as many topics.Everyone
+//     messages to the same clients (the baseline), one at a time and at
+//     least -interval (200 ms) apart. Goal: p99 and max under 1 s. Every
+//     matching client must get every change, and every client the right
+//     value and every message once.
+//
+// Everything runs in this process, so on a small machine the clients
+// compete with the server: the report gives each phase's CPU time and the
+// CPU other processes used meanwhile, and -cpuprofile writes one CPU
+// profile per scenario. A failed correctness check makes the command exit
+// non-zero; a missed goal does not.
 package main
 
 import (
@@ -158,7 +196,7 @@ func progressLogger(stderr io.Writer) zerolog.Logger {
 }
 
 // errUsage marks a command line that names no known benchmark.
-var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm, diff")
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm, diff, delivery")
 
 // run runs the benchmark named by args[0] with the rest of args as its flags.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -178,6 +216,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runStorm(ctx, args[1:], stdout, stderr)
 	case "diff":
 		return runDiff(ctx, args[1:], stdout, stderr)
+	case "delivery":
+		return runDelivery(ctx, args[1:], stdout, stderr)
 	case childCommand: // the gateway benchmark's server, run as a child
 		return runGatewayServer(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
