@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -81,6 +82,11 @@ type Delivery struct {
 	rc  *receipts // nil without Config.Dir
 	off *offline  // nil without offline channels
 
+	// gen counts the wake-ups of Changed: a device's view may differ
+	// only across them. The update check's cache is valid within one.
+	gen   atomic.Uint64
+	views *viewCache
+
 	mu      sync.Mutex
 	changed chan struct{} // closed on the next change of any device's view
 }
@@ -112,7 +118,7 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 	if cfg.OfflineAfter <= 0 {
 		cfg.OfflineAfter = DefaultOfflineAfter
 	}
-	d := &Delivery{cfg: cfg, lg: zerolog.Nop(), changed: make(chan struct{})}
+	d := &Delivery{cfg: cfg, lg: zerolog.Nop(), changed: make(chan struct{}), views: newViewCache()}
 	if cfg.Logger != nil {
 		d.lg = cfg.Logger.With().Str("component", "delivery").Logger()
 	}
@@ -204,6 +210,7 @@ func (d *Delivery) watch(ctx context.Context) {
 		if !fired {
 			continue // a capped wait ran out: nothing happened yet
 		}
+		d.gen.Add(1)
 		d.mu.Lock()
 		close(d.changed)
 		d.changed = make(chan struct{})
@@ -256,7 +263,11 @@ func (d *Delivery) PublicKey() []byte { return d.cfg.Signer.PublicKey() }
 // and the release to have of every package that has one for it, with a
 // digest that changes only when that does.
 func (d *Delivery) View(dev *Device) *deliverypb.View {
-	s := d.ctl.Snapshot()
+	return d.viewOf(d.ctl.Snapshot(), dev)
+}
+
+// viewOf computes a device's view in state s.
+func (d *Delivery) viewOf(s *snapshot, dev *Device) *deliverypb.View {
 	now := d.cfg.Now().UnixMilli()
 	v := &deliverypb.View{}
 	g := digester{buf: make([]byte, 0, 256)}

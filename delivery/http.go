@@ -7,11 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/oplog"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -33,6 +35,12 @@ const (
 	// every chunk per download).
 	MaxCachedBytes = 256 << 20
 	contentProto   = "application/x-protobuf"
+)
+
+// Header values set on every update check, allocated once.
+var (
+	noCache   = []string{"no-cache"}
+	protoType = []string{contentProto}
 )
 
 // UpdatesHandler serves the check for updates over HTTP:
@@ -73,21 +81,30 @@ func (d *Delivery) UpdatesHandler(auth Authenticator) http.Handler {
 			}
 			*f.to = v
 		}
-		v := d.View(dev)
-		etag := `"` + v.Digest + `"`
-		w.Header().Set("ETag", etag)
-		w.Header().Set("Cache-Control", "no-cache")
+		cv, err := d.encodedView(dev)
+		if err != nil {
+			d.lg.Error().Err(err).Msg("encoding a view")
+			httpError(w, http.StatusInternalServerError, "internal error")
+			return
+		}
+		etag := `"` + cv.digest + `"`
+		h := w.Header()
+		h["Etag"] = []string{etag}
+		h["Cache-Control"] = noCache
 		if inm := r.Header.Get("If-None-Match"); inm != "" && strings.Contains(inm, etag) {
 			w.WriteHeader(http.StatusNotModified)
 			return
 		}
-		var body []byte
+		body := cv.body
 		if strings.Contains(r.Header.Get("Accept"), oplog.ContentTypeJSON) {
-			body, err = protojson.Marshal(v)
-			w.Header().Set("Content-Type", oplog.ContentTypeJSON)
+			v := &deliverypb.View{}
+			if err = proto.Unmarshal(cv.body, v); err == nil {
+				body, err = protojson.Marshal(v)
+			}
+			h["Content-Type"] = []string{oplog.ContentTypeJSON}
 		} else {
-			body, err = proto.Marshal(v)
-			w.Header().Set("Content-Type", contentProto)
+			h["Content-Type"] = protoType
+			h["Content-Length"] = []string{strconv.Itoa(len(body))}
 		}
 		if err != nil {
 			d.lg.Error().Err(err).Msg("encoding a view")

@@ -170,6 +170,33 @@ func TestUpdatesHandler(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte(`"beta"`)) {
 		t.Fatalf("android, JSON: %d %s", resp.StatusCode, body)
 	}
+	// The answer is cached per device; a change, or a window opening,
+	// shows at once all the same.
+	if _, err := d.SetSwitch(ctx(t), &deliverypb.Switch{Key: "beta", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL,
+		DefaultValue: boolValue(false), Variants: []*deliverypb.Variant{{Name: "ios", Value: boolValue(false),
+			Rule: &deliverypb.Rule{Os: []string{"ios"}}}, {Name: "later", Value: boolValue(true),
+			Rule: &deliverypb.Rule{NotBeforeMs: time.Now().Add(400 * time.Millisecond).UnixMilli()}}}}, "x", 0); err != nil {
+		t.Fatal(err)
+	}
+	valueFor := func(os string) (bool, string) {
+		t.Helper()
+		resp, body := get(t, srv.URL+"/v1/updates?os="+os, "Authorization", "Bearer dev-9", "If-None-Match", `"`+v.Digest+`"`)
+		got := &deliverypb.View{}
+		if resp.StatusCode != http.StatusOK || proto.Unmarshal(body, got) != nil || len(got.Switches) != 1 {
+			t.Fatalf("after a change: %d %v", resp.StatusCode, got)
+		}
+		return got.Switches[0].Value.GetBoolValue(), got.Switches[0].Variant
+	}
+	if on, variant := valueFor("ios"); on || variant != "ios" {
+		t.Fatalf("ios after the change: %v %s", on, variant)
+	}
+	if on, _ := valueFor("android"); on {
+		t.Fatal("android before the window opened: on")
+	}
+	time.Sleep(600 * time.Millisecond)
+	if on, variant := valueFor("android"); !on || variant != "later" {
+		t.Fatalf("android after the window opened: %v %s (a stale cached view?)", on, variant)
+	}
 	if resp, _ := get(t, srv.URL+"/v1/updates"); resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("no token: %d", resp.StatusCode)
 	}
