@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -21,11 +22,14 @@ const StreamDevices = "SLUICE_DEVICES"
 
 const subjectDevices = "sluice.device."
 
-// The registry's keys in badger: d/<device> → the record, and
-// u/<user>/<device> for the devices a user is bound on.
+// The registry's keys in badger: d/<device> → the record,
+// u/<user>/<device> for the devices a user is bound on, and n/devices the
+// count of devices.
 var (
 	devicePrefix = []byte("d/")
 	userPrefix   = []byte("u/")
+	countPrefix  = []byte("n/")
+	countKey     = []byte("n/devices")
 )
 
 func userKey(user, device string) []byte { return []byte("u/" + user + "/" + device) }
@@ -93,7 +97,7 @@ func OpenRegistry(ctx context.Context, cfg RegistryConfig) (*Registry, error) {
 	}
 	r.db = db
 	r.proj, err = oplog.NewProjection(oplog.ProjectionConfig{
-		Stream: StreamDevices, DB: db, JetStream: r.js, Prefixes: [][]byte{devicePrefix, userPrefix},
+		Stream: StreamDevices, DB: db, JetStream: r.js, Prefixes: [][]byte{devicePrefix, userPrefix, countPrefix},
 		Apply: r.apply, Logger: &r.lg,
 	})
 	if err != nil {
@@ -118,7 +122,15 @@ func (r *Registry) apply(txn *badger.Txn, rec *oplog.Record) error {
 				return err
 			}
 		}
-	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+	} else if errors.Is(err, badger.ErrKeyNotFound) {
+		n, err := oplog.GetUint64(txn, countKey)
+		if err != nil {
+			return err
+		}
+		if err := txn.Set(countKey, binary.BigEndian.AppendUint64(nil, n+1)); err != nil {
+			return err
+		}
+	} else {
 		return err
 	}
 	if dev.User != "" && oplog.ValidID(dev.User) {
@@ -281,6 +293,17 @@ func (r *Registry) CatchUp(ctx context.Context) error { return r.proj.CatchUp(ct
 // maxSample is how many matching device ids a dry run returns.
 const maxSample = 10
 
+// Known returns the number of devices the registry knows.
+func (r *Registry) Known() (uint64, error) {
+	var n uint64
+	err := r.db.View(func(txn *badger.Txn) error {
+		var err error
+		n, err = oplog.GetUint64(txn, countKey)
+		return err
+	})
+	return n, err
+}
+
 // Count walks every known device and counts those match accepts. It reads
 // a consistent badger snapshot; a million devices take about a second.
 func (r *Registry) Count(ctx context.Context, match func(*Device) bool) (*deliverypb.DryRun, error) {
@@ -300,8 +323,7 @@ func (r *Registry) Count(ctx context.Context, match func(*Device) bool) (*delive
 				return err
 			}
 			out.Known++
-			*dev = Device{ID: rec.Device, User: rec.User, Attrs: oplog.Attrs{AppVersion: rec.AppVersion, OS: rec.Os,
-				OSVersion: rec.OsVersion, Model: rec.Model, Region: rec.Region, Network: rec.Network, Channel: rec.Channel, CPU: rec.Cpu}}
+			*dev = Device{ID: rec.Device, User: rec.User, Attrs: attrsOfRecord(rec)}
 			if match(dev) {
 				out.Matching++
 				if len(out.Sample) < maxSample {

@@ -180,9 +180,7 @@ func (o *offline) check(ctx context.Context, pc *deliverypb.PushCheck, progress 
 	}
 	var devices []*deliverypb.Device
 	add := func(dev *deliverypb.Device) {
-		attrs := oplog.Attrs{AppVersion: dev.AppVersion, OS: dev.Os, OSVersion: dev.OsVersion, Model: dev.Model,
-			Region: dev.Region, Network: dev.Network, Channel: dev.Channel, CPU: dev.Cpu}
-		if dev.PushToken != "" && oplog.Match(cond, attrs) {
+		if dev.PushToken != "" && oplog.Match(cond, attrsOfRecord(dev)) {
 			devices = append(devices, proto.Clone(dev).(*deliverypb.Device))
 		}
 	}

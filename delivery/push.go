@@ -98,6 +98,9 @@ func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (
 	ev := &oplogpb.Event{Kind: oplogpb.Kind_KIND_PUSH, ContentType: ContentTypeNotification,
 		ExpiresAt: timestamppb.New(time.UnixMilli(n.ExpiresMs)), CreatedAt: timestamppb.New(now),
 		Conditions: cond, CollapseKey: p.CollapseKey}
+	if err := d.beforePush(ctx, p, n, now); err != nil {
+		return nil, err
+	}
 	log := d.lg.Info().Str("push", p.Id).Str("actor", actor)
 	switch a := p.Audience.(type) {
 	case *deliverypb.Push_Users:
@@ -132,41 +135,55 @@ func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (
 	return res, nil
 }
 
-// afterPush records the push for its funnel and schedules its offline
-// check. Both are idempotent (message ids), so a producer retrying a push
-// whose record failed loses nothing.
+// beforePush stores the push's record, what its funnel counts against,
+// before any of its entries: receipts count only for pushes with a
+// record. Targeted is the devices of the audience the registry knows and
+// the conditions match, or without a registry the targets addressed.
+// Idempotent (message id), so a producer retrying a push loses nothing.
+func (d *Delivery) beforePush(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, now time.Time) error {
+	if d.rc == nil {
+		return nil
+	}
+	rec := &deliverypb.PushRecord{PushId: p.Id, ExpiresMs: n.ExpiresMs, SentMs: now.UnixMilli()}
+	switch a := p.Audience.(type) {
+	case *deliverypb.Push_Users:
+		rec.Audience, rec.Targeted = "users", uint64(len(a.Users.GetIds()))
+	case *deliverypb.Push_Devices:
+		rec.Audience, rec.Targeted = "devices", uint64(len(a.Devices.GetIds()))
+	case *deliverypb.Push_Segment:
+		rec.Audience = "segment"
+	case *deliverypb.Push_Everyone:
+		rec.Audience = "everyone"
+	}
+	if d.cfg.Registry != nil {
+		dry, err := d.DryRunPush(ctx, d.cfg.Registry, p)
+		if err != nil {
+			return fmt.Errorf("push %s: counting its devices: %w", p.Id, err)
+		}
+		rec.Targeted, rec.TargetedDevices = dry.Matching, true
+	}
+	return d.recordPush(ctx, rec)
+}
+
+// afterPush schedules the push's offline check: idempotent (message id).
 func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, res *deliverypb.PushResult, now time.Time) error {
 	if d.rc == nil {
 		return nil
 	}
-	rec := &deliverypb.PushRecord{PushId: p.Id, Targeted: res.Targets, ExpiresMs: n.ExpiresMs, SentMs: now.UnixMilli()}
 	pc := &deliverypb.PushCheck{PushId: p.Id, ExpiresMs: n.ExpiresMs, Conditions: p.Conditions}
 	switch a := p.Audience.(type) {
 	case *deliverypb.Push_Users:
-		rec.Audience, pc.Users = "users", a.Users.GetIds()
-		if res.Job != "" {
-			rec.Audience, pc.Users = "list", nil // too many to carry: no offline check
+		if res.Job == "" { // a list too big for one event is not carried: no offline check
+			pc.Users = a.Users.GetIds()
 		}
 	case *deliverypb.Push_Devices:
-		rec.Audience, pc.Devices = "devices", a.Devices.GetIds()
-		if res.Job != "" {
-			rec.Audience, pc.Devices = "list", nil
+		if res.Job == "" {
+			pc.Devices = a.Devices.GetIds()
 		}
 	case *deliverypb.Push_Segment:
-		rec.Audience, pc.Segment = "segment", a.Segment
-		if size, err := d.cfg.Fanout.SegmentSize(ctx, a.Segment); err == nil {
-			rec.Targeted = size
-		}
+		pc.Segment = a.Segment
 	case *deliverypb.Push_Everyone:
-		rec.Audience, pc.Everyone = "everyone", true
-		if d.cfg.Registry != nil {
-			if known, err := d.cfg.Registry.Count(ctx, func(*Device) bool { return true }); err == nil {
-				rec.Targeted = known.Known
-			}
-		}
-	}
-	if err := d.recordPush(ctx, rec); err != nil {
-		return err
+		pc.Everyone = true
 	}
 	after := d.cfg.OfflineAfter
 	if p.OfflineAfterMs != 0 {
@@ -453,6 +470,9 @@ func (d *Delivery) DryRunPush(ctx context.Context, reg *Registry, p *deliverypb.
 	if err != nil {
 		return nil, err
 	}
+	if out, ok, err := dryRunFew(reg, p, cond); ok || err != nil {
+		return out, err
+	}
 	var in func(*Device) bool
 	switch a := p.GetAudience().(type) {
 	case *deliverypb.Push_Users:
@@ -476,6 +496,62 @@ func (d *Delivery) DryRunPush(ctx context.Context, reg *Registry, p *deliverypb.
 		return nil, fmt.Errorf("dry run: no audience: %w", oplog.ErrNoTargets)
 	}
 	return reg.Count(ctx, func(dev *Device) bool { return in(dev) && oplog.Match(cond, dev.Attrs) })
+}
+
+// maxFewTargets is the largest users or devices audience counted by
+// looking its devices up rather than by walking the registry.
+const maxFewTargets = 1000
+
+// dryRunFew counts the devices of a small users or devices audience by
+// lookups (ok false: not such an audience).
+func dryRunFew(reg *Registry, p *deliverypb.Push, cond *oplogpb.Conditions) (*deliverypb.DryRun, bool, error) {
+	var devs []*deliverypb.Device
+	switch a := p.GetAudience().(type) {
+	case *deliverypb.Push_Users:
+		if len(a.Users.GetIds()) > maxFewTargets {
+			return nil, false, nil
+		}
+		for _, u := range slices.Compact(slices.Sorted(slices.Values(a.Users.GetIds()))) {
+			ds, err := reg.DevicesOf(u)
+			if err != nil {
+				return nil, true, err
+			}
+			devs = append(devs, ds...)
+		}
+	case *deliverypb.Push_Devices:
+		if len(a.Devices.GetIds()) > maxFewTargets {
+			return nil, false, nil
+		}
+		for _, id := range slices.Compact(slices.Sorted(slices.Values(a.Devices.GetIds()))) {
+			if dev, ok, err := reg.Get(id); err != nil {
+				return nil, true, err
+			} else if ok {
+				devs = append(devs, dev)
+			}
+		}
+	default:
+		return nil, false, nil
+	}
+	known, err := reg.Known()
+	if err != nil {
+		return nil, true, err
+	}
+	out := &deliverypb.DryRun{Known: known}
+	for _, dev := range devs {
+		if oplog.Match(cond, attrsOfRecord(dev)) {
+			out.Matching++
+			if len(out.Sample) < maxSample {
+				out.Sample = append(out.Sample, dev.Device)
+			}
+		}
+	}
+	return out, true, nil
+}
+
+// attrsOfRecord returns the attributes of a registry record.
+func attrsOfRecord(dev *deliverypb.Device) oplog.Attrs {
+	return oplog.Attrs{AppVersion: dev.AppVersion, OS: dev.Os, OSVersion: dev.OsVersion, Model: dev.Model,
+		Region: dev.Region, Network: dev.Network, Channel: dev.Channel, CPU: dev.Cpu}
 }
 
 func idSetOf(ids []string) map[string]struct{} {

@@ -36,6 +36,10 @@ var receiptStates = map[deliverypb.ReceiptState]string{
 // channel (counted in Funnel.offline, beside a sent receipt).
 const stateOffline = "offline"
 
+// receiptsMaxAge is how long receipts and push records are kept, in the
+// stream and in the projection alike (so a rebuild gives the same funnel).
+const receiptsMaxAge = MaxPushValidity + 5*24*time.Hour
+
 // receiptQueue bounds the receipts waiting to be published: Sent runs on
 // gateways' delivery paths and must never block, so beyond it receipts are
 // dropped (and counted).
@@ -66,7 +70,7 @@ func openReceipts(ctx context.Context, l *oplog.Log, dir string, lg zerolog.Logg
 		Storage:           jetstream.FileStorage,
 		Replicas:          l.Replicas(),
 		MaxMsgsPerSubject: 1,
-		MaxAge:            MaxPushValidity + 5*24*time.Hour,
+		MaxAge:            receiptsMaxAge,
 	}); err != nil {
 		return nil, err
 	}
@@ -84,21 +88,38 @@ func openReceipts(ctx context.Context, l *oplog.Log, dir string, lg zerolog.Logg
 	return rc, nil
 }
 
-// apply projects one receipt or push record.
+// apply projects one receipt or push record. Every key of a push expires
+// with its record, when the stream drops it (receiptsMaxAge after it was
+// stored). Receipts of a push without a record (one never sent, or
+// reported by a device making ids up) count nothing.
 func (rc *receipts) apply(txn *badger.Txn, r *oplog.Record) error {
 	rest, _ := strings.CutPrefix(r.Subject, subjectReceipts)
 	parts := strings.Split(rest, ".")
 	switch {
 	case len(parts) == 2 && parts[1] == "targeted":
-		return txn.Set([]byte("p/"+parts[0]), r.Data)
+		ttl := receiptsMaxAge - time.Since(r.Stored)
+		if ttl <= 0 {
+			return nil
+		}
+		return txn.SetEntry(badger.NewEntry([]byte("p/"+parts[0]), r.Data).WithTTL(ttl))
 	case len(parts) == 3:
+		rec, err := txn.Get([]byte("p/" + parts[0]))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		ttl := time.Until(time.Unix(int64(rec.ExpiresAt()), 0))
+		if ttl <= 0 {
+			return nil
+		}
 		presence := []byte("r/" + parts[0] + "/" + parts[1] + "/" + parts[2])
 		if _, err := txn.Get(presence); err == nil {
 			return nil // counted already
 		} else if !errors.Is(err, badger.ErrKeyNotFound) {
 			return err
 		}
-		if err := txn.Set(presence, nil); err != nil {
+		if err := txn.SetEntry(badger.NewEntry(presence, nil).WithTTL(ttl)); err != nil {
 			return err
 		}
 		count := []byte("c/" + parts[0] + "/" + parts[1])
@@ -106,7 +127,7 @@ func (rc *receipts) apply(txn *badger.Txn, r *oplog.Record) error {
 		if err != nil {
 			return err
 		}
-		return txn.Set(count, binary.BigEndian.AppendUint64(nil, n+1))
+		return txn.SetEntry(badger.NewEntry(count, binary.BigEndian.AppendUint64(nil, n+1)).WithTTL(ttl))
 	}
 	rc.lg.Warn().Uint64("seq", r.Seq).Str("subject", r.Subject).Msg("receipt skipped: malformed subject")
 	return nil
@@ -251,7 +272,7 @@ func (d *Delivery) Funnel(ctx context.Context, push string) (*deliverypb.Funnel,
 	if !found {
 		return nil, fmt.Errorf("push %s: no record: %w", push, oplog.ErrNotFound)
 	}
-	f.Targeted, f.ExpiresMs = rec.Targeted, rec.ExpiresMs
+	f.Targeted, f.ExpiresMs, f.TargetedDevices = rec.Targeted, rec.ExpiresMs, rec.TargetedDevices
 	if d.cfg.Now().UnixMilli() >= rec.ExpiresMs && rec.Targeted > f.Delivered {
 		f.Expired = rec.Targeted - f.Delivered
 	}

@@ -266,6 +266,11 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *Record) error {
 	return nil
 }
 
+// CollapseGrace is how long past its validity a collapsing entry stays
+// stored: an older entry with the same key stays replaced if its validity
+// ends no later than that (30 days, the longest push validity).
+const CollapseGrace = 30 * 24 * time.Hour
+
 // collapseKey indexes the newest entry of a target and business with a
 // collapse key: i/<shard>/k/<dim>/<target>/<business>/<key> → its id. It
 // lives under the shard's prefix, so rebuilds and digests cover it.

@@ -382,14 +382,16 @@ func (l *Log) message(ev *oplogpb.Event, data []byte, target string, shard uint3
 	if ev.CollapseKey != "" {
 		m.Header.Set(HeaderCollapse, ev.CollapseKey)
 	}
-	if ev.ExpiresAt != nil && ev.CollapseKey == "" {
-		// A collapsing entry gets no Nats-TTL: it must stay in the stream
-		// as long as the older entries it replaces, so that a rebuild
-		// still sees it. Reads skip it once expired all the same.
-		//
+	if ev.ExpiresAt != nil {
 		// Nats-TTL counts whole seconds; round up so storage never drops an
 		// entry before its validity ends. Reads also skip expired entries.
 		ttl := ev.ExpiresAt.AsTime().Sub(now)
+		if ev.CollapseKey != "" {
+			// A collapsing entry stays stored CollapseGrace past its
+			// validity, so that a rebuild still sees which older entries
+			// it replaced (those valid up to that long after it).
+			ttl += CollapseGrace
+		}
 		ttl = max((ttl + time.Second - 1).Truncate(time.Second), time.Second)
 		m.Header.Set(jetstream.MsgTTLHeader, ttl.String())
 	}

@@ -403,14 +403,17 @@ func TestCollapseKey(t *testing.T) {
 	if got := ids(mustBacklog(t, e.in, req)); !equalIDs(got, []uint64{other, plain, score2}) {
 		t.Fatalf("after the newer promo expired: %v, want the old one still replaced", got)
 	}
-	// The stream keeps a collapsing entry past its validity (no Nats-TTL),
-	// so that a rebuild still sees what it replaced.
+	// The stream keeps a collapsing entry past its validity (CollapseGrace
+	// longer), so that a rebuild still sees what it replaced.
 	stream, err := e.l.JetStream().Stream(ctx(t), oplog.StreamOplog(0))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := stream.GetMsg(ctx(t), short); err != nil {
 		t.Fatalf("expired collapsing entry %d gone from the stream: %v", short, err)
+	}
+	if msg, _ := stream.GetMsg(ctx(t), short); msg == nil || msg.Header.Get("Nats-TTL") == "" {
+		t.Fatalf("a collapsing entry with a validity carries no Nats-TTL: it would never leave the stream")
 	}
 	// Rebuilt from zero, the index gives the same answers.
 	name := oplog.StreamOplog(0)

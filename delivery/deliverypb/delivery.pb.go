@@ -2694,14 +2694,18 @@ func (x *Receipt) GetState() ReceiptState {
 // PushRecord is stored when a push is sent, on
 // sluice.receipt.<push>.targeted: what the funnel counts against.
 type PushRecord struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
-	Targeted      uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"` // targets addressed: users or devices as named; known devices for everyone
-	ExpiresMs     int64                  `protobuf:"varint,3,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
-	SentMs        int64                  `protobuf:"varint,4,opt,name=sent_ms,json=sentMs,proto3" json:"sent_ms,omitempty"`
-	Audience      string                 `protobuf:"bytes,5,opt,name=audience,proto3" json:"audience,omitempty"` // users, devices, list, segment, everyone
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	PushId    string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Targeted  uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"` // see targeted_devices
+	ExpiresMs int64                  `protobuf:"varint,3,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	SentMs    int64                  `protobuf:"varint,4,opt,name=sent_ms,json=sentMs,proto3" json:"sent_ms,omitempty"`
+	Audience  string                 `protobuf:"bytes,5,opt,name=audience,proto3" json:"audience,omitempty"` // users, devices, segment, everyone
+	// targeted counts the devices of the audience the device registry knew
+	// and the conditions matched when the push was sent; false: the node
+	// has no registry, and targeted counts the users or devices addressed.
+	TargetedDevices bool `protobuf:"varint,6,opt,name=targeted_devices,json=targetedDevices,proto3" json:"targeted_devices,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *PushRecord) Reset() {
@@ -2769,22 +2773,31 @@ func (x *PushRecord) GetAudience() string {
 	return ""
 }
 
-// Funnel is what became of a push: targeted, then per device sent,
-// delivered and opened; expired counts targets never delivered by the end
-// of the validity (targeted minus delivered, once it ended).
+func (x *PushRecord) GetTargetedDevices() bool {
+	if x != nil {
+		return x.TargetedDevices
+	}
+	return false
+}
+
+// Funnel is what became of a push, in devices: targeted (the known
+// devices of the audience that match its conditions), then sent, delivered
+// and opened; expired counts targeted devices without a delivered receipt
+// once the validity ended.
 type Funnel struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PushId        string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
-	Targeted      uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"`
-	Sent          uint64                 `protobuf:"varint,3,opt,name=sent,proto3" json:"sent,omitempty"`
-	Delivered     uint64                 `protobuf:"varint,4,opt,name=delivered,proto3" json:"delivered,omitempty"`
-	Opened        uint64                 `protobuf:"varint,5,opt,name=opened,proto3" json:"opened,omitempty"`
-	Expired       uint64                 `protobuf:"varint,6,opt,name=expired,proto3" json:"expired,omitempty"`
-	Offline       uint64                 `protobuf:"varint,7,opt,name=offline,proto3" json:"offline,omitempty"` // of sent: handed to a vendor channel
-	ExpiresMs     int64                  `protobuf:"varint,8,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
-	Recalled      bool                   `protobuf:"varint,9,opt,name=recalled,proto3" json:"recalled,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	PushId          string                 `protobuf:"bytes,1,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	Targeted        uint64                 `protobuf:"varint,2,opt,name=targeted,proto3" json:"targeted,omitempty"`
+	Sent            uint64                 `protobuf:"varint,3,opt,name=sent,proto3" json:"sent,omitempty"`
+	Delivered       uint64                 `protobuf:"varint,4,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	Opened          uint64                 `protobuf:"varint,5,opt,name=opened,proto3" json:"opened,omitempty"`
+	Expired         uint64                 `protobuf:"varint,6,opt,name=expired,proto3" json:"expired,omitempty"`
+	Offline         uint64                 `protobuf:"varint,7,opt,name=offline,proto3" json:"offline,omitempty"` // of sent: handed to a vendor channel
+	ExpiresMs       int64                  `protobuf:"varint,8,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	Recalled        bool                   `protobuf:"varint,9,opt,name=recalled,proto3" json:"recalled,omitempty"`
+	TargetedDevices bool                   `protobuf:"varint,10,opt,name=targeted_devices,json=targetedDevices,proto3" json:"targeted_devices,omitempty"` // false: no registry; targeted counts users or devices addressed
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Funnel) Reset() {
@@ -2876,6 +2889,13 @@ func (x *Funnel) GetExpiresMs() int64 {
 func (x *Funnel) GetRecalled() bool {
 	if x != nil {
 		return x.Recalled
+	}
+	return false
+}
+
+func (x *Funnel) GetTargetedDevices() bool {
+	if x != nil {
+		return x.TargetedDevices
 	}
 	return false
 }
@@ -3231,7 +3251,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\x05token\x18\x02 \x01(\tR\x05token\"Z\n" +
 	"\aReceipt\x12\x17\n" +
 	"\apush_id\x18\x01 \x01(\tR\x06pushId\x126\n" +
-	"\x05state\x18\x02 \x01(\x0e2 .sluice.delivery.v1.ReceiptStateR\x05state\"\x95\x01\n" +
+	"\x05state\x18\x02 \x01(\x0e2 .sluice.delivery.v1.ReceiptStateR\x05state\"\xc0\x01\n" +
 	"\n" +
 	"PushRecord\x12\x17\n" +
 	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x1a\n" +
@@ -3239,7 +3259,8 @@ const file_delivery_proto_rawDesc = "" +
 	"\n" +
 	"expires_ms\x18\x03 \x01(\x03R\texpiresMs\x12\x17\n" +
 	"\asent_ms\x18\x04 \x01(\x03R\x06sentMs\x12\x1a\n" +
-	"\baudience\x18\x05 \x01(\tR\baudience\"\xf6\x01\n" +
+	"\baudience\x18\x05 \x01(\tR\baudience\x12)\n" +
+	"\x10targeted_devices\x18\x06 \x01(\bR\x0ftargetedDevices\"\xa1\x02\n" +
 	"\x06Funnel\x12\x17\n" +
 	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\x1a\n" +
 	"\btargeted\x18\x02 \x01(\x04R\btargeted\x12\x12\n" +
@@ -3250,7 +3271,9 @@ const file_delivery_proto_rawDesc = "" +
 	"\aoffline\x18\a \x01(\x04R\aoffline\x12\x1d\n" +
 	"\n" +
 	"expires_ms\x18\b \x01(\x03R\texpiresMs\x12\x1a\n" +
-	"\brecalled\x18\t \x01(\bR\brecalled\"\xba\x03\n" +
+	"\brecalled\x18\t \x01(\bR\brecalled\x12)\n" +
+	"\x10targeted_devices\x18\n" +
+	" \x01(\bR\x0ftargetedDevices\"\xba\x03\n" +
 	"\tPushCheck\x12\x17\n" +
 	"\apush_id\x18\x01 \x01(\tR\x06pushId\x12\"\n" +
 	"\fnotification\x18\x02 \x01(\fR\fnotification\x12\x14\n" +
