@@ -52,10 +52,11 @@ func (c *Client) CheckInstall(m *deliverypb.Manifest, installed string) error {
 		return fmt.Errorf("client: %s %s: serial %d, %d accepted: %w", m.Package, m.Version, m.Serial, accepted, ErrStaleManifest)
 	}
 	if m.Kind == deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH {
-		// The server checked the producer's signature at upload; check it
-		// again when the manifest carries the producer's key.
-		if len(m.ProducerSignature) == 0 ||
-			(len(m.ProducerPublicKey) == ed25519.PublicKeySize && !ed25519.Verify(m.ProducerPublicKey, m.Sha256, m.ProducerSignature)) {
+		// The server checked the producer's signature at upload and names
+		// the key it was made with; check it again, bound to this package
+		// and version (deliverypb.HotPatchMessage).
+		if len(m.ProducerSignature) == 0 || len(m.ProducerPublicKey) != ed25519.PublicKeySize ||
+			!ed25519.Verify(m.ProducerPublicKey, deliverypb.HotPatchMessage(m.Package, m.Version, m.Sha256), m.ProducerSignature) {
 			return fmt.Errorf("client: %s %s: hot patch producer signature: %w", m.Package, m.Version, ErrSignature)
 		}
 	}

@@ -63,7 +63,7 @@ func TestCheckInstall(t *testing.T) {
 			m.Package, m.Kind, m.Serial, m.ProducerSignature, m.ProducerPublicKey = "patch", deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, 1, sig, pub
 		}
 	}
-	goodSig := ed25519.Sign(producerKey, sum[:])
+	goodSig := ed25519.Sign(producerKey, deliverypb.HotPatchMessage("patch", "2.0", sum[:]))
 	badSig := ed25519.Sign(producerKey, []byte("something else"))
 	for _, tc := range []struct {
 		name      string
@@ -100,6 +100,8 @@ func TestCheckInstall(t *testing.T) {
 		{"hot patch signed by its producer", hotPatch(goodSig, producerPub), "", nil},
 		{"hot patch, producer signature of other bytes", hotPatch(badSig, producerPub), "", client.ErrSignature},
 		{"hot patch without producer signature", hotPatch(nil, nil), "", client.ErrSignature},
+		{"hot patch signed, without the producer's key", hotPatch(goodSig, nil), "", client.ErrSignature},
+		{"hot patch signed for another package", hotPatch(ed25519.Sign(producerKey, deliverypb.HotPatchMessage("other", "2.0", sum[:])), producerPub), "", client.ErrSignature},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := c.CheckInstall(manifest(tc.mod), tc.installed)

@@ -491,7 +491,7 @@ type Upload struct {
 	FallbackURL string
 	Notes       string
 	// Hot patches: the producer's key id and its ed25519 signature over
-	// the SHA-256 of Data (SignPackage).
+	// the package, version and SHA-256 of Data (SignPackage).
 	ProducerKey       string
 	ProducerSignature []byte
 }

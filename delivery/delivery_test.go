@@ -350,7 +350,7 @@ func TestHotPatchSignatures(t *testing.T) {
 	_, other, _ := ed25519.GenerateKey(rand.Reader)
 	data := []byte("patch bytes v1")
 	sum := sha256.Sum256(data)
-	good := delivery.SignPackage(key, sum[:])
+	good := delivery.SignPackage(key, "fix", "1", sum[:])
 	up := func(version, keyID string, sig []byte) error {
 		_, err := d.Upload(c, delivery.Upload{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Version: version,
 			Data: data, ProducerKey: keyID, ProducerSignature: sig}, "x")
@@ -365,8 +365,14 @@ func TestHotPatchSignatures(t *testing.T) {
 	if err := d.RegisterProducerKey(c, "team-a", pub); err != nil {
 		t.Fatal(err)
 	}
-	if err := up("1", "team-a", delivery.SignPackage(other, sum[:])); !errors.Is(err, oplog.ErrSignature) {
+	if err := up("1", "team-a", delivery.SignPackage(other, "fix", "1", sum[:])); !errors.Is(err, oplog.ErrSignature) {
 		t.Errorf("signed by another key: %v", err)
+	}
+	if err := up("1", "team-a", delivery.SignPackage(key, "other-package", "1", sum[:])); !errors.Is(err, oplog.ErrSignature) {
+		t.Errorf("signed for another package: %v", err)
+	}
+	if err := up("1", "team-a", delivery.SignPackage(key, "fix", "0.9", sum[:])); !errors.Is(err, oplog.ErrSignature) {
+		t.Errorf("signed for another version: %v", err)
 	}
 	tampered := slices.Clone(good)
 	tampered[0] ^= 1
@@ -651,7 +657,7 @@ func TestSkippedEventDoesNotWedge(t *testing.T) {
 	data := []byte("patch")
 	sum := sha256.Sum256(data)
 	v := &deliverypb.Version{Version: "1", Sha256: sum[:], Size: 5, Object: "fix/1/x", ProducerKey: "team",
-		ProducerSignature: delivery.SignPackage(key, sum[:])}
+		ProducerSignature: delivery.SignPackage(key, "fix", "1", sum[:])}
 	// Write the upload event straight to the stream after revoking the
 	// key: what an upload racing a revocation stores.
 	if err := d.RevokeProducerKey(c, "team"); err != nil {
@@ -668,7 +674,7 @@ func TestSkippedEventDoesNotWedge(t *testing.T) {
 	// The package accepts a new upload: the expectation counts the
 	// skipped event.
 	if _, err := d.Upload(c, delivery.Upload{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Version: "2",
-		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, sum[:])}, "x"); err != nil {
+		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, "fix", "2", sum[:])}, "x"); err != nil {
 		t.Fatalf("upload after a skipped event: %v", err)
 	}
 	// Same for switches.
@@ -705,7 +711,7 @@ func TestHotPatchKeyRotation(t *testing.T) {
 	data := []byte("patch v1")
 	sum := sha256.Sum256(data)
 	if _, err := d.Upload(c, delivery.Upload{Package: "fix", Kind: deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH, Version: "1",
-		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, sum[:])}, "x"); err != nil {
+		Data: data, ProducerKey: "team", ProducerSignature: delivery.SignPackage(key, "fix", "1", sum[:])}, "x"); err != nil {
 		t.Fatal(err)
 	}
 	must := mustRelease(t)
@@ -714,7 +720,7 @@ func TestHotPatchKeyRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := offerOf(t, d, e.signer.PublicKey(), &delivery.Device{ID: "x"}, "fix")
-	if m == nil || !ed25519.Verify(m.ProducerPublicKey, m.Sha256, m.ProducerSignature) {
+	if m == nil || !ed25519.Verify(m.ProducerPublicKey, deliverypb.HotPatchMessage(m.Package, m.Version, m.Sha256), m.ProducerSignature) {
 		t.Fatalf("after the key id was registered again, the patch's producer signature does not verify: %v", m)
 	}
 }

@@ -61,8 +61,11 @@ func VerifyManifest(sm *deliverypb.SignedManifest, keys ...ed25519.PublicKey) (*
 }
 
 // SignPackage is what a producer does to a hot patch before uploading it:
-// an ed25519 signature over the SHA-256 digest of the package bytes.
-func SignPackage(key ed25519.PrivateKey, sha256 []byte) []byte { return ed25519.Sign(key, sha256) }
+// an ed25519 signature over deliverypb.HotPatchMessage of the package,
+// the version and the SHA-256 of the bytes.
+func SignPackage(key ed25519.PrivateKey, pkg, version string, sha256 []byte) []byte {
+	return ed25519.Sign(key, deliverypb.HotPatchMessage(pkg, version, sha256))
+}
 
 // checkProducerKey validates a producer key event.
 func checkProducerKey(k *deliverypb.ProducerKey) error {
@@ -77,7 +80,7 @@ func checkProducerKey(k *deliverypb.ProducerKey) error {
 
 // verifyProducer checks a hot patch's producer signature against the
 // registered keys. Errors wrap oplog.ErrSignature.
-func verifyProducer(v *deliverypb.Version, keys map[string]*deliverypb.ProducerKey) error {
+func verifyProducer(pkg string, v *deliverypb.Version, keys map[string]*deliverypb.ProducerKey) error {
 	if v.ProducerKey == "" || len(v.ProducerSignature) == 0 {
 		return fmt.Errorf("a hot patch must be signed by a registered producer key: %w", oplog.ErrSignature)
 	}
@@ -85,7 +88,7 @@ func verifyProducer(v *deliverypb.Version, keys map[string]*deliverypb.ProducerK
 	if !ok || k.Revoked {
 		return fmt.Errorf("producer key %q is not registered, or revoked: %w", clip(v.ProducerKey), oplog.ErrSignature)
 	}
-	if !ed25519.Verify(k.PublicKey, v.Sha256, v.ProducerSignature) {
+	if !ed25519.Verify(k.PublicKey, deliverypb.HotPatchMessage(pkg, v.Version, v.Sha256), v.ProducerSignature) {
 		return fmt.Errorf("producer signature does not verify with key %s: %w", k.Id, oplog.ErrSignature)
 	}
 	return nil

@@ -419,7 +419,7 @@ func upload(p *pkgState, ev *deliverypb.PackageEvent, v *deliverypb.Version, seq
 		np.releases = slices.Clone(p.releases)
 	}
 	if ev.Kind == deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH {
-		if err := verifyProducer(v, keys); err != nil {
+		if err := verifyProducer(ev.Package, v, keys); err != nil {
 			return nil, fmt.Errorf("package %s %s: %w", ev.Package, v.Version, err)
 		}
 		v = proto.Clone(v).(*deliverypb.Version)

@@ -653,7 +653,7 @@ func (c *cli) packageUpload(ctx context.Context, fs *flag.FlagSet, asJSON *bool,
 		if _, err := io.Copy(h, f); err != nil {
 			return err
 		}
-		q.Set("producer_signature", hex.EncodeToString(delivery.SignPackage(key, h.Sum(nil))))
+		q.Set("producer_signature", hex.EncodeToString(delivery.SignPackage(key, pos[0], *version, h.Sum(nil))))
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return err
 		}
