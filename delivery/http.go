@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -151,12 +152,12 @@ func (d *Delivery) DownloadHandler(prefix string, auth Authenticator) http.Handl
 			return
 		}
 		v := rel.Version
-		object, sum := v.Object, v.Sha256
+		object, sum, size := v.Object, v.Sha256, v.Size
 		if len(parts) == 4 {
 			object = ""
 			for _, df := range v.Diffs {
 				if df.FromVersion == parts[3] {
-					object, sum = df.Object, df.Sha256
+					object, sum, size = df.Object, df.Sha256, df.Size
 				}
 			}
 			if object == "" {
@@ -164,18 +165,101 @@ func (d *Delivery) DownloadHandler(prefix string, auth Authenticator) http.Handl
 				return
 			}
 		}
+		etag := fmt.Sprintf(`"%x"`, sum)
+		w.Header().Set("ETag", etag)
+		w.Header().Set("Digest", "sha-256="+b64std(sum))
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+		if size > maxCachedObject {
+			d.streamObject(w, r, object, size, etag)
+			return
+		}
 		data, err := cache.get(r.Context(), object, d.obs)
 		if err != nil {
 			d.lg.Error().Err(err).Str("object", object).Msg("reading a package")
 			httpError(w, http.StatusServiceUnavailable, "package not readable now; retry or use the fallback URL")
 			return
 		}
-		w.Header().Set("ETag", fmt.Sprintf(`"%x"`, sum))
-		w.Header().Set("Digest", "sha-256="+b64std(sum))
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
 		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
 	})
+}
+
+// maxCachedObject is the largest package or diff the download handler
+// reads whole into memory (and caches); bigger ones are streamed from the
+// object store, so a device asking for many of them costs no memory.
+var maxCachedObject int64 = 32 << 20
+
+// streamObject serves a big object straight from the object store,
+// honouring a single byte range ("bytes=N-" or "bytes=N-M", with If-Range
+// naming its ETag): a range's start is reached by reading past it.
+func (d *Delivery) streamObject(w http.ResponseWriter, r *http.Request, object string, size int64, etag string) {
+	start, end := int64(0), size-1
+	status := http.StatusOK
+	if rg := r.Header.Get("Range"); rg != "" && (r.Header.Get("If-Range") == "" || r.Header.Get("If-Range") == etag) {
+		s, e, ok := parseRange(rg, size)
+		if !ok {
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+			httpError(w, http.StatusRequestedRangeNotSatisfiable, "unsatisfiable range")
+			return
+		}
+		start, end, status = s, e, http.StatusPartialContent
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end, size))
+	}
+	w.Header().Set("Accept-Ranges", "bytes")
+	w.Header().Set("Content-Length", strconv.FormatInt(end-start+1, 10))
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return
+	}
+	res, err := d.obs.Get(r.Context(), object)
+	if err != nil {
+		d.lg.Error().Err(err).Str("object", object).Msg("reading a package")
+		w.Header().Del("Content-Range")
+		w.Header().Del("Content-Length")
+		httpError(w, http.StatusServiceUnavailable, "package not readable now; retry or use the fallback URL")
+		return
+	}
+	defer res.Close()
+	if _, err := io.CopyN(io.Discard, res, start); err != nil {
+		d.lg.Error().Err(err).Str("object", object).Msg("reading a package")
+		httpError(w, http.StatusServiceUnavailable, "package not readable now")
+		return
+	}
+	w.WriteHeader(status)
+	if _, err := io.CopyN(w, res, end-start+1); err != nil {
+		d.lg.Debug().Err(err).Str("object", object).Msg("download ended early")
+	}
+}
+
+// parseRange parses one byte range of an object of size bytes.
+func parseRange(h string, size int64) (start, end int64, ok bool) {
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found || strings.Contains(spec, ",") {
+		return 0, 0, false
+	}
+	a, b, found := strings.Cut(spec, "-")
+	if !found {
+		return 0, 0, false
+	}
+	if a == "" { // the last b bytes
+		n, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || n <= 0 {
+			return 0, 0, false
+		}
+		return max(size-n, 0), size - 1, size > 0
+	}
+	start, err := strconv.ParseInt(a, 10, 64)
+	if err != nil || start < 0 || start >= size {
+		return 0, 0, false
+	}
+	end = size - 1
+	if b != "" {
+		if end, err = strconv.ParseInt(b, 10, 64); err != nil || end < start {
+			return 0, 0, false
+		}
+		end = min(end, size-1)
+	}
+	return start, end, true
 }
 
 func httpError(w http.ResponseWriter, status int, msg string) {

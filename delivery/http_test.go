@@ -204,3 +204,44 @@ func TestUpdatesHandler(t *testing.T) {
 		t.Fatalf("oversized attribute: %d", resp.StatusCode)
 	}
 }
+
+// TestDownloadStreamsBigPackages: a package over the in-memory limit is
+// streamed from the object store, ranges included.
+func TestDownloadStreamsBigPackages(t *testing.T) {
+	delivery.SetMaxCachedObject(t, 1<<20)
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	srv := httptest.NewServer(d.DownloadHandler("/v1/packages/", tokenAuth))
+	defer srv.Close()
+	data := make([]byte, 3<<20+123)
+	for i := range data {
+		data[i] = byte(i * 7 >> 3)
+	}
+	if _, err := d.Upload(ctx(t), delivery.Upload{Package: "big", Kind: deliverypb.PackageKind_PACKAGE_KIND_RESOURCE, Version: "1", Data: data}, "x"); err != nil {
+		t.Fatal(err)
+	}
+	url := srv.URL + "/v1/packages/big/1"
+	auth := "Bearer dev"
+	etag := fmt.Sprintf(`"%x"`, sha256.Sum256(data))
+	for _, c := range []struct {
+		name, rng, ifRange string
+		status             int
+		want               []byte
+	}{
+		{"whole", "", "", http.StatusOK, data},
+		{"from an offset", "bytes=1000000-", "", http.StatusPartialContent, data[1000000:]},
+		{"a slice", "bytes=10-19", "", http.StatusPartialContent, data[10:20]},
+		{"the end", "bytes=-500", "", http.StatusPartialContent, data[len(data)-500:]},
+		{"If-Range of another version", "bytes=10-19", `"other"`, http.StatusOK, data},
+		{"If-Range of this one", "bytes=10-19", etag, http.StatusPartialContent, data[10:20]},
+		{"past the end", "bytes=999999999-", "", http.StatusRequestedRangeNotSatisfiable, nil},
+	} {
+		resp, body := get(t, url, "Authorization", auth, "Range", c.rng, "If-Range", c.ifRange)
+		if resp.StatusCode != c.status || (c.want != nil && !bytes.Equal(body, c.want)) {
+			t.Errorf("%s: status %d, %d bytes; want %d, %d bytes", c.name, resp.StatusCode, len(body), c.status, len(c.want))
+		}
+		if resp.Header.Get("ETag") != etag {
+			t.Errorf("%s: ETag %s", c.name, resp.Header.Get("ETag"))
+		}
+	}
+}
