@@ -656,21 +656,6 @@ func (r httpResult) trivialMean() float64 {
 	return (r.phases[0].t.rate() + r.phases[2].t.rate()) / 2
 }
 
-// tokenAuth authenticates a device's request by its gateway token, as
-// cmd/sluiced's deviceAuth does.
-func tokenAuth(v *gateway.Verifier) delivery.Authenticator {
-	return func(r *http.Request) (delivery.Identity, error) {
-		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok {
-			return delivery.Identity{}, errors.New("want Authorization: Bearer <device token>")
-		}
-		c, err := v.Verify(tok, time.Now())
-		if err != nil {
-			return delivery.Identity{}, err
-		}
-		return delivery.Identity{Device: c.Device, User: c.User}, nil
-	}
-}
 
 // http serves /v1/updates and /trivial from one server and loads them in
 // turn.
@@ -678,7 +663,7 @@ func (b *deliveryBench) http() (r httpResult, err error) {
 	cfg := b.cfg
 	ctx := b.ctx
 	mux := http.NewServeMux()
-	mux.Handle("/v1/updates", b.d.UpdatesHandler(tokenAuth(b.tokens)))
+	mux.Handle("/v1/updates", b.d.UpdatesHandler(gateway.DeviceAuth(b.tokens)))
 	mux.Handle("/trivial", http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write(trivialBody)
