@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sluicehq/sluice/analytics"
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/gateway"
 	"github.com/sluicehq/sluice/gateway/web"
@@ -116,6 +117,10 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	auth := gateway.DeviceAuth(tokens)
 	mux.Handle("/v1/updates", m.delivery.UpdatesHandler(auth))
 	mux.Handle("/v1/packages/", m.delivery.DownloadHandler("/v1/packages/", auth))
+	mux.Handle("/v1/analytics", m.analytics.Handler(func(r *http.Request) (analytics.Identity, error) {
+		id, err := auth(r)
+		return analytics.Identity{Device: id.Device, User: id.User}, err
+	}))
 	mux.Handle("/", web.Handler()) // the browser client and its demo page
 	gp.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return gp, nil
@@ -230,6 +235,9 @@ func (m *Main) openDelivery(ctx context.Context) error {
 			return err
 		}
 		channels = append(channels, hook)
+	}
+	if m.analytics, err = analytics.Open(ctx, analytics.Config{Log: m.lg, Logger: &m.log}); err != nil {
+		return err
 	}
 	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
 		Dir: filepath.Join(m.cfg.DataDir, "receipts"), Registry: m.devices, OfflineChannels: channels, OfflineAfter: m.cfg.OfflineAfter,

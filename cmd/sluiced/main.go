@@ -26,6 +26,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/analytics"
 	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/fanout"
@@ -65,18 +66,19 @@ type Main struct {
 	cfg Config
 	log zerolog.Logger
 
-	ns       *server.Server
-	nc       *nats.Conn
-	lg       *oplog.Log
-	inbox    *oplog.Inbox
-	topics   *topics.Topics
-	buckets  *buckets.Map
-	sched    *buckets.Scheduler
-	fanout   *fanout.Fanout
-	delivery *delivery.Delivery
-	devices  *delivery.Registry
-	gateway  *gateway.Server
-	admin    *http.Server
+	ns        *server.Server
+	nc        *nats.Conn
+	lg        *oplog.Log
+	inbox     *oplog.Inbox
+	topics    *topics.Topics
+	buckets   *buckets.Map
+	sched     *buckets.Scheduler
+	fanout    *fanout.Fanout
+	delivery  *delivery.Delivery
+	devices   *delivery.Registry
+	analytics *analytics.Ingestor
+	gateway   *gateway.Server
+	admin     *http.Server
 
 	mu        sync.Mutex
 	ready     bool
