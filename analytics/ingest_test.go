@@ -84,13 +84,21 @@ func TestIngest(t *testing.T) {
 		event("e2", analyticspb.Type_TYPE_PAGE_VIEW, now.Add(-2*time.Hour)),
 		crash,
 		event("e4", analyticspb.Type_TYPE_CUSTOM, now.Add(time.Hour)), // from the future: clamped
-		event("e2", analyticspb.Type_TYPE_PAGE_VIEW, now),            // the same id again: a duplicate
+		event("e2", analyticspb.Type_TYPE_PAGE_VIEW, now),             // the same id again: a duplicate
 		event("bad id", analyticspb.Type_TYPE_CUSTOM, now),
 		event("e5", analyticspb.Type(99), now),
 		event("e6", analyticspb.Type_TYPE_CUSTOM, now.Add(-8*24*time.Hour)), // older than the late window
-		func() *analyticspb.Event { e := event("e7", analyticspb.Type_TYPE_CRASH, now); e.Stack = strings.Repeat("x", 40<<10); return e }(),
+		func() *analyticspb.Event {
+			e := event("e7", analyticspb.Type_TYPE_CRASH, now)
+			e.Stack = strings.Repeat("x", 40<<10)
+			return e
+		}(),
 		func() *analyticspb.Event { e := event("e8", analyticspb.Type_TYPE_CUSTOM, now); e.App = ""; return e }(),
-		func() *analyticspb.Event { e := event("e9", analyticspb.Type_TYPE_SESSION_END, now); e.DurationMs = -1; return e }(),
+		func() *analyticspb.Event {
+			e := event("e9", analyticspb.Type_TYPE_SESSION_END, now)
+			e.DurationMs = -1
+			return e
+		}(),
 	}}
 	reply, err := in.Ingest(ctx(t), analytics.Identity{Device: "dev-1", User: "alice"}, b)
 	if err != nil {

@@ -656,7 +656,6 @@ func (r httpResult) trivialMean() float64 {
 	return (r.phases[0].t.rate() + r.phases[2].t.rate()) / 2
 }
 
-
 // http serves /v1/updates and /trivial from one server and loads them in
 // turn.
 func (b *deliveryBench) http() (r httpResult, err error) {
