@@ -7,8 +7,19 @@
 // "<device>:<event id>") before the upload is answered: acknowledged =
 // durable.
 //
-// Built so far: ingestion (Ingestor, Handler). Not yet: ingestion over
-// the gateway link, the aggregations (active users, sessions, retention,
-// pages, crash and freeze rates, breakdowns), queries, diagnostics and
-// circuit breaking — see the issue "Analytics".
+// Aggregates is the badger projection of the stream: per app and UTC day
+// active and new users, sessions (server-side: a session ends after 30
+// minutes without an event), session length, crashes, freezes, crashed
+// sessions and users per app version and per release, page views and
+// transitions, custom events, breakdowns of active users by version, OS,
+// model, region and network; active users per ISO week and month;
+// day-N retention per cohort (the first day a user was seen, in stream
+// order). Duplicates past JetStream's window are dropped by event id, and
+// malformed records never reach it; a rebuild gives the same digest.
+//
+// Built so far: ingestion over HTTP, the aggregates and their queries
+// (Counters, Retention, CrashRates; the admin API's /v1/analytics). Not
+// yet: ingestion over the gateway link, the reporting switch and
+// sampling, diagnostics (log uploads), circuit breaking, sluicectl
+// commands and the benchmarks — see the issue "Analytics".
 package analytics

@@ -191,6 +191,7 @@ func (m *Main) adminHandler(auth *adminAuth) http.Handler {
 	m.bucketRoutes(mux)
 	m.fanoutRoutes(mux)
 	m.deliveryRoutes(mux)
+	m.analyticsRoutes(mux)
 	mux.HandleFunc("GET /v1/topics", func(w http.ResponseWriter, r *http.Request) {
 		list, err := m.topics.Topics(r.Context())
 		if err != nil {
@@ -228,7 +229,7 @@ type projections interface {
 }
 
 func (m *Main) projectionSets() []projections {
-	return []projections{m.inbox, m.topics, m.fanout, oplog.ProjectionSet{m.devices.Projection(), m.delivery.ReceiptsProjection()}}
+	return []projections{m.inbox, m.topics, m.fanout, oplog.ProjectionSet{m.devices.Projection(), m.delivery.ReceiptsProjection(), m.aggregates.Projection()}}
 }
 
 // projectionSet finds the owner of a projection.

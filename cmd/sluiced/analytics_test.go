@@ -16,8 +16,8 @@ import (
 )
 
 // TestAnalyticsUpload: sluiced serves tracking uploads on the gateway's
-// HTTP listener, behind the device token, and answers once they are
-// stored.
+// HTTP listener, behind the device token, answers once they are stored,
+// and the admin API reports them aggregated.
 func TestAnalyticsUpload(t *testing.T) {
 	d, addr := newTestDaemon(t)
 	if _, err := d.start(); err != nil {
@@ -67,5 +67,18 @@ func TestAnalyticsUpload(t *testing.T) {
 	}
 	if status, _ := upload("not-a-token"); status != http.StatusUnauthorized {
 		t.Fatalf("bad token: %d", status)
+	}
+	// The admin API answers with the aggregates.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var got struct {
+		Counters map[string]uint64 `json:"counters"`
+	}
+	today := time.Now().UTC().Format("20060102")
+	if err := d.doJSON(ctx, http.MethodGet, "/v1/analytics/shop/periods/"+today, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Counters["dau"] != 1 || got.Counters["crashes@"] != 1 || got.Counters["sessions@"] != 1 {
+		t.Fatalf("counters of today: %v", got.Counters)
 	}
 }

@@ -239,6 +239,9 @@ func (m *Main) openDelivery(ctx context.Context) error {
 	if m.analytics, err = analytics.Open(ctx, analytics.Config{Log: m.lg, Logger: &m.log}); err != nil {
 		return err
 	}
+	if m.aggregates, err = analytics.OpenAggregates(analytics.AggregatesConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "analytics"), Logger: &m.log}); err != nil {
+		return err
+	}
 	m.delivery, err = delivery.Open(ctx, delivery.Config{Log: m.lg, Signer: delivery.NewSigner(key), Fanout: m.fanout,
 		Dir: filepath.Join(m.cfg.DataDir, "receipts"), Registry: m.devices, OfflineChannels: channels, OfflineAfter: m.cfg.OfflineAfter,
 		MaxPackageSize: m.cfg.MaxPackage, ManifestTTL: m.cfg.ManifestTTL, Logger: &m.log})

@@ -66,19 +66,20 @@ type Main struct {
 	cfg Config
 	log zerolog.Logger
 
-	ns        *server.Server
-	nc        *nats.Conn
-	lg        *oplog.Log
-	inbox     *oplog.Inbox
-	topics    *topics.Topics
-	buckets   *buckets.Map
-	sched     *buckets.Scheduler
-	fanout    *fanout.Fanout
-	delivery  *delivery.Delivery
-	devices   *delivery.Registry
-	analytics *analytics.Ingestor
-	gateway   *gateway.Server
-	admin     *http.Server
+	ns         *server.Server
+	nc         *nats.Conn
+	lg         *oplog.Log
+	inbox      *oplog.Inbox
+	topics     *topics.Topics
+	buckets    *buckets.Map
+	sched      *buckets.Scheduler
+	fanout     *fanout.Fanout
+	delivery   *delivery.Delivery
+	devices    *delivery.Registry
+	analytics  *analytics.Ingestor
+	aggregates *analytics.Aggregates
+	gateway    *gateway.Server
+	admin      *http.Server
 
 	mu        sync.Mutex
 	ready     bool
@@ -230,6 +231,7 @@ func (m *Main) Run(ctx context.Context) error {
 	g.Go(func() error { return fanoutSvc.Run(gctx) })
 	g.Go(func() error { return m.delivery.Run(gctx) })
 	g.Go(func() error { return m.devices.Run(gctx) })
+	g.Go(func() error { return m.aggregates.Run(gctx) })
 	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -329,6 +331,11 @@ func (m *Main) Close() {
 		if m.delivery != nil {
 			if err := m.delivery.Close(); err != nil {
 				m.log.Error().Err(err).Msg("close delivery")
+			}
+		}
+		if m.aggregates != nil {
+			if err := m.aggregates.Close(); err != nil {
+				m.log.Error().Err(err).Msg("close analytics")
 			}
 		}
 		if m.devices != nil {

@@ -1,0 +1,420 @@
+package analytics
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/analytics/analyticspb"
+	"github.com/sluicehq/sluice/oplog"
+	"google.golang.org/protobuf/proto"
+)
+
+// SessionGap is the inactivity that ends a session.
+const SessionGap = 30 * time.Minute
+
+// Dimensions of the breakdowns.
+var Dimensions = []string{"version", "os", "model", "region", "network"}
+
+// Aggregates is the badger projection of StreamAnalytics: per app and day
+// (UTC), counters of active users, new users, sessions, crashes, freezes,
+// pages and custom events, with breakdowns by version, OS, model, region
+// and network and per release; active users per week and month; day-N
+// retention per cohort. Replaying the stream rebuilds it to the same
+// digest. Keys:
+//
+//	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window)
+//	a/<app>/<period>/<uid>           a user active in a day (20261121), ISO week (2026W47) or month (202611)
+//	f/<app>/<uid>                    → the day the user was first seen (their cohort)
+//	s/<app>/<device>                 → the device's open session: start, last event, crashed
+//	u/<app>/<day>/<slice>/<uid>      a user who crashed in a day, per slice
+//	n/<app>/<period>/<metric>        → a counter (big-endian uint64)
+//	r/<app>/<cohort>/<n>             → users of a cohort active n days after it
+//
+// A user (uid) is the event's user, or "~<device>" for a device without
+// one. Slices are "" (all), "v:<version>" and "r:<package>=<version>".
+type Aggregates struct {
+	db   *badger.DB
+	proj *oplog.Projection
+	lg   zerolog.Logger
+}
+
+// AggregatesConfig configures Aggregates.
+type AggregatesConfig struct {
+	// Log is the oplog (its JetStream context). Required.
+	Log *oplog.Log
+	// Dir is the badger directory. Required.
+	Dir string
+	// Logger. Default zerolog.Nop().
+	Logger *zerolog.Logger
+}
+
+var aggregatePrefixes = [][]byte{[]byte("x/"), []byte("a/"), []byte("f/"), []byte("s/"), []byte("u/"), []byte("n/"), []byte("r/")}
+
+// OpenAggregates opens the projection; Run applies the stream.
+func OpenAggregates(cfg AggregatesConfig) (*Aggregates, error) {
+	if cfg.Log == nil || cfg.Dir == "" {
+		return nil, errors.New("analytics: AggregatesConfig.Log and Dir are required")
+	}
+	ag := &Aggregates{lg: zerolog.Nop()}
+	if cfg.Logger != nil {
+		ag.lg = cfg.Logger.With().Str("component", "analytics").Logger()
+	}
+	db, err := oplog.OpenStore(cfg.Dir, ag.lg)
+	if err != nil {
+		return nil, err
+	}
+	ag.db = db
+	ag.proj, err = oplog.NewProjection(oplog.ProjectionConfig{Stream: StreamAnalytics, DB: db, JetStream: cfg.Log.JetStream(),
+		Prefixes: aggregatePrefixes, Apply: ag.apply, Logger: &ag.lg})
+	if err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	return ag, nil
+}
+
+// Run applies the stream until ctx ends.
+func (ag *Aggregates) Run(ctx context.Context) error { return ag.proj.Run(ctx) }
+
+// Close closes the store; call it after Run returned.
+func (ag *Aggregates) Close() error { return ag.db.Close() }
+
+// Projection is the projection, for rebuilds and digests.
+func (ag *Aggregates) Projection() *oplog.Projection { return ag.proj }
+
+// CatchUp waits until every event stored when it was called is counted.
+func (ag *Aggregates) CatchUp(ctx context.Context) error { return ag.proj.CatchUp(ctx) }
+
+// day, week and month name the periods of a time.
+func day(ms int64) string { return time.UnixMilli(ms).UTC().Format("20060102") }
+
+func week(ms int64) string {
+	y, w := time.UnixMilli(ms).UTC().ISOWeek()
+	return fmt.Sprintf("%04dW%02d", y, w)
+}
+
+func month(ms int64) string { return time.UnixMilli(ms).UTC().Format("200601") }
+
+// txn wraps a badger transaction with the projection's key operations.
+type aggTxn struct{ *badger.Txn }
+
+// once sets key if absent and reports whether it did.
+func (t aggTxn) once(key string) (bool, error) {
+	_, err := t.Get([]byte(key))
+	if err == nil {
+		return false, nil
+	}
+	if !errors.Is(err, badger.ErrKeyNotFound) {
+		return false, err
+	}
+	return true, t.Set([]byte(key), nil)
+}
+
+// add adds delta to a counter.
+func (t aggTxn) add(key string, delta uint64) error {
+	n, err := oplog.GetUint64(t.Txn, []byte(key))
+	if err != nil {
+		return err
+	}
+	return t.Set([]byte(key), binary.BigEndian.AppendUint64(nil, n+delta))
+}
+
+func (t aggTxn) count(app, period, metric string) error {
+	return t.add("n/"+app+"/"+period+"/"+metric, 1)
+}
+
+// apply counts one event. Malformed records (not written by Ingest) are
+// skipped with a log line: nothing malformed reaches the aggregates.
+func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
+	ev := &analyticspb.Event{}
+	if err := proto.Unmarshal(r.Data, ev); err != nil || !oplog.ValidID(ev.Id) || !oplog.ValidID(ev.Device) || !oplog.ValidID(ev.App) || ev.TimeMs <= 0 {
+		ag.lg.Warn().Uint64("seq", r.Seq).Str("subject", r.Subject).Msg("analytics event skipped: malformed")
+		return nil
+	}
+	t := aggTxn{btxn}
+	if fresh, err := t.once("x/" + ev.Device + "/" + ev.Id); err != nil || !fresh {
+		return err
+	}
+	app, d := ev.App, day(ev.TimeMs)
+	uid := ev.User
+	if uid == "" {
+		uid = "~" + ev.Device
+	}
+	slices := []string{"", "v:" + ev.AppVersion}
+	for pkg, ver := range ev.Releases {
+		slices = append(slices, "r:"+pkg+"="+ver)
+	}
+	if err := ag.active(t, ev, app, d, uid); err != nil {
+		return err
+	}
+	if err := ag.session(t, ev, app, slices); err != nil {
+		return err
+	}
+	switch ev.Type {
+	case analyticspb.Type_TYPE_PAGE_VIEW:
+		if ev.Page != "" {
+			if err := t.count(app, d, "page:"+ev.Page); err != nil {
+				return err
+			}
+			if ev.Referrer != "" {
+				if err := t.count(app, d, "path:"+ev.Referrer+" > "+ev.Page); err != nil {
+					return err
+				}
+			}
+		}
+	case analyticspb.Type_TYPE_CUSTOM:
+		if err := t.count(app, d, "event:"+ev.Name); err != nil {
+			return err
+		}
+	case analyticspb.Type_TYPE_CRASH, analyticspb.Type_TYPE_FREEZE:
+		kind := "crashes"
+		if ev.Type == analyticspb.Type_TYPE_FREEZE {
+			kind = "freezes"
+		}
+		for _, s := range slices {
+			if err := t.count(app, d, kind+"@"+s); err != nil {
+				return err
+			}
+			fresh, err := t.once("u/" + app + "/" + d + "/" + kind + "@" + s + "/" + uid)
+			if err != nil {
+				return err
+			}
+			if fresh {
+				if err := t.count(app, d, kind+"-users@"+s); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// active counts the user active in the event's day, week and month, as a
+// new user on the first day seen, in its cohort's retention, and in the
+// day's breakdowns (by the attributes of its first event of the day).
+func (ag *Aggregates) active(t aggTxn, ev *analyticspb.Event, app, d, uid string) error {
+	for _, p := range []struct{ period, metric string }{{week(ev.TimeMs), "wau"}, {month(ev.TimeMs), "mau"}} {
+		fresh, err := t.once("a/" + app + "/" + p.period + "/" + uid)
+		if err != nil {
+			return err
+		}
+		if fresh {
+			if err := t.count(app, p.period, p.metric); err != nil {
+				return err
+			}
+		}
+	}
+	fresh, err := t.once("a/" + app + "/" + d + "/" + uid)
+	if err != nil || !fresh {
+		return err
+	}
+	if err := t.count(app, d, "dau"); err != nil {
+		return err
+	}
+	for i, v := range []string{ev.AppVersion, ev.Os, ev.Model, ev.Region, ev.Network} {
+		if v != "" {
+			if err := t.count(app, d, "dau:"+Dimensions[i]+"="+v); err != nil {
+				return err
+			}
+		}
+	}
+	// The cohort: the first day seen, in stream order.
+	cohort := d
+	firstKey := []byte("f/" + app + "/" + uid)
+	if it, err := t.Get(firstKey); err == nil {
+		if err := it.Value(func(v []byte) error { cohort = string(v); return nil }); err != nil {
+			return err
+		}
+	} else if errors.Is(err, badger.ErrKeyNotFound) {
+		if err := t.Set(firstKey, []byte(d)); err != nil {
+			return err
+		}
+		if err := t.count(app, d, "new"); err != nil {
+			return err
+		}
+	} else {
+		return err
+	}
+	n := daysBetween(cohort, d)
+	if n < 0 {
+		return nil // a late event from before the cohort: not a retention day
+	}
+	return t.add("r/"+app+"/"+cohort+"/"+strconv.Itoa(n), 1)
+}
+
+func daysBetween(from, to string) int {
+	a, err1 := time.Parse("20060102", from)
+	b, err2 := time.Parse("20060102", to)
+	if err1 != nil || err2 != nil {
+		return -1
+	}
+	return int(b.Sub(a).Hours() / 24)
+}
+
+// session follows the device's session: an event more than SessionGap
+// after the last one (or a session start) opens a new one, counted on its
+// first day per slice; a session end or the next session closes it and
+// counts its length; a crash marks it crashed (once).
+func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slices []string) error {
+	key := []byte("s/" + app + "/" + ev.Device)
+	var start, last int64
+	crashed := false
+	open := false
+	if it, err := t.Get(key); err == nil {
+		if err := it.Value(func(v []byte) error {
+			if len(v) == 17 {
+				start, last, crashed, open = int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:])), v[16] == 1, true
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	at := ev.TimeMs
+	if open && at < last {
+		at = last // late: part of the session as it stands
+	}
+	closeSession := func() error {
+		if err := t.add("n/"+app+"/"+day(start)+"/session-ms", uint64(last-start)); err != nil {
+			return err
+		}
+		return t.count(app, day(start), "sessions-closed")
+	}
+	if !open || ev.Type == analyticspb.Type_TYPE_SESSION_START || at-last > SessionGap.Milliseconds() {
+		if open {
+			if err := closeSession(); err != nil {
+				return err
+			}
+		}
+		start, last, crashed, open = at, at, false, true
+		for _, s := range slices {
+			if err := t.count(app, day(start), "sessions@"+s); err != nil {
+				return err
+			}
+		}
+	}
+	last = max(last, at)
+	if (ev.Type == analyticspb.Type_TYPE_CRASH) && !crashed {
+		crashed = true
+		for _, s := range slices {
+			if err := t.count(app, day(start), "crashed-sessions@"+s); err != nil {
+				return err
+			}
+		}
+	}
+	if ev.Type == analyticspb.Type_TYPE_SESSION_END {
+		if err := closeSession(); err != nil {
+			return err
+		}
+		return t.Delete(key)
+	}
+	v := binary.BigEndian.AppendUint64(nil, uint64(start))
+	v = binary.BigEndian.AppendUint64(v, uint64(last))
+	if crashed {
+		v = append(v, 1)
+	} else {
+		v = append(v, 0)
+	}
+	return t.Set(key, v)
+}
+
+// Counters returns every counter of an app in a period (a day 20261121,
+// an ISO week 2026W47 or a month 202611), by metric name, once the
+// projection holds every event stored before the call.
+func (ag *Aggregates) Counters(ctx context.Context, app, period string) (map[string]uint64, error) {
+	if err := ag.proj.CatchUp(ctx); err != nil {
+		return nil, fmt.Errorf("analytics: %v: %w", err, oplog.ErrUnavailable)
+	}
+	out := map[string]uint64{}
+	prefix := []byte("n/" + app + "/" + period + "/")
+	err := ag.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if err := it.Item().Value(func(v []byte) error {
+				if len(v) == 8 {
+					out[string(it.Item().Key()[len(prefix):])] = binary.BigEndian.Uint64(v)
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Retention returns, for the users first seen on cohort day, how many were
+// active n days later, for n from 0 to days.
+func (ag *Aggregates) Retention(ctx context.Context, app, cohort string, days int) ([]uint64, error) {
+	if err := ag.proj.CatchUp(ctx); err != nil {
+		return nil, fmt.Errorf("analytics: %v: %w", err, oplog.ErrUnavailable)
+	}
+	out := make([]uint64, days+1)
+	err := ag.db.View(func(txn *badger.Txn) error {
+		for n := range out {
+			v, err := oplog.GetUint64(txn, []byte("r/"+app+"/"+cohort+"/"+strconv.Itoa(n)))
+			if err != nil {
+				return err
+			}
+			out[n] = v
+		}
+		return nil
+	})
+	return out, err
+}
+
+// CrashRate is the crash figures of one slice ("" all, "v:<version>",
+// "r:<package>=<version>") in a day.
+type CrashRate struct {
+	Sessions, CrashedSessions, Crashes, CrashedUsers, Freezes uint64
+	// Rate is crashed sessions over sessions; CrashFree its complement.
+	Rate, CrashFree float64
+}
+
+// CrashRates returns the crash figures of every slice of an app in a day.
+func (ag *Aggregates) CrashRates(ctx context.Context, app, day string) (map[string]CrashRate, error) {
+	c, err := ag.Counters(ctx, app, day)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]CrashRate{}
+	for k, v := range c {
+		metric, slice, ok := strings.Cut(k, "@")
+		if !ok {
+			continue
+		}
+		r := out[slice]
+		switch metric {
+		case "sessions":
+			r.Sessions = v
+		case "crashed-sessions":
+			r.CrashedSessions = v
+		case "crashes":
+			r.Crashes = v
+		case "crashes-users":
+			r.CrashedUsers = v
+		case "freezes":
+			r.Freezes = v
+		}
+		out[slice] = r
+	}
+	for s, r := range out {
+		if r.Sessions > 0 {
+			r.Rate = float64(r.CrashedSessions) / float64(r.Sessions)
+			r.CrashFree = 1 - r.Rate
+		}
+		out[s] = r
+	}
+	return out, nil
+}
