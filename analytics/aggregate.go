@@ -36,6 +36,9 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 //	u/<app>/<day>/<slice>/<uid>      a user who crashed in a day, per slice
 //	n/<app>/<period>/<metric>        → a counter (big-endian uint64)
 //	r/<app>/<cohort>/<n>             → users of a cohort active n days after it
+//	w/<app>/<slice>/<minute>/<metric> → sessions, crashed and frozen sessions per minute of
+//	                                   watched slices (releases r:…, switch variants s:key=variant,
+//	                                   each also per model: …|m:<model>), kept WindowKeep
 //
 // A user (uid) is the event's user, or "~<device>" for a device without
 // one. Slices are "" (all), "v:<version>" and "r:<package>=<version>".
@@ -55,7 +58,11 @@ type AggregatesConfig struct {
 	Logger *zerolog.Logger
 }
 
-var aggregatePrefixes = [][]byte{[]byte("x/"), []byte("a/"), []byte("f/"), []byte("s/"), []byte("u/"), []byte("n/"), []byte("r/")}
+var aggregatePrefixes = [][]byte{[]byte("x/"), []byte("a/"), []byte("f/"), []byte("s/"), []byte("u/"), []byte("n/"), []byte("r/"), []byte("w/")}
+
+// WindowKeep is how long per-minute counters are kept: the longest
+// circuit-breaker window.
+const WindowKeep = 24 * time.Hour
 
 // OpenAggregates opens the projection; Run applies the stream.
 func OpenAggregates(cfg AggregatesConfig) (*Aggregates, error) {
@@ -265,12 +272,12 @@ func daysBetween(from, to string) int {
 func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slices []string) error {
 	key := []byte("s/" + app + "/" + ev.Device)
 	var start, last int64
-	crashed := false
+	var flags byte // 1: crashed, 2: frozen
 	open := false
 	if it, err := t.Get(key); err == nil {
 		if err := it.Value(func(v []byte) error {
 			if len(v) == 17 {
-				start, last, crashed, open = int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:])), v[16] == 1, true
+				start, last, flags, open = int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:])), v[16], true
 			}
 			return nil
 		}); err != nil {
@@ -279,6 +286,7 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slice
 	} else if !errors.Is(err, badger.ErrKeyNotFound) {
 		return err
 	}
+	watched := watchedSlices(ev)
 	at := ev.TimeMs
 	if open && at < last {
 		at = last // late: part of the session as it stands
@@ -295,20 +303,32 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slice
 				return err
 			}
 		}
-		start, last, crashed, open = at, at, false, true
+		start, last, flags, open = at, at, 0, true
 		for _, s := range slices {
 			if err := t.count(app, day(start), "sessions@"+s); err != nil {
 				return err
 			}
 		}
+		if err := t.window(app, watched, start, "sessions"); err != nil {
+			return err
+		}
 	}
 	last = max(last, at)
-	if (ev.Type == analyticspb.Type_TYPE_CRASH) && !crashed {
-		crashed = true
+	if ev.Type == analyticspb.Type_TYPE_CRASH && flags&1 == 0 {
+		flags |= 1
 		for _, s := range slices {
 			if err := t.count(app, day(start), "crashed-sessions@"+s); err != nil {
 				return err
 			}
+		}
+		if err := t.window(app, watched, at, "crashed"); err != nil {
+			return err
+		}
+	}
+	if ev.Type == analyticspb.Type_TYPE_FREEZE && flags&2 == 0 {
+		flags |= 2
+		if err := t.window(app, watched, at, "frozen"); err != nil {
+			return err
 		}
 	}
 	if ev.Type == analyticspb.Type_TYPE_SESSION_END {
@@ -319,12 +339,74 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slice
 	}
 	v := binary.BigEndian.AppendUint64(nil, uint64(start))
 	v = binary.BigEndian.AppendUint64(v, uint64(last))
-	if crashed {
-		v = append(v, 1)
-	} else {
-		v = append(v, 0)
+	return t.Set(key, append(v, flags))
+}
+
+// watchedSlices are the slices circuit breakers watch an event's session
+// under: each release and switch variant active on the device, alone and
+// with the device's model.
+func watchedSlices(ev *analyticspb.Event) []string {
+	var out []string
+	add := func(s string) {
+		out = append(out, s)
+		if ev.Model != "" {
+			out = append(out, s+"|m:"+ev.Model)
+		}
 	}
-	return t.Set(key, v)
+	for pkg, ver := range ev.Releases {
+		add("r:" + pkg + "=" + ver)
+	}
+	for key, variant := range ev.Switches {
+		add("s:" + key + "=" + variant)
+	}
+	return out
+}
+
+// window counts metric in the minute of ms for each slice. The counters
+// expire WindowKeep after their minute (an absolute time, so a rebuild
+// keeps the same ones).
+func (t aggTxn) window(app string, slices []string, ms int64, metric string) error {
+	minute := ms / 60_000
+	ttl := time.Until(time.UnixMilli((minute + 1) * 60_000).Add(WindowKeep))
+	if ttl <= 0 {
+		return nil
+	}
+	for _, s := range slices {
+		key := []byte("w/" + app + "/" + s + "/" + strconv.FormatInt(minute, 10) + "/" + metric)
+		n, err := oplog.GetUint64(t.Txn, key)
+		if err != nil {
+			return err
+		}
+		if err := t.SetEntry(badger.NewEntry(key, binary.BigEndian.AppendUint64(nil, n+1)).WithTTL(ttl)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Window sums a slice's per-minute counters over the minutes from
+// (until - window) to until: sessions started, and crashed and frozen
+// sessions.
+func (ag *Aggregates) Window(app, slice string, until time.Time, window time.Duration) (sessions, crashed, frozen uint64, err error) {
+	last := until.UnixMilli() / 60_000
+	first := until.Add(-window).UnixMilli() / 60_000
+	err = ag.db.View(func(txn *badger.Txn) error {
+		for m := first; m <= last; m++ {
+			base := "w/" + app + "/" + slice + "/" + strconv.FormatInt(m, 10) + "/"
+			for _, c := range []struct {
+				metric string
+				to     *uint64
+			}{{"sessions", &sessions}, {"crashed", &crashed}, {"frozen", &frozen}} {
+				n, err := oplog.GetUint64(txn, []byte(base+c.metric))
+				if err != nil {
+					return err
+				}
+				*c.to += n
+			}
+		}
+		return nil
+	})
+	return sessions, crashed, frozen, err
 }
 
 // Counters returns every counter of an app in a period (a day 20261121,

@@ -17,9 +17,21 @@
 // order). Duplicates past JetStream's window are dropped by event id, and
 // malformed records never reach it; a rebuild gives the same digest.
 //
+// Breakers are circuit breakers: rules (control events) naming a release
+// or a switch variant, optionally one device model, a metric (crash or
+// freeze rate), a threshold, a minimum of sessions and a window. Every
+// couple of seconds each armed rule is checked against per-minute
+// counters the aggregates keep for the slices breakers watch (each
+// release and switch variant on the devices, alone and per model); over
+// the threshold, the action is taken once per rule version through
+// Actions (delivery: pause, rollback, switch off, for one model if the
+// rule says so), and a trip records the evidence. The trip is written
+// before the action with the expected last subject sequence, so one node
+// acts.
+//
 // Built so far: ingestion over HTTP, the aggregates and their queries
-// (Counters, Retention, CrashRates; the admin API's /v1/analytics). Not
-// yet: ingestion over the gateway link, the reporting switch and
-// sampling, diagnostics (log uploads), circuit breaking, sluicectl
-// commands and the benchmarks — see the issue "Analytics".
+// (Counters, Retention, CrashRates; the admin API's /v1/analytics),
+// circuit breakers (/v1/breakers). Not yet: ingestion over the gateway
+// link, the reporting switch and sampling, diagnostics (log uploads), a
+// release breaker limited to one model — see the issue "Analytics".
 package analytics

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -408,6 +409,50 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 		}
 	}
 	return nil, fmt.Errorf("switch %s: changed while being killed: %w", key, oplog.ErrConflict)
+}
+
+// SwitchOffFor turns a switch off for the devices of one model: a variant
+// matching the model, evaluated first, with the kill value (false for a
+// bool switch). Circuit breakers limited to a model use it. Errors:
+// oplog.ErrNotFound, oplog.ErrInvalid (no kill value), oplog.ErrConflict.
+func (d *Delivery) SwitchOffFor(ctx context.Context, key, model, actor string) (*deliverypb.Switch, error) {
+	name := "off-" + strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			return r
+		case r >= 'A' && r <= 'Z':
+			return r + 'a' - 'A'
+		}
+		return '-'
+	}, model)
+	name = name[:min(len(name), maxNameLen)]
+	for range 3 {
+		s := d.ctl.Snapshot()
+		cs, ok := s.switches[key]
+		if !ok {
+			return nil, fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
+		}
+		sw := proto.Clone(cs.pb).(*deliverypb.Switch)
+		off := sw.KillValue
+		if off == nil {
+			if sw.Type != deliverypb.SwitchType_SWITCH_TYPE_BOOL {
+				return nil, fmt.Errorf("switch %s: a %v switch needs a kill value to be turned off: %w", key, sw.Type, oplog.ErrInvalid)
+			}
+			off = &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}
+		}
+		sw.Variants = slices.DeleteFunc(sw.Variants, func(v *deliverypb.Variant) bool { return v.GetName() == name })
+		sw.Variants = append([]*deliverypb.Variant{{Name: name, Value: off,
+			Rule: &deliverypb.Rule{Models: []string{model}, Salt: switchSalt(key)}}}, sw.Variants...)
+		sw.UpdatedMs, sw.UpdatedBy, sw.Version = d.cfg.Now().UnixMilli(), actor, 0
+		if _, err := compileSwitch(sw); err != nil {
+			return nil, err
+		}
+		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subjectSwitch+key]))
+		if !errors.Is(err, oplog.ErrConflict) {
+			return out, err
+		}
+	}
+	return nil, fmt.Errorf("switch %s: changed while being turned off: %w", key, oplog.ErrConflict)
 }
 
 // RemoveSwitch removes a switch: devices stop getting it. Errors:

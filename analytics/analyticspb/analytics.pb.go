@@ -92,6 +92,109 @@ func (Type) EnumDescriptor() ([]byte, []int) {
 	return file_analytics_proto_rawDescGZIP(), []int{0}
 }
 
+// Metric is what a circuit breaker watches.
+type Metric int32
+
+const (
+	Metric_METRIC_UNSPECIFIED Metric = 0
+	Metric_METRIC_CRASH_RATE  Metric = 1 // crashed sessions / sessions
+	Metric_METRIC_FREEZE_RATE Metric = 2 // sessions with a freeze / sessions
+)
+
+// Enum value maps for Metric.
+var (
+	Metric_name = map[int32]string{
+		0: "METRIC_UNSPECIFIED",
+		1: "METRIC_CRASH_RATE",
+		2: "METRIC_FREEZE_RATE",
+	}
+	Metric_value = map[string]int32{
+		"METRIC_UNSPECIFIED": 0,
+		"METRIC_CRASH_RATE":  1,
+		"METRIC_FREEZE_RATE": 2,
+	}
+)
+
+func (x Metric) Enum() *Metric {
+	p := new(Metric)
+	*p = x
+	return p
+}
+
+func (x Metric) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Metric) Descriptor() protoreflect.EnumDescriptor {
+	return file_analytics_proto_enumTypes[1].Descriptor()
+}
+
+func (Metric) Type() protoreflect.EnumType {
+	return &file_analytics_proto_enumTypes[1]
+}
+
+func (x Metric) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Metric.Descriptor instead.
+func (Metric) EnumDescriptor() ([]byte, []int) {
+	return file_analytics_proto_rawDescGZIP(), []int{1}
+}
+
+// Action is what a tripped circuit breaker does.
+type Action int32
+
+const (
+	Action_ACTION_UNSPECIFIED Action = 0
+	Action_ACTION_PAUSE       Action = 1 // pause the release
+	Action_ACTION_ROLLBACK    Action = 2 // roll the release's package back to the last stable version
+	Action_ACTION_SWITCH_OFF  Action = 3 // kill the switch
+)
+
+// Enum value maps for Action.
+var (
+	Action_name = map[int32]string{
+		0: "ACTION_UNSPECIFIED",
+		1: "ACTION_PAUSE",
+		2: "ACTION_ROLLBACK",
+		3: "ACTION_SWITCH_OFF",
+	}
+	Action_value = map[string]int32{
+		"ACTION_UNSPECIFIED": 0,
+		"ACTION_PAUSE":       1,
+		"ACTION_ROLLBACK":    2,
+		"ACTION_SWITCH_OFF":  3,
+	}
+)
+
+func (x Action) Enum() *Action {
+	p := new(Action)
+	*p = x
+	return p
+}
+
+func (x Action) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Action) Descriptor() protoreflect.EnumDescriptor {
+	return file_analytics_proto_enumTypes[2].Descriptor()
+}
+
+func (Action) Type() protoreflect.EnumType {
+	return &file_analytics_proto_enumTypes[2]
+}
+
+func (x Action) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Action.Descriptor instead.
+func (Action) EnumDescriptor() ([]byte, []int) {
+	return file_analytics_proto_rawDescGZIP(), []int{2}
+}
+
 // Event is one tracking event. The device fields describe the device when
 // the event happened; over an authenticated upload the server sets device
 // and user from the token.
@@ -500,6 +603,285 @@ func (x *IngestReply) GetClamped() uint32 {
 	return 0
 }
 
+// BreakerRule is a circuit breaker, stored on
+// sluice.control.breaker.<id>: when, over the last window, the sessions
+// of the target (a release, or the devices a switch variant reached)
+// number at least min_sessions and the metric is above threshold, the
+// action is taken once, and a BreakerTrip records it with the evidence.
+type BreakerRule struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // 1-64 of [a-z0-9_-]
+	App           string                 `protobuf:"bytes,2,opt,name=app,proto3" json:"app,omitempty"`
+	Package       string                 `protobuf:"bytes,3,opt,name=package,proto3" json:"package,omitempty"` // a release: package and version
+	Version       string                 `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	SwitchKey     string                 `protobuf:"bytes,5,opt,name=switch_key,json=switchKey,proto3" json:"switch_key,omitempty"`             // or a switch ...
+	SwitchVariant string                 `protobuf:"bytes,6,opt,name=switch_variant,json=switchVariant,proto3" json:"switch_variant,omitempty"` // ... and the variant whose devices are watched ("" : all)
+	Metric        Metric                 `protobuf:"varint,7,opt,name=metric,proto3,enum=sluice.analytics.v1.Metric" json:"metric,omitempty"`
+	Threshold     float64                `protobuf:"fixed64,8,opt,name=threshold,proto3" json:"threshold,omitempty"` // e.g. 0.05 for 5%
+	MinSessions   uint64                 `protobuf:"varint,9,opt,name=min_sessions,json=minSessions,proto3" json:"min_sessions,omitempty"`
+	WindowMs      int64                  `protobuf:"varint,10,opt,name=window_ms,json=windowMs,proto3" json:"window_ms,omitempty"` // 1 minute to 24 hours
+	Action        Action                 `protobuf:"varint,11,opt,name=action,proto3,enum=sluice.analytics.v1.Action" json:"action,omitempty"`
+	Model         string                 `protobuf:"bytes,12,opt,name=model,proto3" json:"model,omitempty"` // limit the watch to one device model ("": all)
+	Removed       bool                   `protobuf:"varint,13,opt,name=removed,proto3" json:"removed,omitempty"`
+	VersionSeq    uint64                 `protobuf:"varint,14,opt,name=version_seq,json=versionSeq,proto3" json:"version_seq,omitempty"` // set by the projection: the rule's version
+	UpdatedMs     int64                  `protobuf:"varint,15,opt,name=updated_ms,json=updatedMs,proto3" json:"updated_ms,omitempty"`
+	UpdatedBy     string                 `protobuf:"bytes,16,opt,name=updated_by,json=updatedBy,proto3" json:"updated_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BreakerRule) Reset() {
+	*x = BreakerRule{}
+	mi := &file_analytics_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BreakerRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BreakerRule) ProtoMessage() {}
+
+func (x *BreakerRule) ProtoReflect() protoreflect.Message {
+	mi := &file_analytics_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BreakerRule.ProtoReflect.Descriptor instead.
+func (*BreakerRule) Descriptor() ([]byte, []int) {
+	return file_analytics_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *BreakerRule) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetApp() string {
+	if x != nil {
+		return x.App
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetPackage() string {
+	if x != nil {
+		return x.Package
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetSwitchKey() string {
+	if x != nil {
+		return x.SwitchKey
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetSwitchVariant() string {
+	if x != nil {
+		return x.SwitchVariant
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetMetric() Metric {
+	if x != nil {
+		return x.Metric
+	}
+	return Metric_METRIC_UNSPECIFIED
+}
+
+func (x *BreakerRule) GetThreshold() float64 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *BreakerRule) GetMinSessions() uint64 {
+	if x != nil {
+		return x.MinSessions
+	}
+	return 0
+}
+
+func (x *BreakerRule) GetWindowMs() int64 {
+	if x != nil {
+		return x.WindowMs
+	}
+	return 0
+}
+
+func (x *BreakerRule) GetAction() Action {
+	if x != nil {
+		return x.Action
+	}
+	return Action_ACTION_UNSPECIFIED
+}
+
+func (x *BreakerRule) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *BreakerRule) GetRemoved() bool {
+	if x != nil {
+		return x.Removed
+	}
+	return false
+}
+
+func (x *BreakerRule) GetVersionSeq() uint64 {
+	if x != nil {
+		return x.VersionSeq
+	}
+	return 0
+}
+
+func (x *BreakerRule) GetUpdatedMs() int64 {
+	if x != nil {
+		return x.UpdatedMs
+	}
+	return 0
+}
+
+func (x *BreakerRule) GetUpdatedBy() string {
+	if x != nil {
+		return x.UpdatedBy
+	}
+	return ""
+}
+
+// BreakerTrip records a breaker that tripped, stored on
+// sluice.control.breakertrip.<rule id>.
+type BreakerTrip struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rule          string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	RuleVersion   uint64                 `protobuf:"varint,2,opt,name=rule_version,json=ruleVersion,proto3" json:"rule_version,omitempty"` // the version of the rule that tripped (one trip per version)
+	AtMs          int64                  `protobuf:"varint,3,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	Sessions      uint64                 `protobuf:"varint,4,opt,name=sessions,proto3" json:"sessions,omitempty"` // the evidence, over the window ending at at_ms
+	Affected      uint64                 `protobuf:"varint,5,opt,name=affected,proto3" json:"affected,omitempty"` // crashed (or frozen) sessions
+	Rate          float64                `protobuf:"fixed64,6,opt,name=rate,proto3" json:"rate,omitempty"`
+	Slice         string                 `protobuf:"bytes,7,opt,name=slice,proto3" json:"slice,omitempty"`
+	Action        string                 `protobuf:"bytes,8,opt,name=action,proto3" json:"action,omitempty"`
+	Result        string                 `protobuf:"bytes,9,opt,name=result,proto3" json:"result,omitempty"` // "done" or the action's error
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BreakerTrip) Reset() {
+	*x = BreakerTrip{}
+	mi := &file_analytics_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BreakerTrip) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BreakerTrip) ProtoMessage() {}
+
+func (x *BreakerTrip) ProtoReflect() protoreflect.Message {
+	mi := &file_analytics_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BreakerTrip.ProtoReflect.Descriptor instead.
+func (*BreakerTrip) Descriptor() ([]byte, []int) {
+	return file_analytics_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *BreakerTrip) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *BreakerTrip) GetRuleVersion() uint64 {
+	if x != nil {
+		return x.RuleVersion
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetAtMs() int64 {
+	if x != nil {
+		return x.AtMs
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetSessions() uint64 {
+	if x != nil {
+		return x.Sessions
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetAffected() uint64 {
+	if x != nil {
+		return x.Affected
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetRate() float64 {
+	if x != nil {
+		return x.Rate
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetSlice() string {
+	if x != nil {
+		return x.Slice
+	}
+	return ""
+}
+
+func (x *BreakerTrip) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *BreakerTrip) GetResult() string {
+	if x != nil {
+		return x.Result
+	}
+	return ""
+}
+
 var File_analytics_proto protoreflect.FileDescriptor
 
 const file_analytics_proto_rawDesc = "" +
@@ -558,7 +940,39 @@ const file_analytics_proto_rawDesc = "" +
 	"duplicates\x18\x02 \x01(\rR\n" +
 	"duplicates\x129\n" +
 	"\brejected\x18\x03 \x03(\v2\x1d.sluice.analytics.v1.RejectedR\brejected\x12\x18\n" +
-	"\aclamped\x18\x04 \x01(\rR\aclamped*\x9f\x01\n" +
+	"\aclamped\x18\x04 \x01(\rR\aclamped\"\x80\x04\n" +
+	"\vBreakerRule\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03app\x18\x02 \x01(\tR\x03app\x12\x18\n" +
+	"\apackage\x18\x03 \x01(\tR\apackage\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\tR\aversion\x12\x1d\n" +
+	"\n" +
+	"switch_key\x18\x05 \x01(\tR\tswitchKey\x12%\n" +
+	"\x0eswitch_variant\x18\x06 \x01(\tR\rswitchVariant\x123\n" +
+	"\x06metric\x18\a \x01(\x0e2\x1b.sluice.analytics.v1.MetricR\x06metric\x12\x1c\n" +
+	"\tthreshold\x18\b \x01(\x01R\tthreshold\x12!\n" +
+	"\fmin_sessions\x18\t \x01(\x04R\vminSessions\x12\x1b\n" +
+	"\twindow_ms\x18\n" +
+	" \x01(\x03R\bwindowMs\x123\n" +
+	"\x06action\x18\v \x01(\x0e2\x1b.sluice.analytics.v1.ActionR\x06action\x12\x14\n" +
+	"\x05model\x18\f \x01(\tR\x05model\x12\x18\n" +
+	"\aremoved\x18\r \x01(\bR\aremoved\x12\x1f\n" +
+	"\vversion_seq\x18\x0e \x01(\x04R\n" +
+	"versionSeq\x12\x1d\n" +
+	"\n" +
+	"updated_ms\x18\x0f \x01(\x03R\tupdatedMs\x12\x1d\n" +
+	"\n" +
+	"updated_by\x18\x10 \x01(\tR\tupdatedBy\"\xeb\x01\n" +
+	"\vBreakerTrip\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12!\n" +
+	"\frule_version\x18\x02 \x01(\x04R\vruleVersion\x12\x13\n" +
+	"\x05at_ms\x18\x03 \x01(\x03R\x04atMs\x12\x1a\n" +
+	"\bsessions\x18\x04 \x01(\x04R\bsessions\x12\x1a\n" +
+	"\baffected\x18\x05 \x01(\x04R\baffected\x12\x12\n" +
+	"\x04rate\x18\x06 \x01(\x01R\x04rate\x12\x14\n" +
+	"\x05slice\x18\a \x01(\tR\x05slice\x12\x16\n" +
+	"\x06action\x18\b \x01(\tR\x06action\x12\x16\n" +
+	"\x06result\x18\t \x01(\tR\x06result*\x9f\x01\n" +
 	"\x04Type\x12\x14\n" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eTYPE_PAGE_VIEW\x10\x01\x12\x16\n" +
@@ -568,7 +982,16 @@ const file_analytics_proto_rawDesc = "" +
 	"\n" +
 	"TYPE_CRASH\x10\x05\x12\x0f\n" +
 	"\vTYPE_FREEZE\x10\x06\x12\r\n" +
-	"\tTYPE_PERF\x10\aB2Z0github.com/sluicehq/sluice/analytics/analyticspbb\x06proto3"
+	"\tTYPE_PERF\x10\a*O\n" +
+	"\x06Metric\x12\x16\n" +
+	"\x12METRIC_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11METRIC_CRASH_RATE\x10\x01\x12\x16\n" +
+	"\x12METRIC_FREEZE_RATE\x10\x02*^\n" +
+	"\x06Action\x12\x16\n" +
+	"\x12ACTION_UNSPECIFIED\x10\x00\x12\x10\n" +
+	"\fACTION_PAUSE\x10\x01\x12\x13\n" +
+	"\x0fACTION_ROLLBACK\x10\x02\x12\x15\n" +
+	"\x11ACTION_SWITCH_OFF\x10\x03B2Z0github.com/sluicehq/sluice/analytics/analyticspbb\x06proto3"
 
 var (
 	file_analytics_proto_rawDescOnce sync.Once
@@ -582,30 +1005,36 @@ func file_analytics_proto_rawDescGZIP() []byte {
 	return file_analytics_proto_rawDescData
 }
 
-var file_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_analytics_proto_goTypes = []any{
 	(Type)(0),           // 0: sluice.analytics.v1.Type
-	(*Event)(nil),       // 1: sluice.analytics.v1.Event
-	(*Batch)(nil),       // 2: sluice.analytics.v1.Batch
-	(*Rejected)(nil),    // 3: sluice.analytics.v1.Rejected
-	(*IngestReply)(nil), // 4: sluice.analytics.v1.IngestReply
-	nil,                 // 5: sluice.analytics.v1.Event.ReleasesEntry
-	nil,                 // 6: sluice.analytics.v1.Event.SwitchesEntry
-	nil,                 // 7: sluice.analytics.v1.Event.PropertiesEntry
+	(Metric)(0),         // 1: sluice.analytics.v1.Metric
+	(Action)(0),         // 2: sluice.analytics.v1.Action
+	(*Event)(nil),       // 3: sluice.analytics.v1.Event
+	(*Batch)(nil),       // 4: sluice.analytics.v1.Batch
+	(*Rejected)(nil),    // 5: sluice.analytics.v1.Rejected
+	(*IngestReply)(nil), // 6: sluice.analytics.v1.IngestReply
+	(*BreakerRule)(nil), // 7: sluice.analytics.v1.BreakerRule
+	(*BreakerTrip)(nil), // 8: sluice.analytics.v1.BreakerTrip
+	nil,                 // 9: sluice.analytics.v1.Event.ReleasesEntry
+	nil,                 // 10: sluice.analytics.v1.Event.SwitchesEntry
+	nil,                 // 11: sluice.analytics.v1.Event.PropertiesEntry
 }
 var file_analytics_proto_depIdxs = []int32{
-	0, // 0: sluice.analytics.v1.Event.type:type_name -> sluice.analytics.v1.Type
-	5, // 1: sluice.analytics.v1.Event.releases:type_name -> sluice.analytics.v1.Event.ReleasesEntry
-	6, // 2: sluice.analytics.v1.Event.switches:type_name -> sluice.analytics.v1.Event.SwitchesEntry
-	7, // 3: sluice.analytics.v1.Event.properties:type_name -> sluice.analytics.v1.Event.PropertiesEntry
-	1, // 4: sluice.analytics.v1.Batch.events:type_name -> sluice.analytics.v1.Event
-	3, // 5: sluice.analytics.v1.IngestReply.rejected:type_name -> sluice.analytics.v1.Rejected
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	0,  // 0: sluice.analytics.v1.Event.type:type_name -> sluice.analytics.v1.Type
+	9,  // 1: sluice.analytics.v1.Event.releases:type_name -> sluice.analytics.v1.Event.ReleasesEntry
+	10, // 2: sluice.analytics.v1.Event.switches:type_name -> sluice.analytics.v1.Event.SwitchesEntry
+	11, // 3: sluice.analytics.v1.Event.properties:type_name -> sluice.analytics.v1.Event.PropertiesEntry
+	3,  // 4: sluice.analytics.v1.Batch.events:type_name -> sluice.analytics.v1.Event
+	5,  // 5: sluice.analytics.v1.IngestReply.rejected:type_name -> sluice.analytics.v1.Rejected
+	1,  // 6: sluice.analytics.v1.BreakerRule.metric:type_name -> sluice.analytics.v1.Metric
+	2,  // 7: sluice.analytics.v1.BreakerRule.action:type_name -> sluice.analytics.v1.Action
+	8,  // [8:8] is the sub-list for method output_type
+	8,  // [8:8] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_analytics_proto_init() }
@@ -618,8 +1047,8 @@ func file_analytics_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_analytics_proto_rawDesc), len(file_analytics_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   7,
+			NumEnums:      3,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

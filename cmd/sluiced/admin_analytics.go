@@ -1,10 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
 
+	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/oplog"
 )
 
@@ -13,8 +15,48 @@ import (
 //	GET /v1/analytics/{app}/periods/{period}        every counter of a day (20261121), ISO week (2026W47) or month (202611)
 //	GET /v1/analytics/{app}/retention/{cohort}?days=N  users of a cohort day active 0..N days later (default 30)
 //	GET /v1/analytics/{app}/crashes/{day}           crash figures per slice: all (""), per version (v:…), per release (r:pkg=ver)
+//	GET    /v1/breakers                             circuit-breaker rules and their last trips (with the evidence)
+//	PUT    /v1/breakers/{id}                        define a rule (body: BreakerRule, protojson); a new version re-arms it
+//	DELETE /v1/breakers/{id}                        remove a rule
 func (m *Main) analyticsRoutes(mux *http.ServeMux) {
 	ag := m.aggregates
+	mux.HandleFunc("GET /v1/breakers", func(w http.ResponseWriter, r *http.Request) {
+		rules, trips := []json.RawMessage{}, []json.RawMessage{}
+		for _, rl := range m.breakers.Rules() {
+			rules = append(rules, protoJSON(rl))
+		}
+		for _, tr := range m.breakers.Trips() {
+			trips = append(trips, protoJSON(tr))
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"rules": rules, "trips": trips})
+	})
+	mux.HandleFunc("PUT /v1/breakers/{id}", func(w http.ResponseWriter, r *http.Request) {
+		rule := new(analyticspb.BreakerRule)
+		if err := readProtoJSON(w, r, rule); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		if rule.Id == "" {
+			rule.Id = r.PathValue("id")
+		}
+		if rule.Id != r.PathValue("id") {
+			m.writeError(w, r, fmt.Errorf("breaker id %q in the body, %q in the path: %w", rule.Id, r.PathValue("id"), oplog.ErrInvalid))
+			return
+		}
+		got, err := m.breakers.SetRule(r.Context(), rule, actor(r))
+		if err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, protoJSON(got))
+	})
+	mux.HandleFunc("DELETE /v1/breakers/{id}", func(w http.ResponseWriter, r *http.Request) {
+		if err := m.breakers.RemoveRule(r.Context(), r.PathValue("id"), actor(r)); err != nil {
+			m.writeError(w, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"removed": r.PathValue("id")})
+	})
 	mux.HandleFunc("GET /v1/analytics/{app}/periods/{period}", func(w http.ResponseWriter, r *http.Request) {
 		c, err := ag.Counters(r.Context(), r.PathValue("app"), r.PathValue("period"))
 		if err != nil {

@@ -106,85 +106,19 @@ func (dv *e2eDevice) has() string {
 // with the key sluiced serves at /v1/delivery/key.
 func TestGrayReleaseEndToEnd(t *testing.T) {
 	d, addr := newTestDaemon(t, "--fsync", "interval")
-	data := d.data
-	tmp := filepath.Dir(data)
 	if _, err := d.start(); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	tokKey, err := gateway.LoadOrCreateKey(filepath.Join(data, tokenKeyFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer := gateway.NewSigner(tokKey)
-	var keyDoc struct {
-		PublicKey string `json:"public_key"`
-	}
-	body, err := d.request(ctx, http.MethodGet, "/v1/delivery/key", nil)
-	if err == nil {
-		err = json.Unmarshal(body, &keyDoc)
-	}
-	manifestKey, herr := hex.DecodeString(keyDoc.PublicKey)
-	if err != nil || herr != nil || len(manifestKey) != ed25519.PublicKeySize {
-		t.Fatalf("manifest key: %v %v %q", err, herr, keyDoc.PublicKey)
-	}
-	lg := zerolog.Nop()
-	connect := func(id, os string) *e2eDevice {
-		t.Helper()
-		tok, err := signer.Issue(gateway.Claims{Device: id, App: "shop-app", Expires: time.Now().Add(time.Hour)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		dv := &e2eDevice{id: id, os: os, changed: make(chan struct{}), done: make(chan error, 1)}
-		dv.c, err = client.New(client.Config{URL: "ws://" + addr(2) + "/v1/ws", StateDir: filepath.Join(tmp, "apps", id),
-			Token: func(context.Context) (string, error) { return tok, nil }, Logger: &lg,
-			Attrs: &gatewaypb.Attrs{Os: os, AppVersion: "5.0"}, Views: true, ManifestKeys: []ed25519.PublicKey{manifestKey}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		dv.c.HandleView(dv.onView)
-		var runCtx context.Context
-		runCtx, dv.cancel = context.WithCancel(context.Background())
-		go func() { dv.done <- dv.c.Run(runCtx) }()
-		return dv
-	}
-	stop := func(dv *e2eDevice) {
-		dv.cancel()
-		if err := <-dv.done; err != nil {
-			t.Errorf("%s: run: %v", dv.id, err)
-		}
-	}
+	apps := newAppFleet(t, ctx, d, addr)
+	connect, stop, waitAll := apps.connect, apps.stop, apps.waitAll
 	do := func(method, path, body string) {
 		t.Helper()
 		if _, err := d.request(ctx, method, path, []byte(body)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// waitAll waits until every device in devs has been told want, and
-	// returns how long the last one took from start.
-	waitAll := func(what string, start time.Time, devs []*e2eDevice, want func(*e2eDevice) string) time.Duration {
-		t.Helper()
-		var took time.Duration
-		for _, dv := range devs {
-			for {
-				dv.mu.Lock()
-				ch := dv.changed
-				dv.mu.Unlock()
-				if dv.has() == want(dv) {
-					break
-				}
-				select {
-				case <-ch:
-				case <-time.After(10 * time.Second):
-					t.Fatalf("%s: device %s (%s) has %q, want %q", what, dv.id, dv.os, dv.has(), want(dv))
-				}
-			}
-			took = max(took, time.Since(start))
-		}
-		return took
-	}
-
 	// Version 1, released to everyone; 12 devices online, one offline.
 	pkg := func(v string) []byte { return bytes.Repeat([]byte("shop bundle "+v+"\n"), 2000) }
 	for _, v := range []string{"1", "2"} {
@@ -343,4 +277,97 @@ func newTestDaemon(t *testing.T, args ...string) (*daemon, func(int) string) {
 		}
 	})
 	return d, addr
+}
+
+// appFleet connects apps (the Go SDK over WebSocket, views on, the
+// manifest key sluiced serves pinned) to a test daemon.
+type appFleet struct {
+	t      *testing.T
+	ws     string
+	signer *gateway.Signer
+	key    ed25519.PublicKey
+	dir    string
+	lg     zerolog.Logger
+}
+
+func newAppFleet(t *testing.T, ctx context.Context, d *daemon, addr func(int) string) *appFleet {
+	t.Helper()
+	tokKey, err := gateway.LoadOrCreateKey(filepath.Join(d.data, tokenKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keyDoc struct {
+		PublicKey string `json:"public_key"`
+	}
+	body, err := d.request(ctx, http.MethodGet, "/v1/delivery/key", nil)
+	if err == nil {
+		err = json.Unmarshal(body, &keyDoc)
+	}
+	key, herr := hex.DecodeString(keyDoc.PublicKey)
+	if err != nil || herr != nil || len(key) != ed25519.PublicKeySize {
+		t.Fatalf("manifest key: %v %v %q", err, herr, keyDoc.PublicKey)
+	}
+	return &appFleet{t: t, ws: "ws://" + addr(2) + "/v1/ws", signer: gateway.NewSigner(tokKey), key: key,
+		dir: filepath.Join(filepath.Dir(d.data), "apps"), lg: zerolog.Nop()}
+}
+
+// token issues a device token.
+func (f *appFleet) token(id string) string {
+	f.t.Helper()
+	tok, err := f.signer.Issue(gateway.Claims{Device: id, App: "shop-app", Expires: time.Now().Add(time.Hour)})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return tok
+}
+
+// connect starts an app on device id with OS os.
+func (f *appFleet) connect(id, os string) *e2eDevice {
+	f.t.Helper()
+	tok := f.token(id)
+	dv := &e2eDevice{id: id, os: os, changed: make(chan struct{}), done: make(chan error, 1)}
+	var err error
+	dv.c, err = client.New(client.Config{URL: f.ws, StateDir: filepath.Join(f.dir, id),
+		Token: func(context.Context) (string, error) { return tok, nil }, Logger: &f.lg,
+		Attrs: &gatewaypb.Attrs{Os: os, AppVersion: "5.0"}, Views: true, ManifestKeys: []ed25519.PublicKey{f.key}})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	dv.c.HandleView(dv.onView)
+	var runCtx context.Context
+	runCtx, dv.cancel = context.WithCancel(context.Background())
+	go func() { dv.done <- dv.c.Run(runCtx) }()
+	return dv
+}
+
+// stop stops an app.
+func (f *appFleet) stop(dv *e2eDevice) {
+	dv.cancel()
+	if err := <-dv.done; err != nil {
+		f.t.Errorf("%s: run: %v", dv.id, err)
+	}
+}
+
+// waitAll waits until every device in devs has been told want, and
+// returns how long the last one took from start.
+func (f *appFleet) waitAll(what string, start time.Time, devs []*e2eDevice, want func(*e2eDevice) string) time.Duration {
+	f.t.Helper()
+	var took time.Duration
+	for _, dv := range devs {
+		for {
+			dv.mu.Lock()
+			ch := dv.changed
+			dv.mu.Unlock()
+			if dv.has() == want(dv) {
+				break
+			}
+			select {
+			case <-ch:
+			case <-time.After(10 * time.Second):
+				f.t.Fatalf("%s: device %s (%s) has %q, want %q", what, dv.id, dv.os, dv.has(), want(dv))
+			}
+		}
+		took = max(took, time.Since(start))
+	}
+	return took
 }

@@ -78,6 +78,7 @@ type Main struct {
 	devices    *delivery.Registry
 	analytics  *analytics.Ingestor
 	aggregates *analytics.Aggregates
+	breakers   *analytics.Breakers
 	gateway    *gateway.Server
 	admin      *http.Server
 
@@ -232,6 +233,7 @@ func (m *Main) Run(ctx context.Context) error {
 	g.Go(func() error { return m.delivery.Run(gctx) })
 	g.Go(func() error { return m.devices.Run(gctx) })
 	g.Go(func() error { return m.aggregates.Run(gctx) })
+	g.Go(func() error { return m.breakers.Run(gctx) })
 	drained := gw.serve(gctx, g, drain, m)
 	g.Go(func() error {
 		if err := m.admin.Serve(ln); !errors.Is(err, http.ErrServerClosed) {

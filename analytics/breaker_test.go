@@ -1,0 +1,163 @@
+package analytics_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/analytics"
+	"github.com/sluicehq/sluice/analytics/analyticspb"
+	"github.com/sluicehq/sluice/delivery"
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+	"github.com/sluicehq/sluice/delivery/deliverytest"
+	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogtest"
+)
+
+// deliveryActions acts on a real Delivery, as sluiced wires it.
+type deliveryActions struct{ d *delivery.Delivery }
+
+func (a deliveryActions) PauseRelease(ctx context.Context, pkg, version, actor string) error {
+	_, err := a.d.Pause(ctx, pkg, version, actor)
+	return err
+}
+
+func (a deliveryActions) RollbackRelease(ctx context.Context, pkg, actor string) error {
+	_, err := a.d.Rollback(ctx, pkg, actor)
+	return err
+}
+
+func (a deliveryActions) SwitchOff(ctx context.Context, key, model, actor string) error {
+	var err error
+	if model == "" {
+		_, err = a.d.Kill(ctx, key, true, actor)
+	} else {
+		_, err = a.d.SwitchOffFor(ctx, key, model, actor)
+	}
+	return err
+}
+
+// TestCircuitBreaker: a crash spike among the sessions of a gray release
+// pauses it; a freeze spike on one model turns a switch off for that
+// model only; the trips record their evidence, once per rule version.
+func TestCircuitBreaker(t *testing.T) {
+	now := time.Now()
+	in, l := newIngestor(t, time.Now)
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: l, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopAg := oplogtest.RunUntilCleanup(t, "aggregates", ag.Run)
+	t.Cleanup(func() { stopAg(); _ = ag.Close() })
+	d := deliverytest.MustRun(t, delivery.Config{Log: l}, false)
+	c := ctx(t)
+	for _, v := range []string{"1.0", "2.0"} {
+		if _, err := d.Upload(c, delivery.Upload{Package: "shop-h5", Kind: deliverypb.PackageKind_PACKAGE_KIND_H5, Version: v, Data: []byte("bundle " + v)}, "ci"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p100 := 100.0
+	if _, err := d.Gray(c, "shop-h5", "1.0", &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Full(c, "shop-h5", "1.0", "ci"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Gray(c, "shop-h5", "2.0", &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
+		t.Fatal(err)
+	}
+	bv := func(b bool) *deliverypb.Value {
+		return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}}
+	}
+	if _, err := d.SetSwitch(c, &deliverypb.Switch{Key: "new-feed", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: bv(true)}, "ci", 0); err != nil {
+		t.Fatal(err)
+	}
+	br, err := analytics.OpenBreakers(c, analytics.BreakersConfig{Log: l, Aggregates: ag, Actions: deliveryActions{d}, Interval: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oplogtest.RunUntilCleanup(t, "breakers", br.Run)
+	for _, r := range []*analyticspb.BreakerRule{
+		{Id: "h5-crashes", App: "shop", Package: "shop-h5", Version: "2.0", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
+			Threshold: 0.2, MinSessions: 20, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_PAUSE},
+		{Id: "feed-freezes", App: "shop", SwitchKey: "new-feed", SwitchVariant: "", Model: "Pixel 8", Metric: analyticspb.Metric_METRIC_FREEZE_RATE,
+			Threshold: 0.3, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_SWITCH_OFF},
+	} {
+		if _, err := br.SetRule(c, r, "sre"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 30 devices on 2.0 start sessions; 10 crash (33%, over 20%). On
+	// Pixel 8, 12 devices with the feed; 5 freeze (42%, over 30%).
+	n := 0
+	send := func(dev, model string, typ analyticspb.Type, rel map[string]string, sw map[string]string) {
+		n++
+		e := &analyticspb.Event{Id: fmt.Sprint("e", n), Type: typ, TimeMs: now.UnixMilli(), App: "shop", Model: model, Releases: rel, Switches: sw}
+		if r, err := in.Ingest(c, analytics.Identity{Device: dev}, &analyticspb.Batch{Events: []*analyticspb.Event{e}}); err != nil || r.Accepted != 1 {
+			t.Fatalf("ingest: %v %v", r, err)
+		}
+	}
+	rel := map[string]string{"shop-h5": "2.0"}
+	for i := range 30 {
+		send(fmt.Sprint("r", i), "Galaxy", analyticspb.Type_TYPE_SESSION_START, rel, nil)
+		if i < 10 {
+			send(fmt.Sprint("r", i), "Galaxy", analyticspb.Type_TYPE_CRASH, rel, nil)
+		}
+	}
+	feed := map[string]string{"new-feed": ""}
+	for i := range 12 {
+		send(fmt.Sprint("p", i), "Pixel 8", analyticspb.Type_TYPE_SESSION_START, nil, feed)
+		if i < 5 {
+			send(fmt.Sprint("p", i), "Pixel 8", analyticspb.Type_TYPE_FREEZE, nil, feed)
+		}
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		rel, _ := d.Release("shop-h5", "2.0")
+		trips := br.Trips()
+		if rel.Paused && len(trips) == 2 && trips[0].Result == "done" && trips[1].Result == "done" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("release paused %v; trips %v", rel.Paused, trips)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, tr := range br.Trips() {
+		switch tr.Rule {
+		case "h5-crashes":
+			if tr.Sessions != 30 || tr.Affected != 10 || tr.Slice != "r:shop-h5=2.0" {
+				t.Errorf("trip %v: want 30 sessions, 10 crashed", tr)
+			}
+		case "feed-freezes":
+			if tr.Sessions != 12 || tr.Affected != 5 || tr.Slice != "s:new-feed=|m:Pixel 8" {
+				t.Errorf("trip %v: want 12 sessions, 5 frozen", tr)
+			}
+		}
+	}
+	// The switch is off for Pixel 8 only.
+	value := func(model string) bool {
+		for _, sv := range d.View(&delivery.Device{ID: "x", Attrs: oplog.Attrs{Model: model}}).Switches {
+			if sv.Key == "new-feed" {
+				return sv.Value.GetBoolValue()
+			}
+		}
+		t.Fatal("no new-feed switch in the view")
+		return false
+	}
+	if value("Pixel 8") || !value("Galaxy") {
+		t.Fatalf("new-feed: Pixel 8 %v, Galaxy %v; want off only on Pixel 8", value("Pixel 8"), value("Galaxy"))
+	}
+	// Once per version: no second trip while the rule stays as it is.
+	time.Sleep(300 * time.Millisecond)
+	for _, tr := range br.Trips() {
+		if tr.Result != "done" {
+			t.Fatalf("a rule tripped again: %v", tr)
+		}
+	}
+	if _, err := br.SetRule(c, &analyticspb.BreakerRule{Id: "bad", App: "shop", Package: "p", Version: "1", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
+		Threshold: 2, WindowMs: 60_000, Action: analyticspb.Action_ACTION_PAUSE}, "sre"); err == nil {
+		t.Fatal("a threshold over 1 was accepted")
+	}
+}
