@@ -129,6 +129,8 @@ type Config struct {
 	// first such URL configured, as http(s)://host:port (the gateway
 	// serves both on one listener); none with tcp:// and tls:// URLs only.
 	HTTPBase string
+	// Analytics turns on tracking (Track). Optional.
+	Analytics *AnalyticsConfig
 	// PushAddress is the device's address at a vendor push service (APNs,
 	// FCM, a webhook bridge...), given in each Hello: pushes that do not
 	// reach the device over its link in time go there. SetPushAddress
@@ -152,7 +154,8 @@ type Client struct {
 	attrs     *gatewaypb.Attrs
 	codec     *wire.Codec // frames before Welcome
 	log       zerolog.Logger
-	noPings   bool // tests: leave link health to the server's probes
+	noPings   bool     // tests: leave link health to the server's probes
+	tracker   *tracker // nil without Config.Analytics
 
 	running atomic.Bool
 
@@ -218,6 +221,9 @@ type Stats struct {
 	FallbackInstalls  int64 // of them, downloaded from the fallback URL
 	DownloadResumes   int64 // download requests resuming a broken transfer (Range)
 	Receipts          int   // delivered receipts of push items sent to the server
+	AnalyticsSent     int64 // tracking events sent (again after a lost link: counted again)
+	AnalyticsStored   int64 // tracking events the server stored (or had)
+	AnalyticsDropped  int64 // tracking events dropped: the queue was full
 }
 
 // New checks cfg, creates StateDir if needed and loads what is persisted
@@ -238,6 +244,12 @@ func New(cfg Config) (*Client, error) {
 		return nil, errors.New("client: Config.URL or URLs is required")
 	}
 	c := &Client{handlers: map[string]Handler{}, topicHandlers: map[string]Handler{}, log: zerolog.Nop()}
+	if a := cfg.Analytics; a != nil {
+		if a.App == "" {
+			return nil, errors.New("client: Config.Analytics.App is required")
+		}
+		c.tracker = newTracker(*a)
+	}
 	for _, u := range urls {
 		e, err := parseEndpoint(u)
 		if err != nil {

@@ -16,11 +16,12 @@ func TestDependencies(t *testing.T) {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}
 	allowed := map[string]bool{
-		module + "/client":              true,
-		module + "/gateway/gatewaypb":   true,
-		module + "/gateway/wire":        true,
-		module + "/delivery/deliverypb": true,
-		module + "/delivery/diff":       true,
+		module + "/client":                true,
+		module + "/gateway/gatewaypb":     true,
+		module + "/gateway/wire":          true,
+		module + "/delivery/deliverypb":   true,
+		module + "/delivery/diff":         true,
+		module + "/analytics/analyticspb": true,
 	}
 	forbidden := []string{"github.com/nats-io/", "github.com/dgraph-io/"}
 	n := 0

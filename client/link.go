@@ -142,7 +142,7 @@ func (l *link) readLoop() {
 		case *gatewaypb.Frame_Goaway:
 			l.end.goAway = b.Goaway
 			return
-		case *gatewaypb.Frame_Sync, *gatewaypb.Frame_Live, *gatewaypb.Frame_View:
+		case *gatewaypb.Frame_Sync, *gatewaypb.Frame_Live, *gatewaypb.Frame_View, *gatewaypb.Frame_AnalyticsAck:
 			select {
 			case l.frames <- f:
 			case <-l.done:

@@ -210,7 +210,7 @@ func (r *run) switchUser(user string) (again bool) {
 // Config.Views), the compression the client takes, the previous session.
 func (r *run) hello(ep endpoint, token string) *gatewaypb.Frame {
 	h := &gatewaypb.Hello{Version: wire.Version, Token: token, Attrs: r.c.attrs, SessionId: r.session, PointsUser: r.owner,
-		Push: r.c.pushAddress()}
+		Push: r.c.pushAddress(), Analytics: r.c.tracker != nil}
 	for _, biz := range slices.Sorted(maps.Keys(r.points.at)) {
 		if len(h.Points) == maxPoints {
 			// Omitted businesses resume from the device's recorded points.
@@ -308,6 +308,15 @@ func (r *run) serve(ctx context.Context, l *link) linkResult {
 	roundDone := false
 	l.start()
 	defer r.disarmRetry() // a deferral is the link's: the next Hello starts a round anyway
+	var track <-chan time.Time
+	var kick chan struct{}
+	if t := r.c.tracker; t != nil {
+		tick := time.NewTicker(t.cfg.Interval)
+		defer tick.Stop()
+		defer t.linkEnded()
+		track, kick = tick.C, t.kick
+		t.send(r, l) // what waited for a link
+	}
 	if len(r.points.unacked) > 0 || len(r.topics.unacked) > 0 {
 		r.arm() // acks the previous link could not send
 	}
@@ -328,6 +337,10 @@ func (r *run) serve(ctx context.Context, l *link) linkResult {
 		case <-r.retry.C:
 			r.retryArmed = false
 			r.retryDeferred(l)
+		case <-track:
+			r.c.tracker.send(r, l)
+		case <-kick:
+			r.c.tracker.send(r, l)
 		case f, ok := <-l.frames:
 			if !ok {
 				l.stop(false)
@@ -375,6 +388,10 @@ func (r *run) handle(ctx context.Context, l *link, f *gatewaypb.Frame) (done boo
 		return false, r.deliver(ctx, l, b.Live.Items)
 	case *gatewaypb.Frame_View:
 		r.c.applyView(ctx, b.View)
+	case *gatewaypb.Frame_AnalyticsAck:
+		if r.c.tracker != nil {
+			r.c.tracker.acked(r.c, b.AnalyticsAck)
+		}
 	}
 	return false, nil
 }

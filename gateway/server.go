@@ -56,6 +56,9 @@ type Config struct {
 	Suppress func(*oplogpb.Entry) bool
 	// Receipts records push receipts (delivery.Delivery). Optional.
 	Receipts Receipts
+	// Analytics stores the tracking events clients send over their link
+	// (analytics.Ingestor). Optional.
+	Analytics Analytics
 	// Buckets groups businesses for sync rounds: one read per non-empty
 	// bucket, in priority order. Optional: without it a round reads every
 	// business together (one read per inbox).
@@ -159,7 +162,9 @@ type Server struct {
 	umu    sync.Mutex
 	byUser map[string][]userWatch // sessions following a user's follow events
 	done   chan struct{}          // closed by Shutdown
-	wg     sync.WaitGroup
+
+	ingestSlots chan struct{} // tracking batches being stored, at most maxIngests
+	wg          sync.WaitGroup
 }
 
 // NewServer returns a server; serve links with ServeTCP and
@@ -174,10 +179,11 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg, codec: codec, log: zerolog.Nop(),
-		sessions:  map[*session]struct{}{},
-		byDevice:  map[string]*session{},
-		listeners: map[net.Listener]struct{}{},
-		done:      make(chan struct{}),
+		sessions:    map[*session]struct{}{},
+		byDevice:    map[string]*session{},
+		listeners:   map[net.Listener]struct{}{},
+		done:        make(chan struct{}),
+		ingestSlots: make(chan struct{}, maxIngests),
 	}
 	if cfg.Logger != nil {
 		s.log = cfg.Logger.With().Str("component", "gateway").Logger()

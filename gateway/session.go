@@ -80,7 +80,10 @@ type session struct {
 	topics      *topicState                // nil unless the server serves topics
 	deferral    *deferral                  // nil unless a round deferred buckets
 	view        *viewState                 // nil unless the client wants views
-	closeOnce   sync.Once
+
+	analyticsAcks atomic.Bool  // the client wants AnalyticsAck frames
+	ingests       atomic.Int32 // its tracking batches being stored
+	closeOnce     sync.Once
 }
 
 func newSession(s *Server, l link) *session {
@@ -231,6 +234,7 @@ func (ss *session) hello() bool {
 	if cfg.Views != nil && h.Views {
 		ss.view = &viewState{digest: h.ViewDigest}
 	}
+	ss.analyticsAcks.Store(h.Analytics)
 	ss.mu.Unlock()
 
 	compress := !cfg.NoCompression && ss.link.canCompress() && slices.Contains(h.Compression, gatewaypb.Compression_COMPRESSION_ZSTD)
@@ -487,6 +491,9 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 	if e.Attrs != nil || e.Push != nil {
 		ss.deviceChanged(e.Push)
 	}
+	if e.Analytics != nil {
+		ss.ingest(e)
+	}
 	if len(e.Receipts) > maxReceipts {
 		ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, fmt.Sprintf("%d receipts in one event, at most %d", len(e.Receipts), maxReceipts), false))
 	} else if rc := ss.srv.cfg.Receipts; rc != nil {
@@ -496,8 +503,8 @@ func (ss *session) event(e *gatewaypb.ClientEvent) bool {
 	}
 	switch e.Type {
 	case gatewaypb.ClientEvent_TYPE_UNSPECIFIED:
-		if e.Attrs == nil && e.Push == nil && len(e.Receipts) == 0 {
-			ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, "event without a type, attrs, receipts or push address", false))
+		if e.Attrs == nil && e.Push == nil && len(e.Receipts) == 0 && e.Analytics == nil {
+			ss.enqueue(errorFrame(gatewaypb.Error_CODE_INVALID, "event without a type, attrs, receipts, push address or tracking events", false))
 		}
 	case gatewaypb.ClientEvent_TYPE_FOREGROUND:
 		ss.startRound()

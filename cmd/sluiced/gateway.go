@@ -49,6 +49,7 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 		Devices:   m.devices,
 		Suppress:  m.delivery.Suppressed,
 		Receipts:  m.delivery,
+		Analytics: m.analytics,
 		Inbox:     m.inbox,
 		Topics:    m.topics,
 		Buckets:   m.buckets,

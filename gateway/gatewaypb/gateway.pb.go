@@ -16,6 +16,7 @@
 package gatewaypb
 
 import (
+	analyticspb "github.com/sluicehq/sluice/analytics/analyticspb"
 	deliverypb "github.com/sluicehq/sluice/delivery/deliverypb"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
@@ -194,7 +195,7 @@ func (x GoAway_Reason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GoAway_Reason.Descriptor instead.
 func (GoAway_Reason) EnumDescriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{15, 0}
+	return file_gateway_proto_rawDescGZIP(), []int{16, 0}
 }
 
 type Error_Code int32
@@ -270,7 +271,7 @@ func (x Error_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Error_Code.Descriptor instead.
 func (Error_Code) EnumDescriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{16, 0}
+	return file_gateway_proto_rawDescGZIP(), []int{17, 0}
 }
 
 // Frame is one protocol message. On WebSocket one binary message carries
@@ -294,6 +295,7 @@ type Frame struct {
 	//	*Frame_Goaway
 	//	*Frame_Error
 	//	*Frame_View
+	//	*Frame_AnalyticsAck
 	Body          isFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -453,6 +455,15 @@ func (x *Frame) GetView() *deliverypb.View {
 	return nil
 }
 
+func (x *Frame) GetAnalyticsAck() *AnalyticsAck {
+	if x != nil {
+		if x, ok := x.Body.(*Frame_AnalyticsAck); ok {
+			return x.AnalyticsAck
+		}
+	}
+	return nil
+}
+
 type isFrame_Body interface {
 	isFrame_Body()
 }
@@ -511,6 +522,12 @@ type Frame_View struct {
 	View *deliverypb.View `protobuf:"bytes,13,opt,name=view,proto3,oneof"`
 }
 
+type Frame_AnalyticsAck struct {
+	// Server → client, only to clients whose Hello set analytics: the
+	// answer to a ClientEvent carrying tracking events (§4.13).
+	AnalyticsAck *AnalyticsAck `protobuf:"bytes,14,opt,name=analytics_ack,json=analyticsAck,proto3,oneof"`
+}
+
 func (*Frame_Hello) isFrame_Body() {}
 
 func (*Frame_Welcome) isFrame_Body() {}
@@ -536,6 +553,8 @@ func (*Frame_Goaway) isFrame_Body() {}
 func (*Frame_Error) isFrame_Body() {}
 
 func (*Frame_View) isFrame_Body() {}
+
+func (*Frame_AnalyticsAck) isFrame_Body() {}
 
 // Attrs describe the client; entries carry conditions matched against them.
 type Attrs struct {
@@ -794,7 +813,10 @@ type Hello struct {
 	ViewDigest string `protobuf:"bytes,10,opt,name=view_digest,json=viewDigest,proto3" json:"view_digest,omitempty"`
 	// The device's address at a vendor push service (APNs, FCM, a webhook
 	// bridge...), for pushes it does not receive over this link in time.
-	Push          *deliverypb.PushAddress `protobuf:"bytes,11,opt,name=push,proto3" json:"push,omitempty"`
+	Push *deliverypb.PushAddress `protobuf:"bytes,11,opt,name=push,proto3" json:"push,omitempty"`
+	// The client uploads tracking events in ClientEvents and wants an
+	// AnalyticsAck for each batch (§4.13).
+	Analytics     bool `protobuf:"varint,12,opt,name=analytics,proto3" json:"analytics,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -904,6 +926,13 @@ func (x *Hello) GetPush() *deliverypb.PushAddress {
 		return x.Push
 	}
 	return nil
+}
+
+func (x *Hello) GetAnalytics() bool {
+	if x != nil {
+		return x.Analytics
+	}
+	return false
 }
 
 // Welcome answers a valid Hello; the sync that follows is computed from
@@ -1353,9 +1382,13 @@ type ClientEvent struct {
 	Receipts []*deliverypb.Receipt `protobuf:"bytes,4,rep,name=receipts,proto3" json:"receipts,omitempty"`
 	// The device's address at a vendor push service, replacing the one
 	// given before (empty token: none).
-	Push          *deliverypb.PushAddress `protobuf:"bytes,5,opt,name=push,proto3" json:"push,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Push *deliverypb.PushAddress `protobuf:"bytes,5,opt,name=push,proto3" json:"push,omitempty"`
+	// Tracking events (§4.13), numbered by the client: the AnalyticsAck
+	// names the batch.
+	Analytics      *analyticspb.Batch `protobuf:"bytes,6,opt,name=analytics,proto3" json:"analytics,omitempty"`
+	AnalyticsBatch uint64             `protobuf:"varint,7,opt,name=analytics_batch,json=analyticsBatch,proto3" json:"analytics_batch,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ClientEvent) Reset() {
@@ -1423,6 +1456,83 @@ func (x *ClientEvent) GetPush() *deliverypb.PushAddress {
 	return nil
 }
 
+func (x *ClientEvent) GetAnalytics() *analyticspb.Batch {
+	if x != nil {
+		return x.Analytics
+	}
+	return nil
+}
+
+func (x *ClientEvent) GetAnalyticsBatch() uint64 {
+	if x != nil {
+		return x.AnalyticsBatch
+	}
+	return 0
+}
+
+// AnalyticsAck answers a batch of tracking events: stored (each event
+// accepted, a duplicate or rejected with its reason), or not stored at
+// all (error set: send the same batch again later).
+type AnalyticsAck struct {
+	state         protoimpl.MessageState   `protogen:"open.v1"`
+	Batch         uint64                   `protobuf:"varint,1,opt,name=batch,proto3" json:"batch,omitempty"`
+	Reply         *analyticspb.IngestReply `protobuf:"bytes,2,opt,name=reply,proto3" json:"reply,omitempty"`
+	Error         *Error                   `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnalyticsAck) Reset() {
+	*x = AnalyticsAck{}
+	mi := &file_gateway_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnalyticsAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnalyticsAck) ProtoMessage() {}
+
+func (x *AnalyticsAck) ProtoReflect() protoreflect.Message {
+	mi := &file_gateway_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnalyticsAck.ProtoReflect.Descriptor instead.
+func (*AnalyticsAck) Descriptor() ([]byte, []int) {
+	return file_gateway_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AnalyticsAck) GetBatch() uint64 {
+	if x != nil {
+		return x.Batch
+	}
+	return 0
+}
+
+func (x *AnalyticsAck) GetReply() *analyticspb.IngestReply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+func (x *AnalyticsAck) GetError() *Error {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
 type Ping struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ClientTimeMs  int64                  `protobuf:"varint,1,opt,name=client_time_ms,json=clientTimeMs,proto3" json:"client_time_ms,omitempty"`
@@ -1432,7 +1542,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_gateway_proto_msgTypes[11]
+	mi := &file_gateway_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1554,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[11]
+	mi := &file_gateway_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1567,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{11}
+	return file_gateway_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Ping) GetClientTimeMs() int64 {
@@ -1477,7 +1587,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_gateway_proto_msgTypes[12]
+	mi := &file_gateway_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1489,7 +1599,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[12]
+	mi := &file_gateway_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1502,7 +1612,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{12}
+	return file_gateway_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Pong) GetClientTimeMs() int64 {
@@ -1530,7 +1640,7 @@ type Probe struct {
 
 func (x *Probe) Reset() {
 	*x = Probe{}
-	mi := &file_gateway_proto_msgTypes[13]
+	mi := &file_gateway_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1652,7 @@ func (x *Probe) String() string {
 func (*Probe) ProtoMessage() {}
 
 func (x *Probe) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[13]
+	mi := &file_gateway_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1665,7 @@ func (x *Probe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Probe.ProtoReflect.Descriptor instead.
 func (*Probe) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{13}
+	return file_gateway_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Probe) GetSeq() uint64 {
@@ -1574,7 +1684,7 @@ type ProbeEcho struct {
 
 func (x *ProbeEcho) Reset() {
 	*x = ProbeEcho{}
-	mi := &file_gateway_proto_msgTypes[14]
+	mi := &file_gateway_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1586,7 +1696,7 @@ func (x *ProbeEcho) String() string {
 func (*ProbeEcho) ProtoMessage() {}
 
 func (x *ProbeEcho) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[14]
+	mi := &file_gateway_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1599,7 +1709,7 @@ func (x *ProbeEcho) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeEcho.ProtoReflect.Descriptor instead.
 func (*ProbeEcho) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{14}
+	return file_gateway_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProbeEcho) GetSeq() uint64 {
@@ -1621,7 +1731,7 @@ type GoAway struct {
 
 func (x *GoAway) Reset() {
 	*x = GoAway{}
-	mi := &file_gateway_proto_msgTypes[15]
+	mi := &file_gateway_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1743,7 @@ func (x *GoAway) String() string {
 func (*GoAway) ProtoMessage() {}
 
 func (x *GoAway) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[15]
+	mi := &file_gateway_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1756,7 @@ func (x *GoAway) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GoAway.ProtoReflect.Descriptor instead.
 func (*GoAway) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{15}
+	return file_gateway_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GoAway) GetReason() GoAway_Reason {
@@ -1683,7 +1793,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_gateway_proto_msgTypes[16]
+	mi := &file_gateway_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1695,7 +1805,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_gateway_proto_msgTypes[16]
+	mi := &file_gateway_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1708,7 +1818,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_gateway_proto_rawDescGZIP(), []int{16}
+	return file_gateway_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Error) GetCode() Error_Code {
@@ -1736,7 +1846,7 @@ var File_gateway_proto protoreflect.FileDescriptor
 
 const file_gateway_proto_rawDesc = "" +
 	"\n" +
-	"\rgateway.proto\x12\x11sluice.gateway.v1\x1a\x0edelivery.proto\"\xa1\x05\n" +
+	"\rgateway.proto\x12\x11sluice.gateway.v1\x1a\x0edelivery.proto\x1a\x0fanalytics.proto\"\xe9\x05\n" +
 	"\x05Frame\x120\n" +
 	"\x05hello\x18\x01 \x01(\v2\x18.sluice.gateway.v1.HelloH\x00R\x05hello\x126\n" +
 	"\awelcome\x18\x02 \x01(\v2\x1a.sluice.gateway.v1.WelcomeH\x00R\awelcome\x12-\n" +
@@ -1752,7 +1862,8 @@ const file_gateway_proto_rawDesc = "" +
 	" \x01(\v2\x1c.sluice.gateway.v1.ProbeEchoH\x00R\tprobeEcho\x123\n" +
 	"\x06goaway\x18\v \x01(\v2\x19.sluice.gateway.v1.GoAwayH\x00R\x06goaway\x120\n" +
 	"\x05error\x18\f \x01(\v2\x18.sluice.gateway.v1.ErrorH\x00R\x05error\x12.\n" +
-	"\x04view\x18\r \x01(\v2\x18.sluice.delivery.v1.ViewH\x00R\x04viewB\x06\n" +
+	"\x04view\x18\r \x01(\v2\x18.sluice.delivery.v1.ViewH\x00R\x04view\x12F\n" +
+	"\ranalytics_ack\x18\x0e \x01(\v2\x1f.sluice.gateway.v1.AnalyticsAckH\x00R\fanalyticsAckB\x06\n" +
 	"\x04body\"\xdd\x01\n" +
 	"\x05Attrs\x12\x1f\n" +
 	"\vapp_version\x18\x01 \x01(\tR\n" +
@@ -1773,7 +1884,7 @@ const file_gateway_proto_rawDesc = "" +
 	"\vTopicCursor\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xc3\x03\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\xe1\x03\n" +
 	"\x05Hello\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
@@ -1789,7 +1900,8 @@ const file_gateway_proto_rawDesc = "" +
 	"\vview_digest\x18\n" +
 	" \x01(\tR\n" +
 	"viewDigest\x123\n" +
-	"\x04push\x18\v \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\"\xf7\x02\n" +
+	"\x04push\x18\v \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\x12\x1c\n" +
+	"\tanalytics\x18\f \x01(\bR\tanalytics\"\xf7\x02\n" +
 	"\aWelcome\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12$\n" +
@@ -1829,20 +1941,26 @@ const file_gateway_proto_rawDesc = "" +
 	"\x05items\x18\x01 \x03(\v2\x17.sluice.gateway.v1.ItemR\x05items\"s\n" +
 	"\x03Ack\x124\n" +
 	"\x06points\x18\x01 \x03(\v2\x1c.sluice.gateway.v1.SyncPointR\x06points\x126\n" +
-	"\x06topics\x18\x02 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\"\xe3\x02\n" +
+	"\x06topics\x18\x02 \x03(\v2\x1e.sluice.gateway.v1.TopicCursorR\x06topics\"\xc6\x03\n" +
 	"\vClientEvent\x127\n" +
 	"\x04type\x18\x01 \x01(\x0e2#.sluice.gateway.v1.ClientEvent.TypeR\x04type\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12.\n" +
 	"\x05attrs\x18\x03 \x01(\v2\x18.sluice.gateway.v1.AttrsR\x05attrs\x127\n" +
 	"\breceipts\x18\x04 \x03(\v2\x1b.sluice.delivery.v1.ReceiptR\breceipts\x123\n" +
-	"\x04push\x18\x05 \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\"g\n" +
+	"\x04push\x18\x05 \x01(\v2\x1f.sluice.delivery.v1.PushAddressR\x04push\x128\n" +
+	"\tanalytics\x18\x06 \x01(\v2\x1a.sluice.analytics.v1.BatchR\tanalytics\x12'\n" +
+	"\x0fanalytics_batch\x18\a \x01(\x04R\x0eanalyticsBatch\"g\n" +
 	"\x04Type\x12\x14\n" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fTYPE_FOREGROUND\x10\x01\x12\x13\n" +
 	"\x0fTYPE_BACKGROUND\x10\x02\x12\x0e\n" +
 	"\n" +
 	"TYPE_LOGIN\x10\x03\x12\x0f\n" +
-	"\vTYPE_LOGOUT\x10\x04\",\n" +
+	"\vTYPE_LOGOUT\x10\x04\"\x8c\x01\n" +
+	"\fAnalyticsAck\x12\x14\n" +
+	"\x05batch\x18\x01 \x01(\x04R\x05batch\x126\n" +
+	"\x05reply\x18\x02 \x01(\v2 .sluice.analytics.v1.IngestReplyR\x05reply\x12.\n" +
+	"\x05error\x18\x03 \x01(\v2\x18.sluice.gateway.v1.ErrorR\x05error\",\n" +
 	"\x04Ping\x12$\n" +
 	"\x0eclient_time_ms\x18\x01 \x01(\x03R\fclientTimeMs\"R\n" +
 	"\x04Pong\x12$\n" +
@@ -1900,32 +2018,35 @@ func file_gateway_proto_rawDescGZIP() []byte {
 }
 
 var file_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_gateway_proto_goTypes = []any{
-	(Compression)(0),               // 0: sluice.gateway.v1.Compression
-	(ClientEvent_Type)(0),          // 1: sluice.gateway.v1.ClientEvent.Type
-	(GoAway_Reason)(0),             // 2: sluice.gateway.v1.GoAway.Reason
-	(Error_Code)(0),                // 3: sluice.gateway.v1.Error.Code
-	(*Frame)(nil),                  // 4: sluice.gateway.v1.Frame
-	(*Attrs)(nil),                  // 5: sluice.gateway.v1.Attrs
-	(*SyncPoint)(nil),              // 6: sluice.gateway.v1.SyncPoint
-	(*TopicCursor)(nil),            // 7: sluice.gateway.v1.TopicCursor
-	(*Hello)(nil),                  // 8: sluice.gateway.v1.Hello
-	(*Welcome)(nil),                // 9: sluice.gateway.v1.Welcome
-	(*Item)(nil),                   // 10: sluice.gateway.v1.Item
-	(*Sync)(nil),                   // 11: sluice.gateway.v1.Sync
-	(*Live)(nil),                   // 12: sluice.gateway.v1.Live
-	(*Ack)(nil),                    // 13: sluice.gateway.v1.Ack
-	(*ClientEvent)(nil),            // 14: sluice.gateway.v1.ClientEvent
-	(*Ping)(nil),                   // 15: sluice.gateway.v1.Ping
-	(*Pong)(nil),                   // 16: sluice.gateway.v1.Pong
-	(*Probe)(nil),                  // 17: sluice.gateway.v1.Probe
-	(*ProbeEcho)(nil),              // 18: sluice.gateway.v1.ProbeEcho
-	(*GoAway)(nil),                 // 19: sluice.gateway.v1.GoAway
-	(*Error)(nil),                  // 20: sluice.gateway.v1.Error
-	(*deliverypb.View)(nil),        // 21: sluice.delivery.v1.View
-	(*deliverypb.PushAddress)(nil), // 22: sluice.delivery.v1.PushAddress
-	(*deliverypb.Receipt)(nil),     // 23: sluice.delivery.v1.Receipt
+	(Compression)(0),                // 0: sluice.gateway.v1.Compression
+	(ClientEvent_Type)(0),           // 1: sluice.gateway.v1.ClientEvent.Type
+	(GoAway_Reason)(0),              // 2: sluice.gateway.v1.GoAway.Reason
+	(Error_Code)(0),                 // 3: sluice.gateway.v1.Error.Code
+	(*Frame)(nil),                   // 4: sluice.gateway.v1.Frame
+	(*Attrs)(nil),                   // 5: sluice.gateway.v1.Attrs
+	(*SyncPoint)(nil),               // 6: sluice.gateway.v1.SyncPoint
+	(*TopicCursor)(nil),             // 7: sluice.gateway.v1.TopicCursor
+	(*Hello)(nil),                   // 8: sluice.gateway.v1.Hello
+	(*Welcome)(nil),                 // 9: sluice.gateway.v1.Welcome
+	(*Item)(nil),                    // 10: sluice.gateway.v1.Item
+	(*Sync)(nil),                    // 11: sluice.gateway.v1.Sync
+	(*Live)(nil),                    // 12: sluice.gateway.v1.Live
+	(*Ack)(nil),                     // 13: sluice.gateway.v1.Ack
+	(*ClientEvent)(nil),             // 14: sluice.gateway.v1.ClientEvent
+	(*AnalyticsAck)(nil),            // 15: sluice.gateway.v1.AnalyticsAck
+	(*Ping)(nil),                    // 16: sluice.gateway.v1.Ping
+	(*Pong)(nil),                    // 17: sluice.gateway.v1.Pong
+	(*Probe)(nil),                   // 18: sluice.gateway.v1.Probe
+	(*ProbeEcho)(nil),               // 19: sluice.gateway.v1.ProbeEcho
+	(*GoAway)(nil),                  // 20: sluice.gateway.v1.GoAway
+	(*Error)(nil),                   // 21: sluice.gateway.v1.Error
+	(*deliverypb.View)(nil),         // 22: sluice.delivery.v1.View
+	(*deliverypb.PushAddress)(nil),  // 23: sluice.delivery.v1.PushAddress
+	(*deliverypb.Receipt)(nil),      // 24: sluice.delivery.v1.Receipt
+	(*analyticspb.Batch)(nil),       // 25: sluice.analytics.v1.Batch
+	(*analyticspb.IngestReply)(nil), // 26: sluice.analytics.v1.IngestReply
 }
 var file_gateway_proto_depIdxs = []int32{
 	8,  // 0: sluice.gateway.v1.Frame.hello:type_name -> sluice.gateway.v1.Hello
@@ -1934,34 +2055,38 @@ var file_gateway_proto_depIdxs = []int32{
 	12, // 3: sluice.gateway.v1.Frame.live:type_name -> sluice.gateway.v1.Live
 	13, // 4: sluice.gateway.v1.Frame.ack:type_name -> sluice.gateway.v1.Ack
 	14, // 5: sluice.gateway.v1.Frame.event:type_name -> sluice.gateway.v1.ClientEvent
-	15, // 6: sluice.gateway.v1.Frame.ping:type_name -> sluice.gateway.v1.Ping
-	16, // 7: sluice.gateway.v1.Frame.pong:type_name -> sluice.gateway.v1.Pong
-	17, // 8: sluice.gateway.v1.Frame.probe:type_name -> sluice.gateway.v1.Probe
-	18, // 9: sluice.gateway.v1.Frame.probe_echo:type_name -> sluice.gateway.v1.ProbeEcho
-	19, // 10: sluice.gateway.v1.Frame.goaway:type_name -> sluice.gateway.v1.GoAway
-	20, // 11: sluice.gateway.v1.Frame.error:type_name -> sluice.gateway.v1.Error
-	21, // 12: sluice.gateway.v1.Frame.view:type_name -> sluice.delivery.v1.View
-	5,  // 13: sluice.gateway.v1.Hello.attrs:type_name -> sluice.gateway.v1.Attrs
-	6,  // 14: sluice.gateway.v1.Hello.points:type_name -> sluice.gateway.v1.SyncPoint
-	7,  // 15: sluice.gateway.v1.Hello.topics:type_name -> sluice.gateway.v1.TopicCursor
-	0,  // 16: sluice.gateway.v1.Hello.compression:type_name -> sluice.gateway.v1.Compression
-	22, // 17: sluice.gateway.v1.Hello.push:type_name -> sluice.delivery.v1.PushAddress
-	0,  // 18: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
-	10, // 19: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
-	10, // 20: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
-	6,  // 21: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
-	7,  // 22: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
-	1,  // 23: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
-	5,  // 24: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
-	23, // 25: sluice.gateway.v1.ClientEvent.receipts:type_name -> sluice.delivery.v1.Receipt
-	22, // 26: sluice.gateway.v1.ClientEvent.push:type_name -> sluice.delivery.v1.PushAddress
-	2,  // 27: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
-	3,  // 28: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	16, // 6: sluice.gateway.v1.Frame.ping:type_name -> sluice.gateway.v1.Ping
+	17, // 7: sluice.gateway.v1.Frame.pong:type_name -> sluice.gateway.v1.Pong
+	18, // 8: sluice.gateway.v1.Frame.probe:type_name -> sluice.gateway.v1.Probe
+	19, // 9: sluice.gateway.v1.Frame.probe_echo:type_name -> sluice.gateway.v1.ProbeEcho
+	20, // 10: sluice.gateway.v1.Frame.goaway:type_name -> sluice.gateway.v1.GoAway
+	21, // 11: sluice.gateway.v1.Frame.error:type_name -> sluice.gateway.v1.Error
+	22, // 12: sluice.gateway.v1.Frame.view:type_name -> sluice.delivery.v1.View
+	15, // 13: sluice.gateway.v1.Frame.analytics_ack:type_name -> sluice.gateway.v1.AnalyticsAck
+	5,  // 14: sluice.gateway.v1.Hello.attrs:type_name -> sluice.gateway.v1.Attrs
+	6,  // 15: sluice.gateway.v1.Hello.points:type_name -> sluice.gateway.v1.SyncPoint
+	7,  // 16: sluice.gateway.v1.Hello.topics:type_name -> sluice.gateway.v1.TopicCursor
+	0,  // 17: sluice.gateway.v1.Hello.compression:type_name -> sluice.gateway.v1.Compression
+	23, // 18: sluice.gateway.v1.Hello.push:type_name -> sluice.delivery.v1.PushAddress
+	0,  // 19: sluice.gateway.v1.Welcome.compression:type_name -> sluice.gateway.v1.Compression
+	10, // 20: sluice.gateway.v1.Sync.items:type_name -> sluice.gateway.v1.Item
+	10, // 21: sluice.gateway.v1.Live.items:type_name -> sluice.gateway.v1.Item
+	6,  // 22: sluice.gateway.v1.Ack.points:type_name -> sluice.gateway.v1.SyncPoint
+	7,  // 23: sluice.gateway.v1.Ack.topics:type_name -> sluice.gateway.v1.TopicCursor
+	1,  // 24: sluice.gateway.v1.ClientEvent.type:type_name -> sluice.gateway.v1.ClientEvent.Type
+	5,  // 25: sluice.gateway.v1.ClientEvent.attrs:type_name -> sluice.gateway.v1.Attrs
+	24, // 26: sluice.gateway.v1.ClientEvent.receipts:type_name -> sluice.delivery.v1.Receipt
+	23, // 27: sluice.gateway.v1.ClientEvent.push:type_name -> sluice.delivery.v1.PushAddress
+	25, // 28: sluice.gateway.v1.ClientEvent.analytics:type_name -> sluice.analytics.v1.Batch
+	26, // 29: sluice.gateway.v1.AnalyticsAck.reply:type_name -> sluice.analytics.v1.IngestReply
+	21, // 30: sluice.gateway.v1.AnalyticsAck.error:type_name -> sluice.gateway.v1.Error
+	2,  // 31: sluice.gateway.v1.GoAway.reason:type_name -> sluice.gateway.v1.GoAway.Reason
+	3,  // 32: sluice.gateway.v1.Error.code:type_name -> sluice.gateway.v1.Error.Code
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_gateway_proto_init() }
@@ -1983,6 +2108,7 @@ func file_gateway_proto_init() {
 		(*Frame_Goaway)(nil),
 		(*Frame_Error)(nil),
 		(*Frame_View)(nil),
+		(*Frame_AnalyticsAck)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1990,7 +2116,7 @@ func file_gateway_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gateway_proto_rawDesc), len(file_gateway_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -3,4 +3,4 @@
 // gateway.proto and run go generate.
 package gatewaypb
 
-//go:generate protoc -I . -I ../../delivery/deliverypb --go_out=. --go_opt=paths=source_relative gateway.proto
+//go:generate protoc -I . -I ../../delivery/deliverypb -I ../../analytics/analyticspb --go_out=. --go_opt=paths=source_relative gateway.proto

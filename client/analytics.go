@@ -1,0 +1,172 @@
+package client
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"sync"
+	"time"
+
+	"github.com/sluicehq/sluice/analytics/analyticspb"
+	"github.com/sluicehq/sluice/gateway/gatewaypb"
+)
+
+// AnalyticsConfig turns on tracking: events recorded with Track are sent
+// in batches over the link (never one request per event), each answered by
+// the server once stored; unanswered batches are sent again on the next
+// link (the server drops duplicates by event id).
+type AnalyticsConfig struct {
+	// App names the app in every event. Required.
+	App string
+	// Interval is the most time an event waits before its batch is sent.
+	// Default 10 s.
+	Interval time.Duration
+	// MaxQueue bounds the events waiting (in memory); beyond it the oldest
+	// are dropped (Stats.AnalyticsDropped). Default 10,000.
+	MaxQueue int
+}
+
+// Tracking batches.
+const (
+	analyticsBatch     = 500 // events in one batch
+	analyticsKickAt    = 100 // queued events that send a batch at once
+	defaultTrackPeriod = 10 * time.Second
+)
+
+// tracker queues events and tracks the batches in flight on the link.
+type tracker struct {
+	cfg  AnalyticsConfig
+	kick chan struct{} // a batch is worth sending now
+
+	mu       sync.Mutex
+	queue    []*analyticspb.Event
+	inflight map[uint64][]*analyticspb.Event
+	next     uint64
+}
+
+func newTracker(cfg AnalyticsConfig) *tracker {
+	if cfg.Interval <= 0 {
+		cfg.Interval = defaultTrackPeriod
+	}
+	if cfg.MaxQueue <= 0 {
+		cfg.MaxQueue = 10_000
+	}
+	return &tracker{cfg: cfg, kick: make(chan struct{}, 1), inflight: map[uint64][]*analyticspb.Event{}}
+}
+
+// Track records a tracking event (a page view, a session start or end, a
+// custom event, a crash, a freeze, a performance sample). It fills what
+// the event leaves empty: its id, its time, the app, the client's
+// attributes and the variants of the switches the client holds. It never
+// blocks; without Config.Analytics it does nothing.
+func (c *Client) Track(ev *analyticspb.Event) {
+	t := c.tracker
+	if t == nil || ev == nil {
+		return
+	}
+	if ev.Id == "" {
+		var b [12]byte
+		_, _ = rand.Read(b[:])
+		ev.Id = hex.EncodeToString(b[:])
+	}
+	if ev.TimeMs == 0 {
+		ev.TimeMs = time.Now().UnixMilli()
+	}
+	if ev.App == "" {
+		ev.App = t.cfg.App
+	}
+	if a := c.attrs; a != nil && ev.AppVersion == "" && ev.Os == "" {
+		ev.AppVersion, ev.Os, ev.OsVersion, ev.Model, ev.Region, ev.Network = a.AppVersion, a.Os, a.OsVersion, a.Model, a.Region, a.Network
+	}
+	if v := c.View(); v != nil && ev.Switches == nil && len(v.Switches) > 0 {
+		ev.Switches = make(map[string]string, len(v.Switches))
+		for k, sv := range v.Switches {
+			ev.Switches[k] = sv.Variant
+		}
+	}
+	t.mu.Lock()
+	t.queue = append(t.queue, ev)
+	if over := len(t.queue) - t.cfg.MaxQueue; over > 0 {
+		t.queue = t.queue[over:]
+		c.count(func(s *Stats) { s.AnalyticsDropped += int64(over) })
+	}
+	n := len(t.queue)
+	t.mu.Unlock()
+	if n >= analyticsKickAt {
+		select {
+		case t.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// send sends the queued events on l, in batches, keeping them in flight
+// until acked.
+func (t *tracker) send(r *run, l *link) {
+	for {
+		t.mu.Lock()
+		if len(t.queue) == 0 {
+			t.mu.Unlock()
+			return
+		}
+		n := min(len(t.queue), analyticsBatch)
+		batch := t.queue[:n:n]
+		t.queue = t.queue[n:]
+		t.next++
+		no := t.next
+		t.inflight[no] = batch
+		t.mu.Unlock()
+		ev := &gatewaypb.ClientEvent{Analytics: &analyticspb.Batch{Events: batch}, AnalyticsBatch: no}
+		if err := l.send(context.Background(), &gatewaypb.Frame{Body: &gatewaypb.Frame_Event{Event: ev}}); err != nil {
+			t.requeue(no)
+			return
+		}
+		r.c.count(func(s *Stats) { s.AnalyticsSent += int64(len(batch)) })
+	}
+}
+
+// acked handles the server's answer to a batch.
+func (t *tracker) acked(c *Client, a *gatewaypb.AnalyticsAck) {
+	if a.Error != nil {
+		if a.Error.Code == gatewaypb.Error_CODE_UNAVAILABLE {
+			t.requeue(a.Batch) // not stored: again later
+			return
+		}
+		c.log.Warn().Str("error", a.Error.Message).Msg("tracking batch refused")
+	}
+	t.mu.Lock()
+	batch := t.inflight[a.Batch]
+	delete(t.inflight, a.Batch)
+	t.mu.Unlock()
+	if a.Error == nil {
+		r := a.Reply
+		c.count(func(s *Stats) { s.AnalyticsStored += int64(r.GetAccepted() + r.GetDuplicates()) })
+		if n := len(r.GetRejected()); n > 0 {
+			c.log.Warn().Int("rejected", n).Str("first", r.Rejected[0].Message).Int("batch", len(batch)).Msg("tracking events refused")
+		}
+	}
+}
+
+// requeue puts a batch in flight back at the head of the queue.
+func (t *tracker) requeue(no uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if batch, ok := t.inflight[no]; ok {
+		delete(t.inflight, no)
+		t.queue = append(batch, t.queue...)
+	}
+}
+
+// linkEnded puts every batch in flight back: their answers are lost with
+// the link; sending them again is safe.
+func (t *tracker) linkEnded() {
+	t.mu.Lock()
+	nos := make([]uint64, 0, len(t.inflight))
+	for no := range t.inflight {
+		nos = append(nos, no)
+	}
+	t.mu.Unlock()
+	for _, no := range nos {
+		t.requeue(no)
+	}
+}

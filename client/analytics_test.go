@@ -1,0 +1,63 @@
+package client_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/analytics"
+	"github.com/sluicehq/sluice/analytics/analyticspb"
+	"github.com/sluicehq/sluice/client"
+	"github.com/sluicehq/sluice/gateway"
+)
+
+// TestTrack: events recorded with Track go over the link in a batch,
+// filled with the app, the client's attributes and an id, and the server
+// stores each once; events tracked while offline go when a link is up.
+func TestTrack(t *testing.T) {
+	noLeaks(t)
+	e := newEnv(t)
+	in, err := analytics.Open(testCtx(t), analytics.Config{Log: e.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := e.node(func(c *gateway.Config) { c.Analytics = in })
+	cfg := client.Config{URL: n.tcp, Token: tokens(e.token("u1", "dev-t")), StateDir: t.TempDir(), Attrs: attrs,
+		Analytics: &client.AnalyticsConfig{App: "shop", Interval: 100 * time.Millisecond}}
+	c, err := client.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Tracked before any link: they wait.
+	c.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_SESSION_START})
+	c.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_PAGE_VIEW, Page: "home"})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	for i := range 150 { // over the size that sends a batch at once
+		c.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_CUSTOM, Name: "tap", Properties: map[string]string{"n": string(rune('a' + i%26))}})
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Stats().AnalyticsStored < 152 {
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v: want 152 stored", c.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The stream holds each event once, with the link's device and user.
+	s, err := e.log.JetStream().Stream(testCtx(t), analytics.StreamAnalytics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(testCtx(t))
+	if err != nil || info.State.Msgs != 152 {
+		t.Fatalf("stream holds %v events (%v), want 152", info.State.Msgs, err)
+	}
+	if st := c.Stats(); st.AnalyticsDropped != 0 {
+		t.Fatalf("dropped %d", st.AnalyticsDropped)
+	}
+}
