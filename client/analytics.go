@@ -24,6 +24,13 @@ type AnalyticsConfig struct {
 	// MaxQueue bounds the events waiting (in memory); beyond it the oldest
 	// are dropped (Stats.AnalyticsDropped). Default 10,000.
 	MaxQueue int
+	// Switch is the bool switch that turns reporting on or off for this
+	// device (Config.Views must be on to receive it): while the client's
+	// view has it off, Track drops events (Stats.AnalyticsOff). Its
+	// variants set who reports: a sticky percentage samples devices, other
+	// rules pick versions, OSes, regions... No such switch: reporting is
+	// on. Default "analytics-<App>".
+	Switch string
 }
 
 // Tracking batches.
@@ -51,6 +58,9 @@ func newTracker(cfg AnalyticsConfig) *tracker {
 	if cfg.MaxQueue <= 0 {
 		cfg.MaxQueue = 10_000
 	}
+	if cfg.Switch == "" {
+		cfg.Switch = "analytics-" + cfg.App
+	}
 	return &tracker{cfg: cfg, kick: make(chan struct{}, 1), inflight: map[uint64][]*analyticspb.Event{}}
 }
 
@@ -62,6 +72,10 @@ func newTracker(cfg AnalyticsConfig) *tracker {
 func (c *Client) Track(ev *analyticspb.Event) {
 	t := c.tracker
 	if t == nil || ev == nil {
+		return
+	}
+	if !c.SwitchBool(t.cfg.Switch, true) {
+		c.count(func(s *Stats) { s.AnalyticsOff++ })
 		return
 	}
 	if ev.Id == "" {

@@ -61,3 +61,30 @@ func TestTrack(t *testing.T) {
 		t.Fatalf("dropped %d", st.AnalyticsDropped)
 	}
 }
+
+// TestReportingSwitch: the server's reporting switch, delivered with the
+// view, turns a device's tracking off and on again.
+func TestReportingSwitch(t *testing.T) {
+	noLeaks(t)
+	de := newDeliveryEnv(t, nil)
+	de.setBool(t, "analytics-shop", false)
+	cfg := de.config(t, "d-report")
+	cfg.Analytics = &client.AnalyticsConfig{App: "shop", Interval: 50 * time.Millisecond}
+	rec := &viewRecorder{}
+	r := start(t, cfg, func(c *client.Client) { c.HandleView(rec.handle) })
+	rec.wait(t, "the reporting switch", func(v *client.View) bool { _, _, ok := boolOf(v, "analytics-shop"); return ok })
+	r.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_PAGE_VIEW, Page: "home"})
+	if st := r.Stats(); st.AnalyticsOff != 1 || st.AnalyticsSent != 0 {
+		t.Fatalf("switch off: %+v", st)
+	}
+	de.setBool(t, "analytics-shop", true)
+	rec.wait(t, "reporting on", func(v *client.View) bool { on, _, _ := boolOf(v, "analytics-shop"); return on })
+	r.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_PAGE_VIEW, Page: "home"})
+	deadline := time.Now().Add(5 * time.Second)
+	for r.Stats().AnalyticsStored != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("switch on: %+v", r.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

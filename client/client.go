@@ -224,6 +224,7 @@ type Stats struct {
 	AnalyticsSent     int64 // tracking events sent (again after a lost link: counted again)
 	AnalyticsStored   int64 // tracking events the server stored (or had)
 	AnalyticsDropped  int64 // tracking events dropped: the queue was full
+	AnalyticsOff      int64 // tracking events dropped: the reporting switch is off for this device
 }
 
 // New checks cfg, creates StateDir if needed and loads what is persisted

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicehq/sluice/analytics"
 	"github.com/sluicehq/sluice/client"
 	"github.com/sluicehq/sluice/delivery"
 	"github.com/sluicehq/sluice/delivery/deliverypb"
@@ -43,7 +44,11 @@ func newDeliveryEnv(t *testing.T, front func(http.Handler) http.Handler) *delive
 	d := deliverytest.MustRun(t, delivery.Config{Log: e.log, Logger: &lg}, true)
 	reg := deliverytest.MustRunRegistry(t, delivery.RegistryConfig{Log: e.log})
 	verifier := gateway.NewVerifier(e.pub)
-	srv, err := gateway.NewServer(gateway.Config{Inbox: e.in, Tokens: verifier, Views: d, Receipts: d, Suppress: d.Suppressed, Devices: reg})
+	in, err := analytics.Open(testCtx(t), analytics.Config{Log: e.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := gateway.NewServer(gateway.Config{Inbox: e.in, Tokens: verifier, Views: d, Receipts: d, Suppress: d.Suppressed, Devices: reg, Analytics: in})
 	if err != nil {
 		t.Fatal(err)
 	}
