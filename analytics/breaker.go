@@ -19,10 +19,10 @@ import (
 
 // Actions is what a tripped circuit breaker does to delivery
 // (delivery.Delivery, wired in cmd): pause a release, roll a package
-// back, turn a switch off (for the devices of one model when a rule is
-// limited to it).
+// back, turn a switch off; the pause and the switch for the devices of
+// one model when a rule is limited to it (model != "").
 type Actions interface {
-	PauseRelease(ctx context.Context, pkg, version, actor string) error
+	PauseRelease(ctx context.Context, pkg, version, model, actor string) error
 	RollbackRelease(ctx context.Context, pkg, actor string) error
 	SwitchOff(ctx context.Context, key, model, actor string) error
 }
@@ -131,8 +131,8 @@ func checkRule(r *analyticspb.BreakerRule) error {
 		return bad("a release's action is pause or rollback")
 	case r.SwitchKey != "" && r.Action != analyticspb.Action_ACTION_SWITCH_OFF:
 		return bad("a switch's action is switch off")
-	case r.Package != "" && r.Model != "":
-		return bad("a release's breaker cannot be limited to a model yet (pause and rollback act on the whole release)")
+	case r.Package != "" && r.Model != "" && r.Action != analyticspb.Action_ACTION_PAUSE:
+		return bad("a release's breaker limited to a model pauses it for that model (a rollback is for everyone)")
 	case len(r.Model) > maxAttrLen || strings.ContainsAny(r.Package+r.Version+r.SwitchKey+r.SwitchVariant+r.Model, "/|="):
 		return bad("names may not contain / | =")
 	}
@@ -300,7 +300,7 @@ func (b *Breakers) trip(ctx context.Context, s *breakerSnapshot, r *analyticspb.
 	var err error
 	switch r.Action {
 	case analyticspb.Action_ACTION_PAUSE:
-		err = b.cfg.Actions.PauseRelease(ctx, r.Package, r.Version, breakerActor)
+		err = b.cfg.Actions.PauseRelease(ctx, r.Package, r.Version, r.Model, breakerActor)
 	case analyticspb.Action_ACTION_ROLLBACK:
 		err = b.cfg.Actions.RollbackRelease(ctx, r.Package, breakerActor)
 	case analyticspb.Action_ACTION_SWITCH_OFF:

@@ -18,8 +18,13 @@ import (
 // deliveryActions acts on a real Delivery, as sluiced wires it.
 type deliveryActions struct{ d *delivery.Delivery }
 
-func (a deliveryActions) PauseRelease(ctx context.Context, pkg, version, actor string) error {
-	_, err := a.d.Pause(ctx, pkg, version, actor)
+func (a deliveryActions) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
+	var err error
+	if model == "" {
+		_, err = a.d.Pause(ctx, pkg, version, actor)
+	} else {
+		_, err = a.d.ExcludeFromGray(ctx, pkg, version, model, actor)
+	}
 	return err
 }
 
@@ -67,6 +72,12 @@ func TestCircuitBreaker(t *testing.T) {
 	if _, err := d.Gray(c, "shop-h5", "2.0", &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := d.Upload(c, delivery.Upload{Package: "maps", Kind: deliverypb.PackageKind_PACKAGE_KIND_RESOURCE, Version: "1", Data: []byte("tiles")}, "ci"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Gray(c, "maps", "1", &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
+		t.Fatal(err)
+	}
 	bv := func(b bool) *deliverypb.Value {
 		return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}}
 	}
@@ -83,6 +94,8 @@ func TestCircuitBreaker(t *testing.T) {
 			Threshold: 0.2, MinSessions: 20, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_PAUSE},
 		{Id: "feed-freezes", App: "shop", SwitchKey: "new-feed", SwitchVariant: "", Model: "Pixel 8", Metric: analyticspb.Metric_METRIC_FREEZE_RATE,
 			Threshold: 0.3, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_SWITCH_OFF},
+		{Id: "maps-moto", App: "shop", Package: "maps", Version: "1", Model: "Moto", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
+			Threshold: 0.5, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_PAUSE},
 	} {
 		if _, err := br.SetRule(c, r, "sre"); err != nil {
 			t.Fatal(err)
@@ -112,11 +125,26 @@ func TestCircuitBreaker(t *testing.T) {
 			send(fmt.Sprint("p", i), "Pixel 8", analyticspb.Type_TYPE_FREEZE, nil, feed)
 		}
 	}
+	// Maps crashes on Moto only: 10 sessions, 6 crash; 10 on Galaxy, none.
+	mapsRel := map[string]string{"maps": "1"}
+	for i := range 10 {
+		send(fmt.Sprint("m", i), "Moto", analyticspb.Type_TYPE_SESSION_START, mapsRel, nil)
+		if i < 6 {
+			send(fmt.Sprint("m", i), "Moto", analyticspb.Type_TYPE_CRASH, mapsRel, nil)
+		}
+		send(fmt.Sprint("g", i), "Galaxy", analyticspb.Type_TYPE_SESSION_START, mapsRel, nil)
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		rel, _ := d.Release("shop-h5", "2.0")
 		trips := br.Trips()
-		if rel.Paused && len(trips) == 2 && trips[0].Result == "done" && trips[1].Result == "done" {
+		done := 0
+		for _, tr := range trips {
+			if tr.Result == "done" {
+				done++
+			}
+		}
+		if rel.Paused && done == 3 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -148,6 +176,18 @@ func TestCircuitBreaker(t *testing.T) {
 	}
 	if value("Pixel 8") || !value("Galaxy") {
 		t.Fatalf("new-feed: Pixel 8 %v, Galaxy %v; want off only on Pixel 8", value("Pixel 8"), value("Galaxy"))
+	}
+	// Maps is still gray, but no longer offered to Moto devices.
+	offered := func(model string) bool {
+		for _, sm := range d.View(&delivery.Device{ID: "y", Attrs: oplog.Attrs{Model: model}}).Releases {
+			if m, err := delivery.VerifyManifest(sm, d.PublicKey()); err == nil && m.Package == "maps" {
+				return true
+			}
+		}
+		return false
+	}
+	if rel, _ := d.Release("maps", "1"); rel.Paused || offered("Moto") || !offered("Galaxy") {
+		t.Fatalf("maps: paused %v, offered to Moto %v, to Galaxy %v; want gray, Galaxy only", rel.Paused, offered("Moto"), offered("Galaxy"))
 	}
 	// Once per version: no second trip while the rule stays as it is.
 	time.Sleep(300 * time.Millisecond)

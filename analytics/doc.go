@@ -24,14 +24,15 @@
 // counters the aggregates keep for the slices breakers watch (each
 // release and switch variant on the devices, alone and per model); over
 // the threshold, the action is taken once per rule version through
-// Actions (delivery: pause, rollback, switch off, for one model if the
-// rule says so), and a trip records the evidence. The trip is written
+// Actions (delivery: pause, rollback, switch off; a pause or switch-off
+// for one model when the rule says so: the model is left out of the gray
+// release, the switch gets an "off" variant for it), and a trip records the evidence. The trip is written
 // before the action with the expected last subject sequence, so one node
 // acts.
 //
 // Built so far: ingestion over HTTP, the aggregates and their queries
 // (Counters, Retention, CrashRates; the admin API's /v1/analytics),
 // circuit breakers (/v1/breakers). Not yet: ingestion over the gateway
-// link, the reporting switch and sampling, diagnostics (log uploads), a
-// release breaker limited to one model — see the issue "Analytics".
+// link, the reporting switch and sampling, diagnostics (log uploads) —
+// see the issue "Analytics".
 package analytics

@@ -411,6 +411,28 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 	return nil, fmt.Errorf("switch %s: changed while being killed: %w", key, oplog.ErrConflict)
 }
 
+// ExcludeFromGray leaves the devices of one model out of a gray release
+// (its gray rule's except): a circuit breaker limited to a model pauses
+// the release for that model only. Errors: oplog.ErrNotFound,
+// oplog.ErrConflict (not gray: a full release's audience is fixed).
+func (d *Delivery) ExcludeFromGray(ctx context.Context, pkg, version, model, actor string) (*deliverypb.Release, error) {
+	rel, ok := d.Release(pkg, version)
+	if !ok {
+		return nil, fmt.Errorf("package %s version %s: %w", clip(pkg), clip(version), oplog.ErrNotFound)
+	}
+	if rel.Stage != deliverypb.Stage_STAGE_GRAY || rel.Gray == nil {
+		return nil, fmt.Errorf("package %s version %s: only a gray release can leave a model out: %w", pkg, version, oplog.ErrConflict)
+	}
+	rule := proto.Clone(rel.Gray).(*deliverypb.Rule)
+	if rule.Except == nil {
+		rule.Except = &deliverypb.Rule{}
+	}
+	if !slices.Contains(rule.Except.Models, model) {
+		rule.Except.Models = append(rule.Except.Models, model)
+	}
+	return d.Gray(ctx, pkg, version, rule, actor)
+}
+
 // SwitchOffFor turns a switch off for the devices of one model: a variant
 // matching the model, evaluated first, with the kill value (false for a
 // bool switch). Circuit breakers limited to a model use it. Errors:

@@ -43,6 +43,7 @@ type Rule struct {
 	salt               string
 	notBefore          int64 // unix ms; 0: none
 	notAfter           int64 // unix ms, exclusive; 0: none
+	except             *Rule // devices it matches are left out; nil: none
 }
 
 // Everyone is the rule that matches every device at any time.
@@ -118,6 +119,18 @@ func Compile(pb *deliverypb.Rule, salt string) (*Rule, error) {
 	if r.notBefore < 0 || r.notAfter < 0 || (r.notAfter != 0 && r.notAfter <= r.notBefore) {
 		return nil, fmt.Errorf("rule: window %d-%d is empty: %w", r.notBefore, r.notAfter, oplog.ErrInvalid)
 	}
+	if x := pb.Except; x != nil {
+		if len(x.Users) > 0 || len(x.Devices) > 0 || x.Percent != nil || x.NotBeforeMs != 0 || x.NotAfterMs != 0 || x.Except != nil {
+			return nil, fmt.Errorf("rule: except: attribute predicates only: %w", oplog.ErrInvalid)
+		}
+		if x.AppVersionMin == "" && x.AppVersionMax == "" && x.OsVersionMin == "" && x.OsVersionMax == "" && len(x.Os)+len(x.Models)+
+			len(x.Networks)+len(x.Regions)+len(x.Cpus)+len(x.Channels) == 0 {
+			return nil, fmt.Errorf("rule: an empty except would leave every device out: %w", oplog.ErrInvalid)
+		}
+		if r.except, err = Compile(x, ""); err != nil {
+			return nil, fmt.Errorf("rule: except: %w", err)
+		}
+	}
 	return r, nil
 }
 
@@ -166,6 +179,9 @@ func idSet(name string, ids []string) (map[string]struct{}, error) {
 // It does not allocate.
 func (r *Rule) Match(d *Device, now int64) bool {
 	if (r.notBefore != 0 && now < r.notBefore) || (r.notAfter != 0 && now >= r.notAfter) {
+		return false
+	}
+	if r.except != nil && r.except.Match(d, now) {
 		return false
 	}
 	if r.whitelisted(d) {

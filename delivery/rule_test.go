@@ -56,6 +56,9 @@ func TestRulePredicates(t *testing.T) {
 		{"window not started", &deliverypb.Rule{NotBeforeMs: now + 1}, false},
 		{"window ended (exclusive)", &deliverypb.Rule{NotAfterMs: now}, false},
 		{"window closes whitelist too", &deliverypb.Rule{Devices: []string{"dev-1"}, Percent: pct(0), NotAfterMs: now}, false},
+		{"except the model", &deliverypb.Rule{Os: []string{"android"}, Except: &deliverypb.Rule{Models: []string{"pixel 8"}}}, false},
+		{"except another model", &deliverypb.Rule{Os: []string{"android"}, Except: &deliverypb.Rule{Models: []string{"Pixel 7"}}}, true},
+		{"except beats the whitelist", &deliverypb.Rule{Devices: []string{"dev-1"}, Percent: pct(0), Except: &deliverypb.Rule{Regions: []string{"eu-west"}}}, false},
 		{"all predicates", &deliverypb.Rule{AppVersionMin: "10", Os: []string{"android"}, OsVersionMin: "14", OsVersionMax: "14",
 			Models: []string{"Pixel 8"}, Networks: []string{"wifi"}, Regions: []string{"eu-west"}, Cpus: []string{"arm64"}, Channels: []string{"play"}}, true},
 	} {
@@ -117,6 +120,8 @@ func TestCompileRefusesBadRules(t *testing.T) {
 		{"window backwards", &deliverypb.Rule{NotBeforeMs: 10, NotAfterMs: 5}, oplog.ErrInvalid},
 		{"negative window", &deliverypb.Rule{NotBeforeMs: -5}, oplog.ErrInvalid},
 		{"long salt", &deliverypb.Rule{Salt: strings.Repeat("s", 200)}, oplog.ErrInvalid},
+		{"empty except", &deliverypb.Rule{Except: &deliverypb.Rule{}}, oplog.ErrInvalid},
+		{"except with a percentage", &deliverypb.Rule{Except: &deliverypb.Rule{Models: []string{"x"}, Percent: pct(5)}}, oplog.ErrInvalid},
 	} {
 		if _, err := delivery.Compile(c.rule, "salt"); !errors.Is(err, c.want) {
 			t.Errorf("%s: err = %v, want %v", c.name, err, c.want)

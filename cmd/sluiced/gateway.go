@@ -257,8 +257,13 @@ func (m *Main) openDelivery(ctx context.Context) error {
 // breakerActions is what circuit breakers do, on delivery.
 type breakerActions struct{ d *delivery.Delivery }
 
-func (a breakerActions) PauseRelease(ctx context.Context, pkg, version, actor string) error {
-	_, err := a.d.Pause(ctx, pkg, version, actor)
+func (a breakerActions) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
+	var err error
+	if model == "" {
+		_, err = a.d.Pause(ctx, pkg, version, actor)
+	} else {
+		_, err = a.d.ExcludeFromGray(ctx, pkg, version, model, actor)
+	}
 	return err
 }
 

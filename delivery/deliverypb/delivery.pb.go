@@ -341,10 +341,14 @@ type Rule struct {
 	// it (0 for "the whitelist only"). A device's place is a salted hash of
 	// the salt and its device id, so it is sticky, and raising the
 	// percentage only adds devices.
-	Percent       *float64 `protobuf:"fixed64,13,opt,name=percent,proto3,oneof" json:"percent,omitempty"`
-	Salt          string   `protobuf:"bytes,14,opt,name=salt,proto3" json:"salt,omitempty"`                                     // set by the server: the release or switch
-	NotBeforeMs   int64    `protobuf:"varint,15,opt,name=not_before_ms,json=notBeforeMs,proto3" json:"not_before_ms,omitempty"` // unix ms; 0: no start
-	NotAfterMs    int64    `protobuf:"varint,16,opt,name=not_after_ms,json=notAfterMs,proto3" json:"not_after_ms,omitempty"`    // unix ms, exclusive; 0: no end
+	Percent     *float64 `protobuf:"fixed64,13,opt,name=percent,proto3,oneof" json:"percent,omitempty"`
+	Salt        string   `protobuf:"bytes,14,opt,name=salt,proto3" json:"salt,omitempty"`                                     // set by the server: the release or switch
+	NotBeforeMs int64    `protobuf:"varint,15,opt,name=not_before_ms,json=notBeforeMs,proto3" json:"not_before_ms,omitempty"` // unix ms; 0: no start
+	NotAfterMs  int64    `protobuf:"varint,16,opt,name=not_after_ms,json=notAfterMs,proto3" json:"not_after_ms,omitempty"`    // unix ms, exclusive; 0: no end
+	// Devices this rule's predicates match are left out, whitelisted or
+	// not (attribute predicates only: no whitelist, percentage or window).
+	// A circuit breaker limited to one model adds the model here.
+	Except        *Rule `protobuf:"bytes,17,opt,name=except,proto3" json:"except,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -489,6 +493,13 @@ func (x *Rule) GetNotAfterMs() int64 {
 		return x.NotAfterMs
 	}
 	return 0
+}
+
+func (x *Rule) GetExcept() *Rule {
+	if x != nil {
+		return x.Except
+	}
+	return nil
 }
 
 // Value is a typed switch value.
@@ -3015,7 +3026,7 @@ var File_delivery_proto protoreflect.FileDescriptor
 
 const file_delivery_proto_rawDesc = "" +
 	"\n" +
-	"\x0edelivery.proto\x12\x12sluice.delivery.v1\"\xe5\x03\n" +
+	"\x0edelivery.proto\x12\x12sluice.delivery.v1\"\x97\x04\n" +
 	"\x04Rule\x12\x14\n" +
 	"\x05users\x18\x01 \x03(\tR\x05users\x12\x18\n" +
 	"\adevices\x18\x02 \x03(\tR\adevices\x12&\n" +
@@ -3034,7 +3045,8 @@ const file_delivery_proto_rawDesc = "" +
 	"\x04salt\x18\x0e \x01(\tR\x04salt\x12\"\n" +
 	"\rnot_before_ms\x18\x0f \x01(\x03R\vnotBeforeMs\x12 \n" +
 	"\fnot_after_ms\x18\x10 \x01(\x03R\n" +
-	"notAfterMsB\n" +
+	"notAfterMs\x120\n" +
+	"\x06except\x18\x11 \x01(\v2\x18.sluice.delivery.v1.RuleR\x06exceptB\n" +
 	"\n" +
 	"\b_percent\"\xba\x01\n" +
 	"\x05Value\x12\x1f\n" +
@@ -3376,43 +3388,44 @@ var file_delivery_proto_goTypes = []any{
 	nil,                    // 34: sluice.delivery.v1.PushCheck.TargetNotificationsEntry
 }
 var file_delivery_proto_depIdxs = []int32{
-	5,  // 0: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
-	6,  // 1: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
-	0,  // 2: sluice.delivery.v1.Switch.type:type_name -> sluice.delivery.v1.SwitchType
-	6,  // 3: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
-	7,  // 4: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
-	6,  // 5: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
-	6,  // 6: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
-	10, // 7: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
-	5,  // 8: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
-	1,  // 9: sluice.delivery.v1.PackageEvent.kind:type_name -> sluice.delivery.v1.PackageKind
-	11, // 10: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
-	5,  // 11: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
-	1,  // 12: sluice.delivery.v1.Release.kind:type_name -> sluice.delivery.v1.PackageKind
-	11, // 13: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
-	2,  // 14: sluice.delivery.v1.Release.stage:type_name -> sluice.delivery.v1.Stage
-	5,  // 15: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
-	1,  // 16: sluice.delivery.v1.Manifest.kind:type_name -> sluice.delivery.v1.PackageKind
-	10, // 17: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
-	9,  // 18: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
-	16, // 19: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
-	31, // 20: sluice.delivery.v1.Vars.vars:type_name -> sluice.delivery.v1.Vars.VarsEntry
-	32, // 21: sluice.delivery.v1.Push.vars:type_name -> sluice.delivery.v1.Push.VarsEntry
-	33, // 22: sluice.delivery.v1.Push.target_vars:type_name -> sluice.delivery.v1.Push.TargetVarsEntry
-	3,  // 23: sluice.delivery.v1.Push.priority:type_name -> sluice.delivery.v1.Priority
-	5,  // 24: sluice.delivery.v1.Push.conditions:type_name -> sluice.delivery.v1.Rule
-	20, // 25: sluice.delivery.v1.Push.users:type_name -> sluice.delivery.v1.Targets
-	20, // 26: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
-	3,  // 27: sluice.delivery.v1.Notification.priority:type_name -> sluice.delivery.v1.Priority
-	4,  // 28: sluice.delivery.v1.Receipt.state:type_name -> sluice.delivery.v1.ReceiptState
-	5,  // 29: sluice.delivery.v1.PushCheck.conditions:type_name -> sluice.delivery.v1.Rule
-	34, // 30: sluice.delivery.v1.PushCheck.target_notifications:type_name -> sluice.delivery.v1.PushCheck.TargetNotificationsEntry
-	21, // 31: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
-	32, // [32:32] is the sub-list for method output_type
-	32, // [32:32] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	5,  // 0: sluice.delivery.v1.Rule.except:type_name -> sluice.delivery.v1.Rule
+	5,  // 1: sluice.delivery.v1.Variant.rule:type_name -> sluice.delivery.v1.Rule
+	6,  // 2: sluice.delivery.v1.Variant.value:type_name -> sluice.delivery.v1.Value
+	0,  // 3: sluice.delivery.v1.Switch.type:type_name -> sluice.delivery.v1.SwitchType
+	6,  // 4: sluice.delivery.v1.Switch.default_value:type_name -> sluice.delivery.v1.Value
+	7,  // 5: sluice.delivery.v1.Switch.variants:type_name -> sluice.delivery.v1.Variant
+	6,  // 6: sluice.delivery.v1.Switch.kill_value:type_name -> sluice.delivery.v1.Value
+	6,  // 7: sluice.delivery.v1.SwitchValue.value:type_name -> sluice.delivery.v1.Value
+	10, // 8: sluice.delivery.v1.Version.diffs:type_name -> sluice.delivery.v1.Diff
+	5,  // 9: sluice.delivery.v1.Version.audience:type_name -> sluice.delivery.v1.Rule
+	1,  // 10: sluice.delivery.v1.PackageEvent.kind:type_name -> sluice.delivery.v1.PackageKind
+	11, // 11: sluice.delivery.v1.PackageEvent.upload:type_name -> sluice.delivery.v1.Version
+	5,  // 12: sluice.delivery.v1.PackageEvent.gray:type_name -> sluice.delivery.v1.Rule
+	1,  // 13: sluice.delivery.v1.Release.kind:type_name -> sluice.delivery.v1.PackageKind
+	11, // 14: sluice.delivery.v1.Release.version:type_name -> sluice.delivery.v1.Version
+	2,  // 15: sluice.delivery.v1.Release.stage:type_name -> sluice.delivery.v1.Stage
+	5,  // 16: sluice.delivery.v1.Release.gray:type_name -> sluice.delivery.v1.Rule
+	1,  // 17: sluice.delivery.v1.Manifest.kind:type_name -> sluice.delivery.v1.PackageKind
+	10, // 18: sluice.delivery.v1.Manifest.diffs:type_name -> sluice.delivery.v1.Diff
+	9,  // 19: sluice.delivery.v1.View.switches:type_name -> sluice.delivery.v1.SwitchValue
+	16, // 20: sluice.delivery.v1.View.releases:type_name -> sluice.delivery.v1.SignedManifest
+	31, // 21: sluice.delivery.v1.Vars.vars:type_name -> sluice.delivery.v1.Vars.VarsEntry
+	32, // 22: sluice.delivery.v1.Push.vars:type_name -> sluice.delivery.v1.Push.VarsEntry
+	33, // 23: sluice.delivery.v1.Push.target_vars:type_name -> sluice.delivery.v1.Push.TargetVarsEntry
+	3,  // 24: sluice.delivery.v1.Push.priority:type_name -> sluice.delivery.v1.Priority
+	5,  // 25: sluice.delivery.v1.Push.conditions:type_name -> sluice.delivery.v1.Rule
+	20, // 26: sluice.delivery.v1.Push.users:type_name -> sluice.delivery.v1.Targets
+	20, // 27: sluice.delivery.v1.Push.devices:type_name -> sluice.delivery.v1.Targets
+	3,  // 28: sluice.delivery.v1.Notification.priority:type_name -> sluice.delivery.v1.Priority
+	4,  // 29: sluice.delivery.v1.Receipt.state:type_name -> sluice.delivery.v1.ReceiptState
+	5,  // 30: sluice.delivery.v1.PushCheck.conditions:type_name -> sluice.delivery.v1.Rule
+	34, // 31: sluice.delivery.v1.PushCheck.target_notifications:type_name -> sluice.delivery.v1.PushCheck.TargetNotificationsEntry
+	21, // 32: sluice.delivery.v1.Push.TargetVarsEntry.value:type_name -> sluice.delivery.v1.Vars
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_delivery_proto_init() }
