@@ -232,6 +232,11 @@ func (ag *Aggregates) active(t aggTxn, ev *analyticspb.Event, app, d, uid string
 			}
 		}
 	}
+	for pkg, ver := range ev.Releases {
+		if err := t.count(app, d, "dau:release="+pkg+"="+ver); err != nil {
+			return err
+		}
+	}
 	// The cohort: the first day seen, in stream order.
 	cohort := d
 	firstKey := []byte("f/" + app + "/" + uid)
@@ -459,9 +464,12 @@ func (ag *Aggregates) Retention(ctx context.Context, app, cohort string, days in
 // CrashRate is the crash figures of one slice ("" all, "v:<version>",
 // "r:<package>=<version>") in a day.
 type CrashRate struct {
-	Sessions, CrashedSessions, Crashes, CrashedUsers, Freezes uint64
+	Sessions, CrashedSessions, Crashes, CrashedUsers, Freezes, ActiveUsers uint64
 	// Rate is crashed sessions over sessions; CrashFree its complement.
 	Rate, CrashFree float64
+	// CrashFreeUsers is the share of the slice's active users (by their
+	// first event of the day) who did not crash.
+	CrashFreeUsers float64
 }
 
 // CrashRates returns the crash figures of every slice of an app in a day.
@@ -495,6 +503,17 @@ func (ag *Aggregates) CrashRates(ctx context.Context, app, day string) (map[stri
 		if r.Sessions > 0 {
 			r.Rate = float64(r.CrashedSessions) / float64(r.Sessions)
 			r.CrashFree = 1 - r.Rate
+		}
+		switch {
+		case s == "":
+			r.ActiveUsers = c["dau"]
+		case strings.HasPrefix(s, "v:"):
+			r.ActiveUsers = c["dau:version="+s[2:]]
+		case strings.HasPrefix(s, "r:"):
+			r.ActiveUsers = c["dau:release="+s[2:]]
+		}
+		if r.ActiveUsers > 0 && r.CrashedUsers <= r.ActiveUsers {
+			r.CrashFreeUsers = 1 - float64(r.CrashedUsers)/float64(r.ActiveUsers)
 		}
 		out[s] = r
 	}

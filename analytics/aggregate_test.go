@@ -115,8 +115,9 @@ func TestAggregates(t *testing.T) {
 	if r := rates["r:shop-h5=2.1"]; r.Sessions != 1 || r.CrashedSessions != 1 || r.Rate != 1 {
 		t.Errorf("release shop-h5 2.1: %+v, want 1 session, crashed", r)
 	}
-	if r := rates[""]; r.Sessions != 5 || math.Abs(r.Rate-0.2) > 1e-9 || math.Abs(r.CrashFree-0.8) > 1e-9 {
-		t.Errorf("all: %+v, want 5 sessions, crash rate 0.2", r)
+	if r := rates[""]; r.Sessions != 5 || math.Abs(r.Rate-0.2) > 1e-9 || math.Abs(r.CrashFree-0.8) > 1e-9 || r.ActiveUsers != 4 ||
+		math.Abs(r.CrashFreeUsers-0.75) > 1e-9 {
+		t.Errorf("all: %+v, want 5 sessions, crash rate 0.2, 4 active users, 75%% crash-free", r)
 	}
 
 	// A rebuild gives the same aggregates.
