@@ -46,6 +46,8 @@ import (
 //	GET  /v1/topics                        topics with their follower counts
 //	...                                    switches, packages, producer keys, pushes, devices:
 //	                                       see deliveryRoutes (admin_delivery.go)
+//	...                                    diagnostics (requests for devices' logs): see diagnosticsRoutes
+//	                                       (admin_diagnostics.go)
 //
 // Projections are named after their streams: the inbox's (SLUICE_OPLOG_n,
 // SLUICE_ACKS), the topics' (SLUICE_TOPICS, SLUICE_FOLLOWS,
@@ -192,6 +194,7 @@ func (m *Main) adminHandler(auth *adminAuth) http.Handler {
 	m.fanoutRoutes(mux)
 	m.deliveryRoutes(mux)
 	m.analyticsRoutes(mux)
+	m.diagnosticsRoutes(mux)
 	mux.HandleFunc("GET /v1/topics", func(w http.ResponseWriter, r *http.Request) {
 		list, err := m.topics.Topics(r.Context())
 		if err != nil {

@@ -118,10 +118,12 @@ func (m *Main) startGateway(ctx context.Context) (*gatewayParts, error) {
 	auth := gateway.DeviceAuth(tokens)
 	mux.Handle("/v1/updates", m.delivery.UpdatesHandler(auth))
 	mux.Handle("/v1/packages/", m.delivery.DownloadHandler("/v1/packages/", auth))
-	mux.Handle("/v1/analytics", m.analytics.Handler(func(r *http.Request) (analytics.Identity, error) {
+	deviceAuth := func(r *http.Request) (analytics.Identity, error) {
 		id, err := auth(r)
 		return analytics.Identity{Device: id.Device, User: id.User}, err
-	}))
+	}
+	mux.Handle("/v1/analytics", m.analytics.Handler(deviceAuth))
+	mux.Handle("/v1/diagnostics/", m.diagnostics.UploadHandler(deviceAuth))
 	mux.Handle("/", web.Handler()) // the browser client and its demo page
 	gp.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return gp, nil
@@ -238,6 +240,9 @@ func (m *Main) openDelivery(ctx context.Context) error {
 		channels = append(channels, hook)
 	}
 	if m.analytics, err = analytics.Open(ctx, analytics.Config{Log: m.lg, Logger: &m.log}); err != nil {
+		return err
+	}
+	if m.diagnostics, err = analytics.OpenDiagnostics(ctx, analytics.DiagnosticsConfig{Log: m.lg, Logger: &m.log}); err != nil {
 		return err
 	}
 	if m.aggregates, err = analytics.OpenAggregates(analytics.AggregatesConfig{Log: m.lg, Dir: filepath.Join(m.cfg.DataDir, "analytics"), Logger: &m.log}); err != nil {

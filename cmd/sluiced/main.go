@@ -81,6 +81,8 @@ type Main struct {
 	breakers   *analytics.Breakers
 	gateway    *gateway.Server
 	admin      *http.Server
+	// diagnostics: requests for devices' logs, and their uploads.
+	diagnostics *analytics.Diagnostics
 
 	mu        sync.Mutex
 	ready     bool
