@@ -30,9 +30,16 @@
 // before the action with the expected last subject sequence, so one node
 // acts.
 //
-// Built so far: ingestion over HTTP, the aggregates and their queries
-// (Counters, Retention, CrashRates; the admin API's /v1/analytics),
-// circuit breakers (/v1/breakers). Not yet: ingestion over the gateway
-// link, the reporting switch and sampling, diagnostics (log uploads) —
-// see the issue "Analytics".
+// Apps also send batches over their link (gateway: ClientEvent.analytics,
+// answered by AnalyticsAck); the Go SDK's Track batches events and obeys
+// the reporting switch (a bool switch per app, its variants sampling
+// devices).
+//
+// Diagnostics (diagnostics.go): a command sent over sync makes a device,
+// or every device of a user, upload its logs to the Object Store; admins
+// list the requests with their status and download the logs.
+//
+// Queries: Counters, Retention, CrashRates (the admin API's
+// /v1/analytics), breakers (/v1/breakers), diagnostics
+// (/v1/diagnostics).
 package analytics
