@@ -26,9 +26,9 @@
 // the threshold, the action is taken once per rule version through
 // Actions (delivery: pause, rollback, switch off; a pause or switch-off
 // for one model when the rule says so: the model is left out of the gray
-// release, the switch gets an "off" variant for it), and a trip records the evidence. The trip is written
-// before the action with the expected last subject sequence, so one node
-// acts.
+// release, the switch gets an "off" variant for it), and a trip records
+// the evidence. The trip is written before the action with the expected
+// last subject sequence, so one node acts.
 //
 // Apps also send batches over their link (gateway: ClientEvent.analytics,
 // answered by AnalyticsAck); the Go SDK's Track batches events and obeys
