@@ -189,7 +189,6 @@ func (f *Fanout) applyMembership(txn *badger.Txn, r *oplog.Record) error {
 	return txn.Set(countKey(m.Segment), binary.BigEndian.AppendUint64(nil, n))
 }
 
-
 // members returns up to limit members of a segment after user after
 // (exclusive; "" from the start), and up to upto (inclusive; "" no bound),
 // in byte order.

@@ -147,7 +147,6 @@ func b2i(b bool) int64 {
 	return 0
 }
 
-
 // applyCursor records a device's cursor of a topic: the last ack in stream
 // order, which is the only one the stream keeps.
 func (s *Topics) applyCursor(txn *badger.Txn, r *oplog.Record) error {

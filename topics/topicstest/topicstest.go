@@ -50,4 +50,3 @@ func MustRunService(tb testing.TB, s *topics.Topics) {
 		tb.Fatal("topic service not ready after 10s")
 	}
 }
-
