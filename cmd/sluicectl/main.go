@@ -1,7 +1,8 @@
 // Command sluicectl administers a running sluiced: it publishes test
 // events, tails a user's oplog live, shows a device's backlog and sync
 // points, registers businesses, rebuilds projections by replay, and runs
-// delivery: switches, package releases, producer keys and pushes.
+// delivery: switches, package releases, producer keys and pushes, and
+// queries the analytics aggregates.
 //
 // It finds sluiced through <data>/endpoints.json (written by sluiced at
 // start), or through --nats and --admin. It authenticates to the admin API
@@ -40,6 +41,7 @@ Commands:
   push      push notifications: send, dry-run, recall ID, recalled, funnel ID
   device    device show ID: what the device registry knows
   delivery  key (the manifest key apps pin), view DEVICE, dry-run [rule flags]
+  analytics counters APP PERIOD, retention APP COHORT [--days N], crashes APP DAY
   token     print a client token signed with <data>/token.key (no sluiced needed)
   cert      write a self-signed development TLS certificate and key to <data>/tls
 
@@ -109,6 +111,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return c.deviceCmd(ctx, rest)
 	case "delivery":
 		return c.deliveryCmd(ctx, rest)
+	case "analytics":
+		return c.analyticsCmd(ctx, rest)
 	case "token":
 		return c.token(rest)
 	case "cert":
