@@ -8,6 +8,7 @@
 //	sluice-bench storm [flags]     a connect storm: bucketed vs per-business sync rounds
 //	sluice-bench diff [flags]      diff package sizes vs full and zstd-compressed packages
 //	sluice-bench delivery [flags]  rule evaluations, update checks, switch changes vs baselines
+//	sluice-bench analytics [flags] event ingestion vs raw JetStream publish; queries over 1M users
 //
 // Every benchmark but diff starts its own embedded NATS servers on temporary
 // directories (loopback or in-process only), is bounded in time and count,
@@ -153,6 +154,42 @@
 // CPU other processes used meanwhile, and -cpuprofile writes one CPU
 // profile per scenario. A failed correctness check makes the command exit
 // non-zero; a missed goal does not.
+//
+// # analytics
+//
+// Tracking events through analytics, in this process on embedded servers
+// (-scenario selects):
+//
+//   - ingest: one server (-fsync always by default, as sluiced) with
+//     oplog.Log and analytics.Ingestor, whose Handler serves /v1/analytics
+//     on a loopback net/http server behind gateway.DeviceAuth (a cached
+//     gateway.Verifier, as sluiced). -concurrency (16) keep-alive clients
+//     of the lean HTTP/1.1 client post batches of -batch (100) events of
+//     one device, protobuf and gzip, encoded before timing from -devices
+//     (1,000) devices with tokens: page views, custom events with
+//     properties, performance samples, session starts and ends, crashes
+//     and freezes with stacks of 0.9 to 1.4 KB. The side runs for -time
+//     (10 s) or -n (200,000) events; every reply must accept its whole
+//     batch. Baseline, on the same server after it: raw js.PublishAsync
+//     from one goroutine of the same encoded events (one message per
+//     event, with the message id "<device>:<event id>" Ingest sets) into a
+//     bare file stream, as many, until every ack is in. Goal: at least
+//     0.5x. The analytics stream is read back: each event sent exactly
+//     once, nothing else. Ingestion over the gateway link will be another
+//     side (ingestSide) next to HTTP.
+//   - query: -users (1,000,000) users over -days (30) days ending yesterday,
+//     each first seen on a day of its own and back k days later with
+//     probability 0.12/sqrt(k) (1.7 active days per user), one to four
+//     events a day (1.15 on average); loaded through Ingestor.Ingest on a
+//     server of its own (fsync interval and a 5 s duplicate window: the
+//     loading is not measured), then analytics.Aggregates projects them
+//     from an empty store (apply rate timed) and every day's DAU and new
+//     users and every cohort's retention are checked against the
+//     generator's counts. Then -queries (200) timed calls each of
+//     Counters(app, day) and Retention(app, cohort, 30), with p50/p99/max,
+//     next to raw badger reads of the same keys in the same store
+//     (reopened after Close: one counter, the day's counters by prefix,
+//     a cohort's 31 days), and the store's size.
 package main
 
 import (
@@ -196,7 +233,7 @@ func progressLogger(stderr io.Writer) zerolog.Logger {
 }
 
 // errUsage marks a command line that names no known benchmark.
-var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm, diff, delivery")
+var errUsage = errors.New("usage: sluice-bench <benchmark> [flags]; benchmarks: oplog, gateway, fanout, topic, storm, diff, delivery, analytics")
 
 // run runs the benchmark named by args[0] with the rest of args as its flags.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -218,6 +255,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runDiff(ctx, args[1:], stdout, stderr)
 	case "delivery":
 		return runDelivery(ctx, args[1:], stdout, stderr)
+	case "analytics":
+		return runAnalytics(ctx, args[1:], stdout, stderr)
 	case childCommand: // the gateway benchmark's server, run as a child
 		return runGatewayServer(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
