@@ -1,7 +1,6 @@
 package analytics_test
 
 import (
-	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -14,34 +13,6 @@ import (
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
 )
-
-// deliveryActions acts on a real Delivery, as sluiced wires it.
-type deliveryActions struct{ d *delivery.Delivery }
-
-func (a deliveryActions) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
-	var err error
-	if model == "" {
-		_, err = a.d.Pause(ctx, pkg, version, actor)
-	} else {
-		_, err = a.d.ExcludeFromGray(ctx, pkg, version, model, actor)
-	}
-	return err
-}
-
-func (a deliveryActions) RollbackRelease(ctx context.Context, pkg, actor string) error {
-	_, err := a.d.Rollback(ctx, pkg, actor)
-	return err
-}
-
-func (a deliveryActions) SwitchOff(ctx context.Context, key, model, actor string) error {
-	var err error
-	if model == "" {
-		_, err = a.d.Kill(ctx, key, true, actor)
-	} else {
-		_, err = a.d.SwitchOffFor(ctx, key, model, actor)
-	}
-	return err
-}
 
 // TestCircuitBreaker: a crash spike among the sessions of a gray release
 // pauses it; a freeze spike on one model turns a switch off for that
@@ -84,7 +55,7 @@ func TestCircuitBreaker(t *testing.T) {
 	if _, err := d.SetSwitch(c, &deliverypb.Switch{Key: "new-feed", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL, DefaultValue: bv(true)}, "ci", 0); err != nil {
 		t.Fatal(err)
 	}
-	br, err := analytics.OpenBreakers(c, analytics.BreakersConfig{Log: l, Aggregates: ag, Actions: deliveryActions{d}, Interval: 100 * time.Millisecond})
+	br, err := analytics.OpenBreakers(c, analytics.BreakersConfig{Log: l, Aggregates: ag, Actions: d, Interval: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -41,6 +41,10 @@ var typeTokens = map[analyticspb.Type]string{
 	analyticspb.Type_TYPE_PERF:          "perf",
 }
 
+// TypeToken names an event type in subjects ("page", "crash", ...); ""
+// for a type Ingest refuses.
+func TypeToken(t analyticspb.Type) string { return typeTokens[t] }
+
 // Config configures an Ingestor. A zero field takes the default in its
 // comment.
 type Config struct {

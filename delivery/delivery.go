@@ -411,6 +411,38 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 	return nil, fmt.Errorf("switch %s: changed while being killed: %w", key, oplog.ErrConflict)
 }
 
+// PauseRelease, RollbackRelease and SwitchOff are what circuit breakers
+// (analytics.Actions) do: a pause for one model leaves it out of the
+// gray release (ExcludeFromGray), a switch-off for one model gives the
+// switch an off variant for it (SwitchOffFor), without a model they act
+// for everyone.
+func (d *Delivery) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
+	var err error
+	if model == "" {
+		_, err = d.Pause(ctx, pkg, version, actor)
+	} else {
+		_, err = d.ExcludeFromGray(ctx, pkg, version, model, actor)
+	}
+	return err
+}
+
+// RollbackRelease rolls a package back (Rollback).
+func (d *Delivery) RollbackRelease(ctx context.Context, pkg, actor string) error {
+	_, err := d.Rollback(ctx, pkg, actor)
+	return err
+}
+
+// SwitchOff turns a switch off, for one model's devices when model is set.
+func (d *Delivery) SwitchOff(ctx context.Context, key, model, actor string) error {
+	var err error
+	if model == "" {
+		_, err = d.Kill(ctx, key, true, actor)
+	} else {
+		_, err = d.SwitchOffFor(ctx, key, model, actor)
+	}
+	return err
+}
+
 // ExcludeFromGray leaves the devices of one model out of a gray release
 // (its gray rule's except): a circuit breaker limited to a model pauses
 // the release for that model only. Errors: oplog.ErrNotFound,

@@ -61,17 +61,6 @@ const rawAnalyticsPrefix = "raw_js.analytics."
 // rawAnalyticsStream is the raw baseline's bare stream.
 const rawAnalyticsStream = "RAW_ANALYTICS"
 
-// typeTokens name event types in subjects, as analytics.Ingestor does.
-var typeTokens = map[analyticspb.Type]string{
-	analyticspb.Type_TYPE_PAGE_VIEW:     "page",
-	analyticspb.Type_TYPE_SESSION_START: "session-start",
-	analyticspb.Type_TYPE_SESSION_END:   "session-end",
-	analyticspb.Type_TYPE_CUSTOM:        "custom",
-	analyticspb.Type_TYPE_CRASH:         "crash",
-	analyticspb.Type_TYPE_FREEZE:        "freeze",
-	analyticspb.Type_TYPE_PERF:          "perf",
-}
-
 // analyticsConfig is the command line of the analytics benchmark.
 type analyticsConfig struct {
 	scenarios  map[string]bool
@@ -448,7 +437,7 @@ func (b *analyticsBench) makeIngestPool(tag string, signer *gateway.Signer) (*in
 							return
 						}
 						size += int64(len(bt.msgs[k]))
-						bt.subs[k] = typeTokens[e.Type]
+						bt.subs[k] = analytics.TypeToken(e.Type)
 						bt.ids[k] = e.Device + ":" + e.Id
 					}
 					events += len(evs)
@@ -1359,7 +1348,7 @@ func (w *analyticsReport) ingest(r ingestResult) {
 	var mix []string
 	for _, t := range []analyticspb.Type{analyticspb.Type_TYPE_PAGE_VIEW, analyticspb.Type_TYPE_CUSTOM, analyticspb.Type_TYPE_PERF,
 		analyticspb.Type_TYPE_SESSION_START, analyticspb.Type_TYPE_SESSION_END, analyticspb.Type_TYPE_CRASH, analyticspb.Type_TYPE_FREEZE} {
-		mix = append(mix, fmt.Sprintf("%s %.1f%%", typeTokens[t], pctOf(r.types[t], r.generated)))
+		mix = append(mix, fmt.Sprintf("%s %.1f%%", analytics.TypeToken(t), pctOf(r.types[t], r.generated)))
 	}
 	w.printf("\ningest (fsync %s; %d clients, batches of %d events)\n", c.fsync, c.conc, c.batch)
 	w.printf("  events: %.0f B each encoded, mean; %s\n", r.meanEvent, strings.Join(mix, ", "))

@@ -255,34 +255,6 @@ func (m *Main) openDelivery(ctx context.Context) error {
 		return err
 	}
 	m.breakers, err = analytics.OpenBreakers(ctx, analytics.BreakersConfig{Log: m.lg, Aggregates: m.aggregates,
-		Actions: breakerActions{m.delivery}, Logger: &m.log})
-	return err
-}
-
-// breakerActions is what circuit breakers do, on delivery.
-type breakerActions struct{ d *delivery.Delivery }
-
-func (a breakerActions) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
-	var err error
-	if model == "" {
-		_, err = a.d.Pause(ctx, pkg, version, actor)
-	} else {
-		_, err = a.d.ExcludeFromGray(ctx, pkg, version, model, actor)
-	}
-	return err
-}
-
-func (a breakerActions) RollbackRelease(ctx context.Context, pkg, actor string) error {
-	_, err := a.d.Rollback(ctx, pkg, actor)
-	return err
-}
-
-func (a breakerActions) SwitchOff(ctx context.Context, key, model, actor string) error {
-	var err error
-	if model == "" {
-		_, err = a.d.Kill(ctx, key, true, actor)
-	} else {
-		_, err = a.d.SwitchOffFor(ctx, key, model, actor)
-	}
+		Actions: m.delivery, Logger: &m.log})
 	return err
 }
