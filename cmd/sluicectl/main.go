@@ -42,6 +42,8 @@ Commands:
   device    device show ID: what the device registry knows
   delivery  key (the manifest key apps pin), view DEVICE, dry-run [rule flags]
   analytics counters APP PERIOD, retention APP COHORT [--days N], crashes APP DAY
+  breaker   circuit breakers: list (rules and trips), set ID [flags | --file F], rm ID
+  diag      diagnostics: request (--device D | --user U), list, show ID, logs ID DEVICE [-o FILE]
   token     print a client token signed with <data>/token.key (no sluiced needed)
   cert      write a self-signed development TLS certificate and key to <data>/tls
 
@@ -113,6 +115,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return c.deliveryCmd(ctx, rest)
 	case "analytics":
 		return c.analyticsCmd(ctx, rest)
+	case "breaker":
+		return c.breakerCmd(ctx, rest)
+	case "diag":
+		return c.diagCmd(ctx, rest)
 	case "token":
 		return c.token(rest)
 	case "cert":
