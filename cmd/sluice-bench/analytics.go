@@ -92,7 +92,11 @@ directories), each figure next to a baseline measured in the same run:
   ingest  events/s uploaded by -concurrency clients POSTing gzip-compressed
           protobuf batches of -batch events to analytics.Ingestor's Handler
           (device tokens verified as sluiced does) on a loopback HTTP server,
-          for -time or -n events; baseline: raw js.PublishAsync of the same
+          for -time or -n events; then the same over gateway links: a TLV
+          link per device to a gateway.Server whose Config.Analytics is the
+          same Ingestor, -concurrency workers each sending a batch
+          (ClientEvent.analytics) after the previous AnalyticsAck; each
+          side against the baseline: raw js.PublishAsync of the same
           encoded events (one message each, with the message id Ingest sets)
           into a bare stream on the same server, as many, until every ack is
           in. Goal: at least 0.5x. The stream must then hold exactly the
@@ -478,8 +482,7 @@ type ingestPhase struct {
 }
 
 // ingestSide is one way events reach SLUICE_ANALYTICS, timed over its own
-// pool of pre-encoded batches. HTTP is the one built so far; the gateway
-// link (events over the sync protocol) will be another.
+// pool of pre-encoded batches: HTTP posts, and frames over gateway links.
 type ingestSide struct {
 	name string
 	tag  string // prefix of the side's event ids
@@ -553,10 +556,34 @@ func (b *analyticsBench) ingest(ctx context.Context) (r ingestResult, err error)
 		}
 	}()
 	addr := ln.Addr().String()
+	// The gateway, as sluiced runs it: tracking events over links go to
+	// the same Ingestor.
+	gw, err := gateway.NewServer(gateway.Config{Inbox: st.inbox, Tokens: gateway.NewVerifier(pub), Analytics: in, Heartbeat: 5 * time.Minute, Logger: &nop})
+	if err != nil {
+		return r, err
+	}
+	gln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return r, err
+	}
+	gserved := make(chan error, 1)
+	go func() { gserved <- gw.ServeTCP(gln) }()
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = gw.Shutdown(sctx)
+		cancel()
+		if serr := <-gserved; serr != nil && err == nil {
+			err = serr
+		}
+	}()
+	gaddr := gln.Addr().String()
 
 	sides := []ingestSide{
 		{name: "HTTP /v1/analytics", tag: "h", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
 			return b.ingestHTTP(ctx, addr, pool)
+		}},
+		{name: "gateway link (TLV)", tag: "g", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
+			return b.ingestLink(ctx, gaddr, pool)
 		}},
 	}
 	js := st.lg.JetStream()
@@ -1332,6 +1359,8 @@ func (w *analyticsReport) header(load string) {
 		w.printf("           and its Handler on a loopback net/http server, device tokens verified by gateway.DeviceAuth (cached verifier)\n")
 		w.printf("           %d keep-alive clients (a lean HTTP/1.1 client in this process), each posting a batch after the previous answer:\n", c.conc)
 		w.printf("           %d events of one device per batch, protobuf, gzip; %d devices; for %v or %d events, whichever comes first\n", c.batch, c.devices, c.ingestTime, c.n)
+		w.printf("           link: gateway.Server (Config.Analytics the same Ingestor, ServeTCP on loopback), a TLV link per device (Hello asking\n")
+		w.printf("           for AnalyticsAck frames); %d workers each send a batch (ClientEvent.analytics, zstd by the codec) after the previous ack\n", c.conc)
 		w.printf("           baseline: raw js.PublishAsync from one goroutine (window 4096, as oplog.Log) of the same encoded events into a bare\n")
 		w.printf("           file stream on the same server, one message per event with the message id \"<device>:<event id>\", until every ack is in\n")
 	}

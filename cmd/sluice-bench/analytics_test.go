@@ -8,7 +8,7 @@ import (
 )
 
 // TestAnalyticsSmoke runs both scenarios of the analytics benchmark with
-// tiny counts: every batch must be accepted whole, the stream must hold
+// tiny counts: every batch, over HTTP and over links, must be accepted whole, the stream must hold
 // each event sent once, and the aggregates must agree with the
 // generator's counts. No timing is asserted.
 func TestAnalyticsSmoke(t *testing.T) {
@@ -19,9 +19,11 @@ func TestAnalyticsSmoke(t *testing.T) {
 		[]string{
 			`^  events: \d+ B each encoded, mean; page \d+\.\d%, custom \d+\.\d%`,
 			`^HTTP /v1/analytics\s+3000\s+` + num + `\s+\d+\s+` + num + `x\s+\d+\.\d\s+` + num + `\s+(` + num + `|-)\s+` + num + `\s+` + num + `$`,
+			`^gateway link \(TLV\)\s+3000\s+` + num + `\s+\d+\s+` + num + `x\s+\d+\.\d\s+` + num + `\s+(` + num + `|-)\s+` + num + `\s+` + num + `$`,
 			`^raw js\.PublishAsync\s+3000\s+` + num + `\s+\d+\s+-\s+`,
 			`^  HTTP /v1/analytics: 60 requests, latency per request`,
-			`^  stored: SLUICE_ANALYTICS holds 3000 messages, \d+ B each; the raw stream \d+ B each$`,
+			`^  gateway link \(TLV\): 60 requests, latency per request`,
+			`^  stored: SLUICE_ANALYTICS holds 6000 messages, \d+ B each; the raw stream \d+ B each$`,
 			`^query \(3000 users over 8 days, \d{8}-\d{8}: \d+ user-days, \d+ events\)$`,
 			`^  projection: analytics\.Aggregates caught up with \d+ events in \d+\.\d s: \d+ events/s applied`,
 			`^Counters\(app, day\) \(DAU\)\s+20\s+\d+\.\d{3}\s+\d+\.\d{3}\s+\d+\.\d{3}\s+\d+$`,
@@ -29,10 +31,11 @@ func TestAnalyticsSmoke(t *testing.T) {
 			`^raw badger: 1 point read \(n/<app>/<day>/dau\)\s+20\s+`,
 			`^raw badger: 31 point reads \(r/<app>/<cohort>/<n>\)\s+20\s+`,
 			`^ingest: HTTP /v1/analytics \d+ events/s, ` + num + `x raw js\.PublishAsync's \d+ events/s \(fsync interval\): goal at least 0\.50x: (MET|NOT MET)$`,
+			`^ingest: gateway link \(TLV\) \d+ events/s, ` + num + `x raw js\.PublishAsync's \d+ events/s \(fsync interval\): goal at least 0\.50x: (MET|NOT MET)$`,
 			`^query: 3000 users: Counters \(DAU\) p50 `,
 		},
 		[]string{
-			"verify: 3000 messages read back: 0 events missing, 0 duplicated, 0 not sent, 0 undecodable: OK",
+			"verify: 6000 messages read back: 0 events missing, 0 duplicated, 0 not sent, 0 undecodable: OK",
 			"check: DAU and new users of 8 days, retention of 8 cohorts against the generator's counts: OK",
 			"correctness: OK",
 		})
