@@ -530,6 +530,7 @@ func (p *projector) write(batch []Record) error {
 		txn = p.db.NewTransaction(true)
 		return nil
 	}
+	var inTxn []*Record // applied in the open transaction
 	for i := range batch {
 		r := &batch[i]
 		if r.Seq <= p.applied.Load() || r.Seq <= last {
@@ -537,14 +538,29 @@ func (p *projector) write(batch []Record) error {
 		}
 		err := p.apply(txn, r)
 		if errors.Is(err, badger.ErrTxnTooBig) {
-			if err := commit(i); err != nil {
-				return err
+			// The transaction holds part of r: drop it, apply the
+			// Records before r again in a new one and commit that, then
+			// apply r alone. Apply is deterministic, so the result is
+			// as if the transaction had been cut before r.
+			txn.Discard()
+			txn = p.db.NewTransaction(true)
+			if len(inTxn) > 0 {
+				for _, q := range inTxn {
+					if err := p.apply(txn, q); err != nil {
+						return fmt.Errorf("apply %d again: %w", q.Seq, err)
+					}
+				}
+				if err := commit(i); err != nil {
+					return err
+				}
+				inTxn = inTxn[:0]
 			}
 			err = p.apply(txn, r)
 		}
 		if err != nil {
 			return fmt.Errorf("apply %d: %w", r.Seq, err)
 		}
+		inTxn = append(inTxn, r)
 		last = r.Seq
 	}
 	if last == 0 {
