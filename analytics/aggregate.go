@@ -29,7 +29,7 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 // retention per cohort. Replaying the stream rebuilds it to the same
 // digest. Keys:
 //
-//	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window)
+//	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window), kept DedupeKeep after its time
 //	a/<app>/<period>/<uid>           a user active in a day (20261121), ISO week (2026W47) or month (202611)
 //	f/<app>/<uid>                    → the day the user was first seen (their cohort)
 //	s/<app>/<device>                 → the device's open session: start, last event, crashed
@@ -43,9 +43,10 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 // A user (uid) is the event's user, or "~<device>" for a device without
 // one. Slices are "" (all), "v:<version>" and "r:<package>=<version>".
 type Aggregates struct {
-	db   *badger.DB
-	proj *oplog.Projection
-	lg   zerolog.Logger
+	db         *badger.DB
+	proj       *oplog.Projection
+	lg         zerolog.Logger
+	dedupeKeep time.Duration
 }
 
 // AggregatesConfig configures Aggregates.
@@ -56,7 +57,15 @@ type AggregatesConfig struct {
 	Dir string
 	// Logger. Default zerolog.Nop().
 	Logger *zerolog.Logger
+	// DedupeKeep is how long after an event's time its id is kept to
+	// drop duplicates that come past JetStream's duplicate window. It
+	// must exceed the Ingestor's LateWindow. Default DefaultDedupeKeep.
+	DedupeKeep time.Duration
 }
+
+// DefaultDedupeKeep outlasts the Ingestor's default LateWindow (7 days)
+// by a day.
+const DefaultDedupeKeep = 8 * 24 * time.Hour
 
 var aggregatePrefixes = [][]byte{[]byte("x/"), []byte("a/"), []byte("f/"), []byte("s/"), []byte("u/"), []byte("n/"), []byte("r/"), []byte("w/")}
 
@@ -69,7 +78,10 @@ func OpenAggregates(cfg AggregatesConfig) (*Aggregates, error) {
 	if cfg.Log == nil || cfg.Dir == "" {
 		return nil, errors.New("analytics: AggregatesConfig.Log and Dir are required")
 	}
-	ag := &Aggregates{lg: zerolog.Nop()}
+	ag := &Aggregates{lg: zerolog.Nop(), dedupeKeep: cfg.DedupeKeep}
+	if ag.dedupeKeep <= 0 {
+		ag.dedupeKeep = DefaultDedupeKeep
+	}
 	if cfg.Logger != nil {
 		ag.lg = cfg.Logger.With().Str("component", "analytics").Logger()
 	}
@@ -124,6 +136,26 @@ func (t aggTxn) once(key string) (bool, error) {
 	return true, t.Set([]byte(key), nil)
 }
 
+// seen records the event's id, kept until keep after the event's time,
+// and reports whether it is new. Ingest refuses events older than its
+// LateWindow, so a duplicate cannot come after the key expired; an event
+// older than keep (a replay of old data) is counted without a key.
+func (t aggTxn) seen(ev *analyticspb.Event, keep time.Duration) (bool, error) {
+	key := []byte("x/" + ev.Device + "/" + ev.Id)
+	_, err := t.Get(key)
+	if err == nil {
+		return false, nil
+	}
+	if !errors.Is(err, badger.ErrKeyNotFound) {
+		return false, err
+	}
+	ttl := time.Until(time.UnixMilli(ev.TimeMs).Add(keep))
+	if ttl <= 0 {
+		return true, nil
+	}
+	return true, t.SetEntry(badger.NewEntry(key, nil).WithTTL(ttl))
+}
+
 // add adds delta to a counter.
 func (t aggTxn) add(key string, delta uint64) error {
 	n, err := oplog.GetUint64(t.Txn, []byte(key))
@@ -146,7 +178,7 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 		return nil
 	}
 	t := aggTxn{btxn}
-	if fresh, err := t.once("x/" + ev.Device + "/" + ev.Id); err != nil || !fresh {
+	if fresh, err := t.seen(ev, ag.dedupeKeep); err != nil || !fresh {
 		return err
 	}
 	app, d := ev.App, day(ev.TimeMs)
@@ -207,6 +239,13 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 // new user on the first day seen, in its cohort's retention, and in the
 // day's breakdowns (by the attributes of its first event of the day).
 func (ag *Aggregates) active(t aggTxn, ev *analyticspb.Event, app, d, uid string) error {
+	// Most events are not a user's first of the day: one read settles
+	// them. A user active in a day was counted in its week and month in
+	// the same transaction.
+	fresh, err := t.once("a/" + app + "/" + d + "/" + uid)
+	if err != nil || !fresh {
+		return err
+	}
 	for _, p := range []struct{ period, metric string }{{week(ev.TimeMs), "wau"}, {month(ev.TimeMs), "mau"}} {
 		fresh, err := t.once("a/" + app + "/" + p.period + "/" + uid)
 		if err != nil {
@@ -217,10 +256,6 @@ func (ag *Aggregates) active(t aggTxn, ev *analyticspb.Event, app, d, uid string
 				return err
 			}
 		}
-	}
-	fresh, err := t.once("a/" + app + "/" + d + "/" + uid)
-	if err != nil || !fresh {
-		return err
 	}
 	if err := t.count(app, d, "dau"); err != nil {
 		return err

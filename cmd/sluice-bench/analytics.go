@@ -1120,7 +1120,9 @@ func (b *analyticsBench) query(ctx context.Context) (r queryResult, err error) {
 	// The projection, from an empty store, timed until it holds every
 	// event.
 	agDir := filepath.Join(dir, "analytics")
-	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: st.lg, Dir: agDir, Logger: &nop})
+	// Event ids kept for every loaded day, as they are for live events.
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: st.lg, Dir: agDir, Logger: &nop,
+		DedupeKeep: time.Duration(cfg.days+2) * 24 * time.Hour})
 	if err != nil {
 		return r, err
 	}
