@@ -11,7 +11,6 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/oplog"
-	"google.golang.org/protobuf/proto"
 )
 
 // StreamAnalytics holds the tracking events, one message per event on
@@ -149,11 +148,10 @@ func (in *Ingestor) Ingest(ctx context.Context, who Identity, b *analyticspb.Bat
 				Code: oplog.CodeOf(err).String(), Message: err.Error()})
 			continue
 		}
-		data, err := proto.Marshal(ev)
-		if err == nil && len(data) > MaxEventBytes {
-			err = fmt.Errorf("event of %d bytes, at most %d: %w", len(data), MaxEventBytes, oplog.ErrPayloadTooLarge)
-		}
-		if err != nil {
+		hint := 192 + len(ev.Stack) + len(ev.Page) + len(ev.Referrer) + 48*(len(ev.Properties)+len(ev.Releases)+len(ev.Switches))
+		data := appendEvent(make([]byte, 0, hint), ev)
+		if len(data) > MaxEventBytes {
+			err := fmt.Errorf("event of %d bytes, at most %d: %w", len(data), MaxEventBytes, oplog.ErrPayloadTooLarge)
 			reply.Rejected = append(reply.Rejected, &analyticspb.Rejected{Index: uint32(i), Id: ev.Id,
 				Code: oplog.CodeOf(err).String(), Message: err.Error()})
 			continue
