@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"maps"
 	"sync"
 	"time"
 
@@ -49,6 +50,7 @@ type tracker struct {
 	queue    []*analyticspb.Event
 	inflight map[uint64][]*analyticspb.Event
 	next     uint64
+	releases map[string]string // package → version the app runs (SetRelease)
 }
 
 func newTracker(cfg AnalyticsConfig) *tracker {
@@ -67,7 +69,8 @@ func newTracker(cfg AnalyticsConfig) *tracker {
 // Track records a tracking event (a page view, a session start or end, a
 // custom event, a crash, a freeze, a performance sample). It fills what
 // the event leaves empty: its id, its time, the app, the client's
-// attributes and the variants of the switches the client holds. It never
+// attributes, the releases recorded with SetRelease and the variants of
+// the switches the client holds. It never
 // blocks; without Config.Analytics it does nothing.
 func (c *Client) Track(ev *analyticspb.Event) {
 	t := c.tracker
@@ -92,6 +95,13 @@ func (c *Client) Track(ev *analyticspb.Event) {
 	if a := c.attrs; a != nil && ev.AppVersion == "" && ev.Os == "" {
 		ev.AppVersion, ev.Os, ev.OsVersion, ev.Model, ev.Region, ev.Network = a.AppVersion, a.Os, a.OsVersion, a.Model, a.Region, a.Network
 	}
+	if ev.Releases == nil {
+		t.mu.Lock()
+		if len(t.releases) > 0 {
+			ev.Releases = maps.Clone(t.releases)
+		}
+		t.mu.Unlock()
+	}
 	if v := c.View(); v != nil && ev.Switches == nil && len(v.Switches) > 0 {
 		ev.Switches = make(map[string]string, len(v.Switches))
 		for k, sv := range v.Switches {
@@ -112,6 +122,29 @@ func (c *Client) Track(ev *analyticspb.Event) {
 		default:
 		}
 	}
+}
+
+// SetRelease records that the app runs version of package (a release
+// installed with Install, or the app itself); "" forgets the package.
+// Track stamps the releases recorded on every event that names none, so
+// that crash rates and circuit breakers see each release's share. Call it
+// at start and after each install. Without Config.Analytics it does
+// nothing.
+func (c *Client) SetRelease(pkg, version string) {
+	t := c.tracker
+	if t == nil || pkg == "" {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if version == "" {
+		delete(t.releases, pkg)
+		return
+	}
+	if t.releases == nil {
+		t.releases = map[string]string{}
+	}
+	t.releases[pkg] = version
 }
 
 // send sends the queued events on l, in batches, keeping them in flight

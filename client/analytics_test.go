@@ -9,6 +9,7 @@ import (
 	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/client"
 	"github.com/sluicehq/sluice/gateway"
+	"google.golang.org/protobuf/proto"
 )
 
 // TestTrack: events recorded with Track go over the link in a batch,
@@ -28,6 +29,9 @@ func TestTrack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	c.SetRelease("shop", "2.0")
+	c.SetRelease("h5-cart", "7")
+	c.SetRelease("h5-cart", "") // uninstalled
 	// Tracked before any link: they wait.
 	c.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_SESSION_START})
 	c.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_PAGE_VIEW, Page: "home"})
@@ -59,6 +63,17 @@ func TestTrack(t *testing.T) {
 	}
 	if st := c.Stats(); st.AnalyticsDropped != 0 {
 		t.Fatalf("dropped %d", st.AnalyticsDropped)
+	}
+	m, err := s.GetMsg(testCtx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := &analyticspb.Event{}
+	if err := proto.Unmarshal(m.Data, ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev.Device != "dev-t" || ev.User != "u1" || ev.App != "shop" || ev.Os != attrs.Os || len(ev.Releases) != 1 || ev.Releases["shop"] != "2.0" {
+		t.Fatalf("stored event %v: want device dev-t, user u1, app shop, os %s, releases {shop: 2.0}", ev, attrs.Os)
 	}
 }
 
