@@ -499,12 +499,18 @@ func (ag *Aggregates) Retention(ctx context.Context, app, cohort string, days in
 // CrashRate is the crash figures of one slice ("" all, "v:<version>",
 // "r:<package>=<version>") in a day.
 type CrashRate struct {
-	Sessions, CrashedSessions, Crashes, CrashedUsers, Freezes, ActiveUsers uint64
+	Sessions        uint64 `json:"sessions"`
+	CrashedSessions uint64 `json:"crashed_sessions"`
+	Crashes         uint64 `json:"crashes"`
+	CrashedUsers    uint64 `json:"crashed_users"`
+	Freezes         uint64 `json:"freezes"`
+	ActiveUsers     uint64 `json:"active_users"`
 	// Rate is crashed sessions over sessions; CrashFree its complement.
-	Rate, CrashFree float64
+	Rate      float64 `json:"rate"`
+	CrashFree float64 `json:"crash_free"`
 	// CrashFreeUsers is the share of the slice's active users (by their
 	// first event of the day) who did not crash.
-	CrashFreeUsers float64
+	CrashFreeUsers float64 `json:"crash_free_users"`
 }
 
 // CrashRates returns the crash figures of every slice of an app in a day.
