@@ -2,6 +2,7 @@ package analytics_test
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -49,6 +50,18 @@ func TestCircuitBreaker(t *testing.T) {
 	if _, err := d.Gray(c, "maps", "1", &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
 		t.Fatal(err)
 	}
+	// Tiles 2 is out to everyone (full), after tiles 1.
+	for _, v := range []string{"1", "2"} {
+		if _, err := d.Upload(c, delivery.Upload{Package: "tiles", Kind: deliverypb.PackageKind_PACKAGE_KIND_RESOURCE, Version: v, Data: []byte("tiles " + v)}, "ci"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Gray(c, "tiles", v, &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Full(c, "tiles", v, "ci"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	bv := func(b bool) *deliverypb.Value {
 		return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: b}}
 	}
@@ -66,6 +79,8 @@ func TestCircuitBreaker(t *testing.T) {
 		{Id: "feed-freezes", App: "shop", SwitchKey: "new-feed", SwitchVariant: "", Model: "Pixel 8", Metric: analyticspb.Metric_METRIC_FREEZE_RATE,
 			Threshold: 0.3, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_SWITCH_OFF},
 		{Id: "maps-moto", App: "shop", Package: "maps", Version: "1", Model: "Moto", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
+			Threshold: 0.5, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_PAUSE},
+		{Id: "tiles-moto", App: "shop", Package: "tiles", Version: "2", Model: "Moto", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
 			Threshold: 0.5, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_PAUSE},
 	} {
 		if _, err := br.SetRule(c, r, "sre"); err != nil {
@@ -105,6 +120,15 @@ func TestCircuitBreaker(t *testing.T) {
 		}
 		send(fmt.Sprint("g", i), "Galaxy", analyticspb.Type_TYPE_SESSION_START, mapsRel, nil)
 	}
+	// And so does the full release of tiles 2.
+	tilesRel := map[string]string{"tiles": "2"}
+	for i := range 10 {
+		send(fmt.Sprint("tm", i), "Moto", analyticspb.Type_TYPE_SESSION_START, tilesRel, nil)
+		if i < 7 {
+			send(fmt.Sprint("tm", i), "Moto", analyticspb.Type_TYPE_CRASH, tilesRel, nil)
+		}
+		send(fmt.Sprint("tg", i), "Galaxy", analyticspb.Type_TYPE_SESSION_START, tilesRel, nil)
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		rel, _ := d.Release("shop-h5", "2.0")
@@ -115,7 +139,7 @@ func TestCircuitBreaker(t *testing.T) {
 				done++
 			}
 		}
-		if rel.Paused && done == 3 {
+		if rel.Paused && done == 4 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -159,6 +183,22 @@ func TestCircuitBreaker(t *testing.T) {
 	}
 	if rel, _ := d.Release("maps", "1"); rel.Paused || offered("Moto") || !offered("Galaxy") {
 		t.Fatalf("maps: paused %v, offered to Moto %v, to Galaxy %v; want gray, Galaxy only", rel.Paused, offered("Moto"), offered("Galaxy"))
+	}
+	// Tiles 2 stays full; Moto devices are offered tiles 1, as under a
+	// pause (one that has 2 keeps it: a pause does not downgrade).
+	offeredTiles := func(model string) *deliverypb.Manifest {
+		for _, sm := range d.View(&delivery.Device{ID: "z", Attrs: oplog.Attrs{Model: model}}).Releases {
+			if m, err := delivery.VerifyManifest(sm, d.PublicKey()); err == nil && m.Package == "tiles" {
+				return m
+			}
+		}
+		return nil
+	}
+	moto, galaxy := offeredTiles("Moto"), offeredTiles("Galaxy")
+	if rel, _ := d.Release("tiles", "2"); rel.Stage != deliverypb.Stage_STAGE_FULL || rel.Paused || !slices.Equal(rel.ExcludedModels, []string{"Moto"}) ||
+		moto.GetVersion() != "1" || galaxy.GetVersion() != "2" {
+		t.Fatalf("tiles 2: %v paused %v excluded %v; offered to Moto %v, to Galaxy %v; want full, Moto offered 1, Galaxy 2",
+			rel.Stage, rel.Paused, rel.ExcludedModels, moto, galaxy)
 	}
 	// Once per version: no second trip while the rule stays as it is.
 	time.Sleep(300 * time.Millisecond)

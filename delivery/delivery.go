@@ -413,7 +413,7 @@ func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor stri
 
 // PauseRelease, RollbackRelease and SwitchOff are what circuit breakers
 // (analytics.Actions) do: a pause for one model leaves it out of the
-// gray release (ExcludeFromGray), a switch-off for one model gives the
+// release (ExcludeModel), a switch-off for one model gives the
 // switch an off variant for it (SwitchOffFor), without a model they act
 // for everyone.
 func (d *Delivery) PauseRelease(ctx context.Context, pkg, version, model, actor string) error {
@@ -421,7 +421,7 @@ func (d *Delivery) PauseRelease(ctx context.Context, pkg, version, model, actor 
 	if model == "" {
 		_, err = d.Pause(ctx, pkg, version, actor)
 	} else {
-		_, err = d.ExcludeFromGray(ctx, pkg, version, model, actor)
+		_, err = d.ExcludeModel(ctx, pkg, version, model, actor)
 	}
 	return err
 }
@@ -443,26 +443,16 @@ func (d *Delivery) SwitchOff(ctx context.Context, key, model, actor string) erro
 	return err
 }
 
-// ExcludeFromGray leaves the devices of one model out of a gray release
-// (its gray rule's except): a circuit breaker limited to a model pauses
-// the release for that model only. Errors: oplog.ErrNotFound,
-// oplog.ErrConflict (not gray: a full release's audience is fixed).
-func (d *Delivery) ExcludeFromGray(ctx context.Context, pkg, version, model, actor string) (*deliverypb.Release, error) {
-	rel, ok := d.Release(pkg, version)
-	if !ok {
-		return nil, fmt.Errorf("package %s version %s: %w", clip(pkg), clip(version), oplog.ErrNotFound)
-	}
-	if rel.Stage != deliverypb.Stage_STAGE_GRAY || rel.Gray == nil {
-		return nil, fmt.Errorf("package %s version %s: only a gray release can leave a model out: %w", pkg, version, oplog.ErrConflict)
-	}
-	rule := proto.Clone(rel.Gray).(*deliverypb.Rule)
-	if rule.Except == nil {
-		rule.Except = &deliverypb.Rule{}
-	}
-	if !slices.Contains(rule.Except.Models, model) {
-		rule.Except.Models = append(rule.Except.Models, model)
-	}
-	return d.Gray(ctx, pkg, version, rule, actor)
+// ExcludeModel leaves the devices of one model out of a gray or full
+// release: they are offered what they would be were it paused (the
+// version before, or a rollback to it). A circuit breaker limited to a
+// model pauses the release for that model only. Errors:
+// oplog.ErrNotFound, oplog.ErrConflict (not gray or full),
+// oplog.ErrInvalid (no model, or too many left out).
+func (d *Delivery) ExcludeModel(ctx context.Context, pkg, version, model, actor string) (*deliverypb.Release, error) {
+	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_ExcludeModel{ExcludeModel: model}
+	})
 }
 
 // SwitchOffFor turns a switch off for the devices of one model: a variant

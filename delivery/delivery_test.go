@@ -233,6 +233,8 @@ func TestReleaseLifecycle(t *testing.T) {
 	step("resume a draft", err, oplog.ErrConflict)
 	_, err = d.Rollback(c, pkg, "x")
 	step("rollback with nothing released", err, oplog.ErrConflict)
+	_, err = d.ExcludeModel(c, pkg, "1.0.0", "Moto", "x")
+	step("leave a model out of a draft", err, oplog.ErrConflict)
 	_, err = d.Gray(c, pkg, "1.0.0", gray, "x")
 	step("draft → gray", err, nil)
 	expect("1.0.0", "STAGE_GRAY")
@@ -251,6 +253,17 @@ func TestReleaseLifecycle(t *testing.T) {
 	step("resume", err, nil)
 	_, err = d.Resume(c, pkg, "1.0.0", "x")
 	step("resume twice", err, oplog.ErrConflict)
+	_, err = d.ExcludeModel(c, pkg, "1.0.0", "", "x")
+	step("leave no model out", err, oplog.ErrInvalid)
+	_, err = d.ExcludeModel(c, pkg, "1.0.0", strings.Repeat("m", 65), "x")
+	step("leave a 65-byte model out", err, oplog.ErrInvalid)
+	for range 2 { // the second time changes nothing
+		_, err = d.ExcludeModel(c, pkg, "1.0.0", "Moto", "x")
+		step("leave a model out of a gray release", err, nil)
+	}
+	if r, _ := d.Release(pkg, "1.0.0"); !slices.Equal(r.ExcludedModels, []string{"Moto"}) || r.Stage != deliverypb.Stage_STAGE_GRAY {
+		t.Fatalf("after leaving Moto out: %v, excluded %v", r.Stage, r.ExcludedModels)
+	}
 	_, err = d.Full(c, pkg, "1.0.0", "x")
 	step("gray → full", err, nil)
 	expect("1.0.0", "STAGE_FULL")

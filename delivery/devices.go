@@ -377,5 +377,7 @@ func (d *Delivery) DryRunRelease(ctx context.Context, reg *Registry, pkg, versio
 		g = Everyone
 	}
 	now := d.cfg.Now().UnixMilli()
-	return reg.Count(ctx, func(dev *Device) bool { return rel.audience.Match(dev, now) && g.Match(dev, now) })
+	return reg.Count(ctx, func(dev *Device) bool {
+		return rel.audience.Match(dev, now) && g.Match(dev, now) && (rel.excluded == nil || !rel.excluded.Match(dev, now))
+	})
 }

@@ -157,7 +157,16 @@ type release struct {
 	pb       *deliverypb.Release
 	audience *Rule
 	gray     *Rule // the gray rule; nil unless it went gray
+	excluded *Rule // matches the models left out (pb.ExcludedModels); nil for none
 }
+
+// clone copies r for a change.
+func (r *release) clone() *release {
+	return &release{pb: proto.Clone(r.pb).(*deliverypb.Release), audience: r.audience, gray: r.gray, excluded: r.excluded}
+}
+
+// maxExcludedModels bounds the models a release leaves out.
+const maxExcludedModels = MaxRuleValues
 
 // pkgState is a package: its releases in upload order (increasing
 // versions). It is immutable: a change builds a new one.
@@ -345,7 +354,7 @@ func transition(p *pkgState, ev *deliverypb.PackageEvent, seq uint64, keys map[s
 	if r == nil {
 		return nil, fmt.Errorf("package %s version %q: %w", p.name, clip(ev.Version), oplog.ErrNotFound)
 	}
-	nr := &release{pb: proto.Clone(r.pb).(*deliverypb.Release), audience: r.audience, gray: r.gray}
+	nr := r.clone()
 	nr.pb.Serial, nr.pb.UpdatedMs = seq, ev.AtMs
 	st, paused := r.pb.Stage, r.pb.Paused
 	refuse := func(what string) error {
@@ -383,6 +392,24 @@ func transition(p *pkgState, ev *deliverypb.PackageEvent, seq uint64, keys map[s
 			return nil, refuse("resume")
 		}
 		nr.pb.Paused = false
+	case *deliverypb.PackageEvent_ExcludeModel:
+		if st != deliverypb.Stage_STAGE_GRAY && st != deliverypb.Stage_STAGE_FULL {
+			return nil, refuse("leave a model out of")
+		}
+		if op.ExcludeModel == "" || len(op.ExcludeModel) > maxValueLen {
+			return nil, fmt.Errorf("package %s version %s: model %q: want 1-%d bytes: %w", p.name, ev.Version, clip(op.ExcludeModel), maxValueLen, oplog.ErrInvalid)
+		}
+		if !slices.Contains(nr.pb.ExcludedModels, op.ExcludeModel) {
+			if len(nr.pb.ExcludedModels) >= maxExcludedModels {
+				return nil, fmt.Errorf("package %s version %s: %d models left out already: %w", p.name, ev.Version, maxExcludedModels, oplog.ErrInvalid)
+			}
+			nr.pb.ExcludedModels = append(nr.pb.ExcludedModels, op.ExcludeModel)
+			ex, err := Compile(&deliverypb.Rule{Models: nr.pb.ExcludedModels}, releaseSalt(p.name, ev.Version))
+			if err != nil {
+				return nil, fmt.Errorf("package %s version %s: excluded models: %w", p.name, ev.Version, err)
+			}
+			nr.excluded = ex
+		}
 	case *deliverypb.PackageEvent_Stop:
 		if st == deliverypb.Stage_STAGE_STOPPED || st == deliverypb.Stage_STAGE_ROLLED_BACK {
 			return nil, refuse("stop")
@@ -458,12 +485,12 @@ func rollback(np *pkgState, to string, seq uint64, at int64) error {
 		if !rollbackable(r) {
 			continue
 		}
-		nr := &release{pb: proto.Clone(r.pb).(*deliverypb.Release), audience: r.audience, gray: r.gray}
+		nr := r.clone()
 		nr.pb.Stage, nr.pb.Paused, nr.pb.Serial, nr.pb.UpdatedMs = deliverypb.Stage_STAGE_ROLLED_BACK, false, seq, at
 		np.releases[i] = nr
 	}
 	if t := np.releases[stable]; t.pb.Paused {
-		nt := &release{pb: proto.Clone(t.pb).(*deliverypb.Release), audience: t.audience, gray: t.gray}
+		nt := t.clone()
 		nt.pb.Paused, nt.pb.Serial, nt.pb.UpdatedMs = false, seq, at
 		np.releases[stable] = nt
 	}

@@ -34,7 +34,7 @@ func offerFor(p *pkgState, d *Device, now int64, keys map[string]*deliverypb.Pro
 			rolled = append(rolled, r.pb.Version.Version)
 			continue
 		}
-		if r.pb.Paused || !r.audience.Match(d, now) {
+		if r.pb.Paused || !r.audience.Match(d, now) || (r.excluded != nil && r.excluded.Match(d, now)) {
 			continue
 		}
 		if r.pb.Kind == deliverypb.PackageKind_PACKAGE_KIND_HOT_PATCH {

@@ -1136,6 +1136,7 @@ type PackageEvent struct {
 	//	*PackageEvent_Resume
 	//	*PackageEvent_Stop
 	//	*PackageEvent_RollbackTo
+	//	*PackageEvent_ExcludeModel
 	Op            isPackageEvent_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1276,6 +1277,15 @@ func (x *PackageEvent) GetRollbackTo() string {
 	return ""
 }
 
+func (x *PackageEvent) GetExcludeModel() string {
+	if x != nil {
+		if x, ok := x.Op.(*PackageEvent_ExcludeModel); ok {
+			return x.ExcludeModel
+		}
+	}
+	return ""
+}
+
 type isPackageEvent_Op interface {
 	isPackageEvent_Op()
 }
@@ -1310,6 +1320,13 @@ type PackageEvent_RollbackTo struct {
 	RollbackTo string `protobuf:"bytes,16,opt,name=rollback_to,json=rollbackTo,proto3,oneof"`
 }
 
+type PackageEvent_ExcludeModel struct {
+	// Leaves the devices of one model out of a gray or full release:
+	// they are offered what they would be were it paused. A circuit
+	// breaker limited to a model does this.
+	ExcludeModel string `protobuf:"bytes,17,opt,name=exclude_model,json=excludeModel,proto3,oneof"`
+}
+
 func (*PackageEvent_Upload) isPackageEvent_Op() {}
 
 func (*PackageEvent_Gray) isPackageEvent_Op() {}
@@ -1323,6 +1340,8 @@ func (*PackageEvent_Resume) isPackageEvent_Op() {}
 func (*PackageEvent_Stop) isPackageEvent_Op() {}
 
 func (*PackageEvent_RollbackTo) isPackageEvent_Op() {}
+
+func (*PackageEvent_ExcludeModel) isPackageEvent_Op() {}
 
 // ProducerKey registers (or revokes) an ed25519 key that may sign hot
 // patches; stored on sluice.control.producerkey.<id>.
@@ -1396,19 +1415,20 @@ func (x *ProducerKey) GetAtMs() int64 {
 
 // Release is the state of one version of a package: the projection's view.
 type Release struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Package       string                 `protobuf:"bytes,1,opt,name=package,proto3" json:"package,omitempty"`
-	Kind          PackageKind            `protobuf:"varint,2,opt,name=kind,proto3,enum=sluice.delivery.v1.PackageKind" json:"kind,omitempty"`
-	Version       *Version               `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
-	Stage         Stage                  `protobuf:"varint,4,opt,name=stage,proto3,enum=sluice.delivery.v1.Stage" json:"stage,omitempty"`
-	Paused        bool                   `protobuf:"varint,5,opt,name=paused,proto3" json:"paused,omitempty"`
-	Gray          *Rule                  `protobuf:"bytes,6,opt,name=gray,proto3" json:"gray,omitempty"`      // the gray rule while gray
-	Serial        uint64                 `protobuf:"varint,7,opt,name=serial,proto3" json:"serial,omitempty"` // sequence of the package's last event
-	UpdatedMs     int64                  `protobuf:"varint,8,opt,name=updated_ms,json=updatedMs,proto3" json:"updated_ms,omitempty"`
-	ReachedFull   bool                   `protobuf:"varint,9,opt,name=reached_full,json=reachedFull,proto3" json:"reached_full,omitempty"` // it was full at some point
-	Offered       bool                   `protobuf:"varint,10,opt,name=offered,proto3" json:"offered,omitempty"`                           // it was gray or full at some point: devices may have it
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Package        string                 `protobuf:"bytes,1,opt,name=package,proto3" json:"package,omitempty"`
+	Kind           PackageKind            `protobuf:"varint,2,opt,name=kind,proto3,enum=sluice.delivery.v1.PackageKind" json:"kind,omitempty"`
+	Version        *Version               `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	Stage          Stage                  `protobuf:"varint,4,opt,name=stage,proto3,enum=sluice.delivery.v1.Stage" json:"stage,omitempty"`
+	Paused         bool                   `protobuf:"varint,5,opt,name=paused,proto3" json:"paused,omitempty"`
+	Gray           *Rule                  `protobuf:"bytes,6,opt,name=gray,proto3" json:"gray,omitempty"`      // the gray rule while gray
+	Serial         uint64                 `protobuf:"varint,7,opt,name=serial,proto3" json:"serial,omitempty"` // sequence of the package's last event
+	UpdatedMs      int64                  `protobuf:"varint,8,opt,name=updated_ms,json=updatedMs,proto3" json:"updated_ms,omitempty"`
+	ReachedFull    bool                   `protobuf:"varint,9,opt,name=reached_full,json=reachedFull,proto3" json:"reached_full,omitempty"`          // it was full at some point
+	Offered        bool                   `protobuf:"varint,10,opt,name=offered,proto3" json:"offered,omitempty"`                                    // it was gray or full at some point: devices may have it
+	ExcludedModels []string               `protobuf:"bytes,11,rep,name=excluded_models,json=excludedModels,proto3" json:"excluded_models,omitempty"` // models left out (exclude_model), as if paused for them
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Release) Reset() {
@@ -1509,6 +1529,13 @@ func (x *Release) GetOffered() bool {
 		return x.Offered
 	}
 	return false
+}
+
+func (x *Release) GetExcludedModels() []string {
+	if x != nil {
+		return x.ExcludedModels
+	}
+	return nil
 }
 
 // Manifest tells a device which version of a package to have. It is
@@ -3105,7 +3132,7 @@ const file_delivery_proto_rawDesc = "" +
 	"\baudience\x18\n" +
 	" \x01(\v2\x18.sluice.delivery.v1.RuleR\baudience\x12\x14\n" +
 	"\x05notes\x18\v \x01(\tR\x05notes\x12.\n" +
-	"\x13producer_public_key\x18\f \x01(\fR\x11producerPublicKey\"\x90\x03\n" +
+	"\x13producer_public_key\x18\f \x01(\fR\x11producerPublicKey\"\xb7\x03\n" +
 	"\fPackageEvent\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x12\x18\n" +
@@ -3120,14 +3147,15 @@ const file_delivery_proto_rawDesc = "" +
 	"\x06resume\x18\x0e \x01(\bH\x00R\x06resume\x12\x14\n" +
 	"\x04stop\x18\x0f \x01(\bH\x00R\x04stop\x12!\n" +
 	"\vrollback_to\x18\x10 \x01(\tH\x00R\n" +
-	"rollbackToB\x04\n" +
+	"rollbackTo\x12%\n" +
+	"\rexclude_model\x18\x11 \x01(\tH\x00R\fexcludeModelB\x04\n" +
 	"\x02op\"k\n" +
 	"\vProducerKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x18\n" +
 	"\arevoked\x18\x03 \x01(\bR\arevoked\x12\x13\n" +
-	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\"\xfa\x02\n" +
+	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\"\xa3\x03\n" +
 	"\aRelease\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x125\n" +
@@ -3140,7 +3168,8 @@ const file_delivery_proto_rawDesc = "" +
 	"updated_ms\x18\b \x01(\x03R\tupdatedMs\x12!\n" +
 	"\freached_full\x18\t \x01(\bR\vreachedFull\x12\x18\n" +
 	"\aoffered\x18\n" +
-	" \x01(\bR\aoffered\"\xbc\x04\n" +
+	" \x01(\bR\aoffered\x12'\n" +
+	"\x0fexcluded_models\x18\v \x03(\tR\x0eexcludedModels\"\xbc\x04\n" +
 	"\bManifest\x12\x18\n" +
 	"\apackage\x18\x01 \x01(\tR\apackage\x123\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1f.sluice.delivery.v1.PackageKindR\x04kind\x12\x18\n" +
@@ -3449,6 +3478,7 @@ func file_delivery_proto_init() {
 		(*PackageEvent_Resume)(nil),
 		(*PackageEvent_Stop)(nil),
 		(*PackageEvent_RollbackTo)(nil),
+		(*PackageEvent_ExcludeModel)(nil),
 	}
 	file_delivery_proto_msgTypes[17].OneofWrappers = []any{
 		(*Push_Users)(nil),
