@@ -4,18 +4,27 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"io/fs"
 	"maps"
+	"os"
+	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/gateway/gatewaypb"
+	"google.golang.org/protobuf/proto"
 )
 
 // AnalyticsConfig turns on tracking: events recorded with Track are sent
 // in batches over the link (never one request per event), each answered by
 // the server once stored; unanswered batches are sent again on the next
-// link (the server drops duplicates by event id).
+// link (the server drops duplicates by event id). Events not yet stored
+// are kept in StateDir (analytics.pb), written every Interval while Run
+// runs and when it returns, and loaded by New: a restart loses at most
+// the events of the last Interval before a crash.
 type AnalyticsConfig struct {
 	// App names the app in every event. Required.
 	App string
@@ -51,6 +60,91 @@ type tracker struct {
 	inflight map[uint64][]*analyticspb.Event
 	next     uint64
 	releases map[string]string // package → version the app runs (SetRelease)
+	dirty    bool              // the events waiting changed since they were saved
+	saveMu   sync.Mutex        // one save at a time
+}
+
+// trackFile holds the events not yet stored, in StateDir.
+const trackFile = "analytics.pb"
+
+// load reads the events a previous run left unsent (at most MaxQueue,
+// the newest). A damaged file is dropped with a log line.
+func (t *tracker) load(c *Client) {
+	b, err := os.ReadFile(filepath.Join(c.cfg.StateDir, trackFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	batch := &analyticspb.Batch{}
+	if err == nil {
+		err = proto.Unmarshal(b, batch)
+	}
+	if err != nil {
+		c.log.Warn().Err(err).Msg("unsent tracking events unreadable: dropped")
+		return
+	}
+	evs := batch.Events
+	if over := len(evs) - t.cfg.MaxQueue; over > 0 {
+		evs = evs[over:]
+		c.count(func(s *Stats) { s.AnalyticsDropped += int64(over) })
+	}
+	t.queue = evs
+}
+
+// save writes the events not yet stored (in flight, by batch, then
+// queued) if they changed since the last save; none removes the file.
+func (t *tracker) save(c *Client) {
+	t.saveMu.Lock()
+	defer t.saveMu.Unlock()
+	t.mu.Lock()
+	if !t.dirty {
+		t.mu.Unlock()
+		return
+	}
+	t.dirty = false
+	nos := slices.Sorted(maps.Keys(t.inflight))
+	batch := &analyticspb.Batch{}
+	for _, no := range nos {
+		batch.Events = append(batch.Events, t.inflight[no]...)
+	}
+	batch.Events = append(batch.Events, t.queue...)
+	var b []byte
+	var err error
+	if len(batch.Events) > 0 {
+		b, err = proto.Marshal(batch) // under mu: Track may not change an event in flight
+	}
+	t.mu.Unlock()
+	if err == nil {
+		if len(b) == 0 {
+			err = os.Remove(filepath.Join(c.cfg.StateDir, trackFile))
+			if errors.Is(err, fs.ErrNotExist) {
+				err = nil
+			}
+		} else {
+			err = writeFileAtomic(c.cfg.StateDir, trackFile, b)
+		}
+	}
+	if err != nil {
+		t.mu.Lock()
+		t.dirty = true // next time
+		t.mu.Unlock()
+		c.log.Warn().Err(err).Msg("saving unsent tracking events")
+	}
+}
+
+// keep saves the waiting events every Interval until ctx ends, then once
+// more.
+func (t *tracker) keep(ctx context.Context, c *Client) {
+	tick := time.NewTicker(t.cfg.Interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			t.save(c)
+			return
+		case <-tick.C:
+			t.save(c)
+		}
+	}
 }
 
 func newTracker(cfg AnalyticsConfig) *tracker {
@@ -110,6 +204,7 @@ func (c *Client) Track(ev *analyticspb.Event) {
 	}
 	t.mu.Lock()
 	t.queue = append(t.queue, ev)
+	t.dirty = true
 	if over := len(t.queue) - t.cfg.MaxQueue; over > 0 {
 		t.queue = t.queue[over:]
 		c.count(func(s *Stats) { s.AnalyticsDropped += int64(over) })
@@ -182,8 +277,9 @@ func (t *tracker) acked(c *Client, a *gatewaypb.AnalyticsAck) {
 		c.log.Warn().Str("error", a.Error.Message).Msg("tracking batch refused")
 	}
 	t.mu.Lock()
-	batch := t.inflight[a.Batch]
+	batch, ok := t.inflight[a.Batch]
 	delete(t.inflight, a.Batch)
+	t.dirty = t.dirty || ok
 	t.mu.Unlock()
 	if a.Error == nil {
 		r := a.Reply

@@ -2,6 +2,11 @@ package client_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -101,5 +106,87 @@ func TestReportingSwitch(t *testing.T) {
 			t.Fatalf("switch on: %+v", r.Stats())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestTrackSurvivesRestart: events tracked while no server is reachable
+// are kept in StateDir when Run returns; the next client on that
+// directory sends them, and once they are stored nothing is left to send.
+// A damaged file is dropped, not fatal.
+func TestTrackSurvivesRestart(t *testing.T) {
+	noLeaks(t)
+	e := newEnv(t)
+	in, err := analytics.Open(testCtx(t), analytics.Config{Log: e.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := e.node(func(c *gateway.Config) { c.Analytics = in })
+	dir := t.TempDir()
+	newClient := func(url string) *client.Client {
+		c, err := client.New(client.Config{URL: url, Token: tokens(e.token("u1", "dev-r")), StateDir: dir, Attrs: attrs,
+			Analytics: &client.AnalyticsConfig{App: "shop", Interval: 50 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	runFor := func(c *client.Client, until func() bool) {
+		t.Helper()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- c.Run(ctx) }()
+		deadline := time.Now().Add(10 * time.Second)
+		for !until() {
+			if time.Now().After(deadline) {
+				cancel()
+				<-done
+				t.Fatalf("stats %+v", c.Stats())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	file := filepath.Join(dir, "analytics.pb")
+
+	// Offline: nothing listens there.
+	off := newClient("tcp://127.0.0.1:1")
+	for i := range 5 {
+		off.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_CUSTOM, Name: fmt.Sprint("offline-", i)})
+	}
+	start := time.Now()
+	runFor(off, func() bool { return time.Since(start) > 200*time.Millisecond })
+	if _, err := os.Stat(file); err != nil {
+		t.Fatalf("after Run returned: %v", err)
+	}
+
+	// Restarted, online: the five go, once each.
+	on := newClient(n.tcp)
+	runFor(on, func() bool { return on.Stats().AnalyticsStored == 5 })
+	s, err := e.log.JetStream().Stream(testCtx(t), analytics.StreamAnalytics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := s.Info(testCtx(t)); err != nil || info.State.Msgs != 5 {
+		t.Fatalf("stream holds %v events (%v), want 5", info.State.Msgs, err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("every event stored, yet the file is there: %v", err)
+	}
+	again := newClient(n.tcp)
+	start = time.Now()
+	runFor(again, func() bool { return time.Since(start) > 200*time.Millisecond })
+	if st := again.Stats(); st.AnalyticsSent != 0 {
+		t.Fatalf("a third client sent %d events: %+v", st.AnalyticsSent, st)
+	}
+
+	// A damaged file: dropped, the client starts.
+	if err := os.WriteFile(file, []byte{0xff, 0xff, 0xff}, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if c := newClient(n.tcp); c.Stats().AnalyticsDropped != 0 {
+		t.Fatalf("stats %+v", c.Stats())
 	}
 }

@@ -322,6 +322,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	c.cfg = cfg
 	c.loadView()
+	if c.tracker != nil {
+		c.tracker.load(c)
+	}
 	return c, nil
 }
 
@@ -409,6 +412,12 @@ func (c *Client) Run(ctx context.Context) error {
 		return ErrRunning
 	}
 	defer c.running.Store(false)
+	if t := c.tracker; t != nil {
+		kctx, stop := context.WithCancel(ctx)
+		kept := make(chan struct{})
+		go func() { t.keep(kctx, c); close(kept) }()
+		defer func() { stop(); <-kept }()
+	}
 	r := newRun(c)
 	defer r.timer.Stop()
 	attempt, next := 0, 0
