@@ -140,7 +140,7 @@ func (t aggTxn) once(key string) (bool, error) {
 // and reports whether it is new. Ingest refuses events older than its
 // LateWindow, so a duplicate cannot come after the key expired; an event
 // older than keep (a replay of old data) is counted without a key.
-func (t aggTxn) seen(ev *analyticspb.Event, keep time.Duration) (bool, error) {
+func (t aggTxn) seen(ev *analyticspb.EventHead, keep time.Duration) (bool, error) {
 	key := []byte("x/" + ev.Device + "/" + ev.Id)
 	_, err := t.Get(key)
 	if err == nil {
@@ -169,11 +169,15 @@ func (t aggTxn) count(app, period, metric string) error {
 	return t.add("n/"+app+"/"+period+"/"+metric, 1)
 }
 
+// headDecoder decodes a stored Event as an EventHead, dropping the
+// fields the aggregates do not read.
+var headDecoder = proto.UnmarshalOptions{DiscardUnknown: true}
+
 // apply counts one event. Malformed records (not written by Ingest) are
 // skipped with a log line: nothing malformed reaches the aggregates.
 func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
-	ev := &analyticspb.Event{}
-	if err := proto.Unmarshal(r.Data, ev); err != nil || !oplog.ValidID(ev.Id) || !oplog.ValidID(ev.Device) || !oplog.ValidID(ev.App) || ev.TimeMs <= 0 {
+	ev := &analyticspb.EventHead{} // properties and stack skipped
+	if err := headDecoder.Unmarshal(r.Data, ev); err != nil || !oplog.ValidID(ev.Id) || !oplog.ValidID(ev.Device) || !oplog.ValidID(ev.App) || ev.TimeMs <= 0 {
 		ag.lg.Warn().Uint64("seq", r.Seq).Str("subject", r.Subject).Msg("analytics event skipped: malformed")
 		return nil
 	}
@@ -238,7 +242,7 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 // active counts the user active in the event's day, week and month, as a
 // new user on the first day seen, in its cohort's retention, and in the
 // day's breakdowns (by the attributes of its first event of the day).
-func (ag *Aggregates) active(t aggTxn, ev *analyticspb.Event, app, d, uid string) error {
+func (ag *Aggregates) active(t aggTxn, ev *analyticspb.EventHead, app, d, uid string) error {
 	// Most events are not a user's first of the day: one read settles
 	// them. A user active in a day was counted in its week and month in
 	// the same transaction.
@@ -309,7 +313,7 @@ func daysBetween(from, to string) int {
 // after the last one (or a session start) opens a new one, counted on its
 // first day per slice; a session end or the next session closes it and
 // counts its length; a crash marks it crashed (once).
-func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slices []string) error {
+func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, slices []string) error {
 	key := []byte("s/" + app + "/" + ev.Device)
 	var start, last int64
 	var flags byte // 1: crashed, 2: frozen
@@ -385,7 +389,7 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.Event, app string, slice
 // watchedSlices are the slices circuit breakers watch an event's session
 // under: each release and switch variant active on the device, alone and
 // with the device's model.
-func watchedSlices(ev *analyticspb.Event) []string {
+func watchedSlices(ev *analyticspb.EventHead) []string {
 	var out []string
 	add := func(s string) {
 		out = append(out, s)

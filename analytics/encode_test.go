@@ -121,3 +121,38 @@ func BenchmarkEncodeEvent(b *testing.B) {
 		}
 	})
 }
+
+// TestEventHeadMatchesEvent: the aggregates decode stored Events as
+// EventHeads; each of EventHead's fields must be Event's field of that
+// number, and only properties and stack may be missing.
+func TestEventHeadMatchesEvent(t *testing.T) {
+	full := (&analyticspb.Event{}).ProtoReflect().Descriptor().Fields()
+	head := (&analyticspb.EventHead{}).ProtoReflect().Descriptor().Fields()
+	for i := range head.Len() {
+		h := head.Get(i)
+		f := full.ByNumber(h.Number())
+		if f == nil || f.Name() != h.Name() || f.Kind() != h.Kind() || f.Cardinality() != h.Cardinality() || f.IsMap() != h.IsMap() {
+			t.Errorf("EventHead field %d %s (%v) is not Event's %v", h.Number(), h.Name(), h.Kind(), f)
+		}
+	}
+	var missing []string
+	for i := range full.Len() {
+		if f := full.Get(i); head.ByNumber(f.Number()) == nil {
+			missing = append(missing, string(f.Name()))
+		}
+	}
+	if fmt.Sprint(missing) != "[properties stack]" {
+		t.Errorf("Event fields EventHead lacks: %v, want [properties stack]", missing)
+	}
+	// And a stored event reads back as its head.
+	ev := &analyticspb.Event{Id: "e1", Type: analyticspb.Type_TYPE_CRASH, TimeMs: 5, Device: "d", Model: "Pixel 8", Stack: "boom",
+		Properties: map[string]string{"a": "b"}, Releases: map[string]string{"app": "2"}, Value: 1.5, ReceivedMs: 6}
+	h := &analyticspb.EventHead{}
+	if err := headDecoder.Unmarshal(appendEvent(nil, ev), h); err != nil {
+		t.Fatal(err)
+	}
+	if h.Id != "e1" || h.Type != ev.Type || h.TimeMs != 5 || h.Model != "Pixel 8" || h.Releases["app"] != "2" || h.Value != 1.5 || h.ReceivedMs != 6 ||
+		len(h.ProtoReflect().GetUnknown()) != 0 {
+		t.Fatalf("head %v of %v", h, ev)
+	}
+}

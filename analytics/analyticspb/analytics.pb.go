@@ -418,6 +418,214 @@ func (x *Event) GetReceivedMs() int64 {
 	return 0
 }
 
+// EventHead is an Event without its properties and stack: the fields the
+// aggregates read. A stored Event decodes as an EventHead (the two other
+// fields skipped as unknown) at a fraction of the cost. Keep its fields
+// those of Event, numbers and types alike.
+type EventHead struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Type          Type                   `protobuf:"varint,2,opt,name=type,proto3,enum=sluice.analytics.v1.Type" json:"type,omitempty"`
+	TimeMs        int64                  `protobuf:"varint,3,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	Device        string                 `protobuf:"bytes,4,opt,name=device,proto3" json:"device,omitempty"`
+	User          string                 `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`
+	App           string                 `protobuf:"bytes,6,opt,name=app,proto3" json:"app,omitempty"`
+	AppVersion    string                 `protobuf:"bytes,7,opt,name=app_version,json=appVersion,proto3" json:"app_version,omitempty"`
+	Os            string                 `protobuf:"bytes,8,opt,name=os,proto3" json:"os,omitempty"`
+	OsVersion     string                 `protobuf:"bytes,9,opt,name=os_version,json=osVersion,proto3" json:"os_version,omitempty"`
+	Model         string                 `protobuf:"bytes,10,opt,name=model,proto3" json:"model,omitempty"`
+	Region        string                 `protobuf:"bytes,11,opt,name=region,proto3" json:"region,omitempty"`
+	Network       string                 `protobuf:"bytes,12,opt,name=network,proto3" json:"network,omitempty"`
+	Releases      map[string]string      `protobuf:"bytes,13,rep,name=releases,proto3" json:"releases,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Switches      map[string]string      `protobuf:"bytes,14,rep,name=switches,proto3" json:"switches,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Page          string                 `protobuf:"bytes,15,opt,name=page,proto3" json:"page,omitempty"`
+	Referrer      string                 `protobuf:"bytes,16,opt,name=referrer,proto3" json:"referrer,omitempty"`
+	Name          string                 `protobuf:"bytes,17,opt,name=name,proto3" json:"name,omitempty"`
+	DurationMs    int64                  `protobuf:"varint,20,opt,name=duration_ms,json=durationMs,proto3" json:"duration_ms,omitempty"`
+	Value         float64                `protobuf:"fixed64,21,opt,name=value,proto3" json:"value,omitempty"`
+	Session       string                 `protobuf:"bytes,22,opt,name=session,proto3" json:"session,omitempty"`
+	ReceivedMs    int64                  `protobuf:"varint,23,opt,name=received_ms,json=receivedMs,proto3" json:"received_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventHead) Reset() {
+	*x = EventHead{}
+	mi := &file_analytics_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventHead) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventHead) ProtoMessage() {}
+
+func (x *EventHead) ProtoReflect() protoreflect.Message {
+	mi := &file_analytics_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventHead.ProtoReflect.Descriptor instead.
+func (*EventHead) Descriptor() ([]byte, []int) {
+	return file_analytics_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *EventHead) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *EventHead) GetType() Type {
+	if x != nil {
+		return x.Type
+	}
+	return Type_TYPE_UNSPECIFIED
+}
+
+func (x *EventHead) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
+func (x *EventHead) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *EventHead) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *EventHead) GetApp() string {
+	if x != nil {
+		return x.App
+	}
+	return ""
+}
+
+func (x *EventHead) GetAppVersion() string {
+	if x != nil {
+		return x.AppVersion
+	}
+	return ""
+}
+
+func (x *EventHead) GetOs() string {
+	if x != nil {
+		return x.Os
+	}
+	return ""
+}
+
+func (x *EventHead) GetOsVersion() string {
+	if x != nil {
+		return x.OsVersion
+	}
+	return ""
+}
+
+func (x *EventHead) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *EventHead) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *EventHead) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *EventHead) GetReleases() map[string]string {
+	if x != nil {
+		return x.Releases
+	}
+	return nil
+}
+
+func (x *EventHead) GetSwitches() map[string]string {
+	if x != nil {
+		return x.Switches
+	}
+	return nil
+}
+
+func (x *EventHead) GetPage() string {
+	if x != nil {
+		return x.Page
+	}
+	return ""
+}
+
+func (x *EventHead) GetReferrer() string {
+	if x != nil {
+		return x.Referrer
+	}
+	return ""
+}
+
+func (x *EventHead) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EventHead) GetDurationMs() int64 {
+	if x != nil {
+		return x.DurationMs
+	}
+	return 0
+}
+
+func (x *EventHead) GetValue() float64 {
+	if x != nil {
+		return x.Value
+	}
+	return 0
+}
+
+func (x *EventHead) GetSession() string {
+	if x != nil {
+		return x.Session
+	}
+	return ""
+}
+
+func (x *EventHead) GetReceivedMs() int64 {
+	if x != nil {
+		return x.ReceivedMs
+	}
+	return 0
+}
+
 // Batch is one upload.
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -428,7 +636,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_analytics_proto_msgTypes[1]
+	mi := &file_analytics_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -440,7 +648,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_analytics_proto_msgTypes[1]
+	mi := &file_analytics_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -453,7 +661,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_analytics_proto_rawDescGZIP(), []int{1}
+	return file_analytics_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Batch) GetEvents() []*Event {
@@ -476,7 +684,7 @@ type Rejected struct {
 
 func (x *Rejected) Reset() {
 	*x = Rejected{}
-	mi := &file_analytics_proto_msgTypes[2]
+	mi := &file_analytics_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -488,7 +696,7 @@ func (x *Rejected) String() string {
 func (*Rejected) ProtoMessage() {}
 
 func (x *Rejected) ProtoReflect() protoreflect.Message {
-	mi := &file_analytics_proto_msgTypes[2]
+	mi := &file_analytics_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -501,7 +709,7 @@ func (x *Rejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rejected.ProtoReflect.Descriptor instead.
 func (*Rejected) Descriptor() ([]byte, []int) {
-	return file_analytics_proto_rawDescGZIP(), []int{2}
+	return file_analytics_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Rejected) GetIndex() uint32 {
@@ -547,7 +755,7 @@ type IngestReply struct {
 
 func (x *IngestReply) Reset() {
 	*x = IngestReply{}
-	mi := &file_analytics_proto_msgTypes[3]
+	mi := &file_analytics_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -559,7 +767,7 @@ func (x *IngestReply) String() string {
 func (*IngestReply) ProtoMessage() {}
 
 func (x *IngestReply) ProtoReflect() protoreflect.Message {
-	mi := &file_analytics_proto_msgTypes[3]
+	mi := &file_analytics_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -572,7 +780,7 @@ func (x *IngestReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IngestReply.ProtoReflect.Descriptor instead.
 func (*IngestReply) Descriptor() ([]byte, []int) {
-	return file_analytics_proto_rawDescGZIP(), []int{3}
+	return file_analytics_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *IngestReply) GetAccepted() uint32 {
@@ -632,7 +840,7 @@ type BreakerRule struct {
 
 func (x *BreakerRule) Reset() {
 	*x = BreakerRule{}
-	mi := &file_analytics_proto_msgTypes[4]
+	mi := &file_analytics_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +852,7 @@ func (x *BreakerRule) String() string {
 func (*BreakerRule) ProtoMessage() {}
 
 func (x *BreakerRule) ProtoReflect() protoreflect.Message {
-	mi := &file_analytics_proto_msgTypes[4]
+	mi := &file_analytics_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +865,7 @@ func (x *BreakerRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BreakerRule.ProtoReflect.Descriptor instead.
 func (*BreakerRule) Descriptor() ([]byte, []int) {
-	return file_analytics_proto_rawDescGZIP(), []int{4}
+	return file_analytics_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *BreakerRule) GetId() string {
@@ -791,7 +999,7 @@ type BreakerTrip struct {
 
 func (x *BreakerTrip) Reset() {
 	*x = BreakerTrip{}
-	mi := &file_analytics_proto_msgTypes[5]
+	mi := &file_analytics_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +1011,7 @@ func (x *BreakerTrip) String() string {
 func (*BreakerTrip) ProtoMessage() {}
 
 func (x *BreakerTrip) ProtoReflect() protoreflect.Message {
-	mi := &file_analytics_proto_msgTypes[5]
+	mi := &file_analytics_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +1024,7 @@ func (x *BreakerTrip) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BreakerTrip.ProtoReflect.Descriptor instead.
 func (*BreakerTrip) Descriptor() ([]byte, []int) {
-	return file_analytics_proto_rawDescGZIP(), []int{5}
+	return file_analytics_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *BreakerTrip) GetRule() string {
@@ -926,7 +1134,40 @@ const file_analytics_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
 	"\x0fPropertiesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\";\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x89\x06\n" +
+	"\tEventHead\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12-\n" +
+	"\x04type\x18\x02 \x01(\x0e2\x19.sluice.analytics.v1.TypeR\x04type\x12\x17\n" +
+	"\atime_ms\x18\x03 \x01(\x03R\x06timeMs\x12\x16\n" +
+	"\x06device\x18\x04 \x01(\tR\x06device\x12\x12\n" +
+	"\x04user\x18\x05 \x01(\tR\x04user\x12\x10\n" +
+	"\x03app\x18\x06 \x01(\tR\x03app\x12\x1f\n" +
+	"\vapp_version\x18\a \x01(\tR\n" +
+	"appVersion\x12\x0e\n" +
+	"\x02os\x18\b \x01(\tR\x02os\x12\x1d\n" +
+	"\n" +
+	"os_version\x18\t \x01(\tR\tosVersion\x12\x14\n" +
+	"\x05model\x18\n" +
+	" \x01(\tR\x05model\x12\x16\n" +
+	"\x06region\x18\v \x01(\tR\x06region\x12\x18\n" +
+	"\anetwork\x18\f \x01(\tR\anetwork\x12H\n" +
+	"\breleases\x18\r \x03(\v2,.sluice.analytics.v1.EventHead.ReleasesEntryR\breleases\x12H\n" +
+	"\bswitches\x18\x0e \x03(\v2,.sluice.analytics.v1.EventHead.SwitchesEntryR\bswitches\x12\x12\n" +
+	"\x04page\x18\x0f \x01(\tR\x04page\x12\x1a\n" +
+	"\breferrer\x18\x10 \x01(\tR\breferrer\x12\x12\n" +
+	"\x04name\x18\x11 \x01(\tR\x04name\x12\x1f\n" +
+	"\vduration_ms\x18\x14 \x01(\x03R\n" +
+	"durationMs\x12\x14\n" +
+	"\x05value\x18\x15 \x01(\x01R\x05value\x12\x18\n" +
+	"\asession\x18\x16 \x01(\tR\asession\x12\x1f\n" +
+	"\vreceived_ms\x18\x17 \x01(\x03R\n" +
+	"receivedMs\x1a;\n" +
+	"\rReleasesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
+	"\rSwitchesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01J\x04\b\x12\x10\x13J\x04\b\x13\x10\x14\";\n" +
 	"\x05Batch\x122\n" +
 	"\x06events\x18\x01 \x03(\v2\x1a.sluice.analytics.v1.EventR\x06events\"^\n" +
 	"\bRejected\x12\x14\n" +
@@ -1006,35 +1247,41 @@ func file_analytics_proto_rawDescGZIP() []byte {
 }
 
 var file_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_analytics_proto_goTypes = []any{
 	(Type)(0),           // 0: sluice.analytics.v1.Type
 	(Metric)(0),         // 1: sluice.analytics.v1.Metric
 	(Action)(0),         // 2: sluice.analytics.v1.Action
 	(*Event)(nil),       // 3: sluice.analytics.v1.Event
-	(*Batch)(nil),       // 4: sluice.analytics.v1.Batch
-	(*Rejected)(nil),    // 5: sluice.analytics.v1.Rejected
-	(*IngestReply)(nil), // 6: sluice.analytics.v1.IngestReply
-	(*BreakerRule)(nil), // 7: sluice.analytics.v1.BreakerRule
-	(*BreakerTrip)(nil), // 8: sluice.analytics.v1.BreakerTrip
-	nil,                 // 9: sluice.analytics.v1.Event.ReleasesEntry
-	nil,                 // 10: sluice.analytics.v1.Event.SwitchesEntry
-	nil,                 // 11: sluice.analytics.v1.Event.PropertiesEntry
+	(*EventHead)(nil),   // 4: sluice.analytics.v1.EventHead
+	(*Batch)(nil),       // 5: sluice.analytics.v1.Batch
+	(*Rejected)(nil),    // 6: sluice.analytics.v1.Rejected
+	(*IngestReply)(nil), // 7: sluice.analytics.v1.IngestReply
+	(*BreakerRule)(nil), // 8: sluice.analytics.v1.BreakerRule
+	(*BreakerTrip)(nil), // 9: sluice.analytics.v1.BreakerTrip
+	nil,                 // 10: sluice.analytics.v1.Event.ReleasesEntry
+	nil,                 // 11: sluice.analytics.v1.Event.SwitchesEntry
+	nil,                 // 12: sluice.analytics.v1.Event.PropertiesEntry
+	nil,                 // 13: sluice.analytics.v1.EventHead.ReleasesEntry
+	nil,                 // 14: sluice.analytics.v1.EventHead.SwitchesEntry
 }
 var file_analytics_proto_depIdxs = []int32{
 	0,  // 0: sluice.analytics.v1.Event.type:type_name -> sluice.analytics.v1.Type
-	9,  // 1: sluice.analytics.v1.Event.releases:type_name -> sluice.analytics.v1.Event.ReleasesEntry
-	10, // 2: sluice.analytics.v1.Event.switches:type_name -> sluice.analytics.v1.Event.SwitchesEntry
-	11, // 3: sluice.analytics.v1.Event.properties:type_name -> sluice.analytics.v1.Event.PropertiesEntry
-	3,  // 4: sluice.analytics.v1.Batch.events:type_name -> sluice.analytics.v1.Event
-	5,  // 5: sluice.analytics.v1.IngestReply.rejected:type_name -> sluice.analytics.v1.Rejected
-	1,  // 6: sluice.analytics.v1.BreakerRule.metric:type_name -> sluice.analytics.v1.Metric
-	2,  // 7: sluice.analytics.v1.BreakerRule.action:type_name -> sluice.analytics.v1.Action
-	8,  // [8:8] is the sub-list for method output_type
-	8,  // [8:8] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	10, // 1: sluice.analytics.v1.Event.releases:type_name -> sluice.analytics.v1.Event.ReleasesEntry
+	11, // 2: sluice.analytics.v1.Event.switches:type_name -> sluice.analytics.v1.Event.SwitchesEntry
+	12, // 3: sluice.analytics.v1.Event.properties:type_name -> sluice.analytics.v1.Event.PropertiesEntry
+	0,  // 4: sluice.analytics.v1.EventHead.type:type_name -> sluice.analytics.v1.Type
+	13, // 5: sluice.analytics.v1.EventHead.releases:type_name -> sluice.analytics.v1.EventHead.ReleasesEntry
+	14, // 6: sluice.analytics.v1.EventHead.switches:type_name -> sluice.analytics.v1.EventHead.SwitchesEntry
+	3,  // 7: sluice.analytics.v1.Batch.events:type_name -> sluice.analytics.v1.Event
+	6,  // 8: sluice.analytics.v1.IngestReply.rejected:type_name -> sluice.analytics.v1.Rejected
+	1,  // 9: sluice.analytics.v1.BreakerRule.metric:type_name -> sluice.analytics.v1.Metric
+	2,  // 10: sluice.analytics.v1.BreakerRule.action:type_name -> sluice.analytics.v1.Action
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_analytics_proto_init() }
@@ -1048,7 +1295,7 @@ func file_analytics_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_analytics_proto_rawDesc), len(file_analytics_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   9,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
