@@ -76,6 +76,7 @@ type analyticsConfig struct {
 	loaders    int
 	timeout    time.Duration
 	cpuProfile string
+	sides      map[string]bool // ingest sides: http, link
 }
 
 func parseAnalyticsFlags(args []string, stderr io.Writer) (*analyticsConfig, error) {
@@ -116,6 +117,8 @@ flags:`)
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&scen, "scenario", "all", "scenarios to run: all, or a comma-separated list of ingest, query")
+	var sides string
+	fs.StringVar(&sides, "sides", "http,link", "ingest: the sides to measure, a comma-separated list of http, link")
 	fs.StringVar(&c.fsync, "fsync", fsyncAlways, "ingest: JetStream fsync, always (sluiced's default) or interval")
 	fs.IntVar(&c.conc, "concurrency", 16, "ingest: concurrent keep-alive HTTP clients")
 	fs.IntVar(&c.batch, "batch", 100, "ingest: events per uploaded batch (at most 1000)")
@@ -144,6 +147,15 @@ flags:`)
 			c.scenarios[s] = true
 		default:
 			errs = append(errs, fmt.Errorf("-scenario %q: want all, ingest or query", s))
+		}
+	}
+	c.sides = map[string]bool{}
+	for s := range strings.SplitSeq(sides, ",") {
+		switch s = strings.TrimSpace(s); s {
+		case "http", "link":
+			c.sides[s] = true
+		default:
+			errs = append(errs, fmt.Errorf("-sides %q: want http or link", s))
 		}
 	}
 	if c.fsync != fsyncInterval && c.fsync != fsyncAlways {
@@ -606,13 +618,16 @@ func (b *analyticsBench) ingest(ctx context.Context) (r ingestResult, err error)
 	}()
 	gaddr := gln.Addr().String()
 
-	sides := []ingestSide{
-		{name: "HTTP /v1/analytics", tag: "h", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
+	var sides []ingestSide
+	if cfg.sides["http"] {
+		sides = append(sides, ingestSide{name: "HTTP /v1/analytics", tag: "h", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
 			return b.ingestHTTP(ctx, addr, pool)
-		}},
-		{name: "gateway link (TLV)", tag: "g", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
+		}})
+	}
+	if cfg.sides["link"] {
+		sides = append(sides, ingestSide{name: "gateway link (TLV)", tag: "g", run: func(ctx context.Context, pool *ingestPool) (ingestPhase, error) {
 			return b.ingestLink(ctx, gaddr, pool)
-		}},
+		}})
 	}
 	js := st.lg.JetStream()
 	stream, err := js.Stream(octx, analytics.StreamAnalytics)

@@ -47,6 +47,7 @@ func TestAnalyticsFlags(t *testing.T) {
 	for _, args := range [][]string{
 		{"analytics", "-scenario", "ingest,nope"},
 		{"analytics", "-fsync", "never"},
+		{"analytics", "-sides", "http,ftp"},
 		{"analytics", "-batch", "1001"},
 		{"analytics", "-n", "10", "-batch", "100"},
 		{"analytics", "-days", "1"},
