@@ -88,3 +88,82 @@ func TestProjectionSplitsTooBigTransactions(t *testing.T) {
 	}
 	t.Logf("%d records counted once each; %d transactions split", count, tooBig)
 }
+
+// TestProjectionProgressKeyOverflow: Records that fill a transaction to
+// its last entry leave no room for the progress key; the projector cuts
+// the transaction before the last Record instead of retrying forever.
+func TestProjectionProgressKeyOverflow(t *testing.T) {
+	// The first Record takes all but one of a transaction's sets, the
+	// second the last one; then the batch ends (the progress key does
+	// not fit) or a third Record follows (it does not fit, and the
+	// progress key does not fit with the first two).
+	for _, tail := range [][]int{{1}, {1, 5}} {
+		t.Run(fmt.Sprint(len(tail)+1, "-records"), func(t *testing.T) { progressKeyOverflow(t, tail) })
+	}
+}
+
+func progressKeyOverflow(t *testing.T, tail []int) {
+	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := oplog.OpenStore(t.TempDir(), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	// A transaction holds MaxBatchCount-2 sets (its count starts at 1
+	// and must stay under the limit).
+	sizes := append([]int{int(db.MaxBatchCount()) - 3}, tail...)
+	const stream = "FULLTXN"
+	if _, err := js.CreateStream(ctx(t), jetstream.StreamConfig{Name: stream, Subjects: []string{"fulltxn.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range sizes {
+		if _, err := js.Publish(ctx(t), fmt.Sprintf("fulltxn.%d", i), []byte(fmt.Sprint(n))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied := map[uint64]int{}
+	apply := func(txn *badger.Txn, r *oplog.Record) error {
+		var n int
+		if _, err := fmt.Sscan(string(r.Data), &n); err != nil {
+			return err
+		}
+		for k := range n {
+			if err := txn.Set(fmt.Appendf(nil, "k/%d/%06d", r.Seq, k), nil); err != nil {
+				return err
+			}
+		}
+		applied[r.Seq]++
+		return nil
+	}
+	pr, err := oplog.NewProjection(oplog.ProjectionConfig{Stream: stream, DB: db, JetStream: js, Prefixes: [][]byte{[]byte("k/")}, Apply: apply})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oplogtest.RunUntilCleanup(t, "projection", pr.Run)
+	if err := pr.CatchUp(ctx(t)); err != nil {
+		t.Fatalf("%v (applications per record: %v)", err, applied)
+	}
+	var keys int
+	if err := db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte("k/")})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			keys++
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want := 0
+	for _, n := range sizes {
+		want += n
+	}
+	if keys != want {
+		t.Fatalf("%d keys, want %d", keys, want)
+	}
+	t.Logf("%d keys; applications per record %v", keys, applied)
+}

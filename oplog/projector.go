@@ -506,67 +506,110 @@ func (p *projector) advanceTo(seq uint64) error {
 }
 
 // write applies a batch in as few transactions as badger allows, each
-// carrying the progress key of its last Record.
+// carrying the progress key of its last Record. When a transaction grows
+// too big (badger's ErrTxnTooBig) it is dropped, not committed with part
+// of a Record in it: the Records it held are applied again in new
+// transactions (commitFresh), and the Record that did not fit starts the
+// next one. Apply is deterministic, so the result is as if the cuts had
+// been made there in the first place.
 func (p *projector) write(batch []Record) error {
+	start := 0    // first index of batch not yet committed
+	var idx []int // indices of the Records applied in the open transaction
+	var last uint64
 	txn := p.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
-	var last uint64
-	start := 0 // first Record of the open transaction
-	commit := func(end int) error {
-		if err := txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, last)); err != nil {
-			return err
-		}
-		if err := txn.Commit(); err != nil {
-			return fmt.Errorf("commit: %w", err)
-		}
-		// Hooks first: whoever waits for this sequence (WaitFor, CatchUp)
-		// then finds its live watchers told already. Topics rely on it:
-		// an unfollow returns only once the follower's sessions know.
-		if p.committed != nil {
-			p.committed(batch[start:end])
-		}
-		p.advanced(last)
-		start = end
-		txn = p.db.NewTransaction(true)
-		return nil
-	}
-	var inTxn []*Record // applied in the open transaction
 	for i := range batch {
 		r := &batch[i]
 		if r.Seq <= p.applied.Load() || r.Seq <= last {
 			continue // already applied (a consumer restarted, or fed twice)
 		}
 		err := p.apply(txn, r)
-		if errors.Is(err, badger.ErrTxnTooBig) {
-			// The transaction holds part of r: drop it, apply the
-			// Records before r again in a new one and commit that, then
-			// apply r alone. Apply is deterministic, so the result is
-			// as if the transaction had been cut before r.
+		if errors.Is(err, badger.ErrTxnTooBig) && len(idx) > 0 {
 			txn.Discard()
-			txn = p.db.NewTransaction(true)
-			if len(inTxn) > 0 {
-				for _, q := range inTxn {
-					if err := p.apply(txn, q); err != nil {
-						return fmt.Errorf("apply %d again: %w", q.Seq, err)
-					}
-				}
-				if err := commit(i); err != nil {
-					return err
-				}
-				inTxn = inTxn[:0]
+			if err := p.commitFresh(batch, idx, start, i); err != nil {
+				return err
 			}
+			start, idx = i, idx[:0]
+			txn = p.db.NewTransaction(true)
 			err = p.apply(txn, r)
 		}
 		if err != nil {
 			return fmt.Errorf("apply %d: %w", r.Seq, err)
 		}
-		inTxn = append(inTxn, r)
+		idx = append(idx, i)
 		last = r.Seq
 	}
-	if last == 0 {
+	if len(idx) == 0 {
 		return nil
 	}
-	return commit(len(batch))
+	err := txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, last))
+	if errors.Is(err, badger.ErrTxnTooBig) {
+		// The Records filled the transaction to the last entry.
+		txn.Discard()
+		return p.commitFresh(batch, idx, start, len(batch))
+	}
+	if err != nil {
+		return err
+	}
+	if err := txn.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	p.committedUpTo(batch[start:], last)
+	return nil
+}
+
+// commitFresh applies the Records batch[idx...] again in new transactions,
+// as many in each as fit with the progress key, and commits them; the
+// last commit covers batch[...:end] for the commit hook.
+func (p *projector) commitFresh(batch []Record, idx []int, start, end int) error {
+	for len(idx) > 0 {
+		n := len(idx)
+		for {
+			txn := p.db.NewTransaction(true)
+			var err error
+			for _, k := range idx[:n] {
+				if err = p.apply(txn, &batch[k]); err != nil {
+					break
+				}
+			}
+			seq := batch[idx[n-1]].Seq
+			if err == nil {
+				err = txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, seq))
+			}
+			if errors.Is(err, badger.ErrTxnTooBig) && n > 1 {
+				txn.Discard()
+				n--
+				continue
+			}
+			if err != nil {
+				txn.Discard()
+				return fmt.Errorf("apply %d again: %w", seq, err)
+			}
+			if err := txn.Commit(); err != nil {
+				return fmt.Errorf("commit: %w", err)
+			}
+			upTo := end
+			if n < len(idx) {
+				upTo = idx[n]
+			}
+			p.committedUpTo(batch[start:upTo], seq)
+			start, idx = upTo, idx[n:]
+			break
+		}
+	}
+	return nil
+}
+
+// committedUpTo runs after a commit of recs (some may have been skipped as
+// applied before) whose last applied sequence is seq.
+func (p *projector) committedUpTo(recs []Record, seq uint64) {
+	// Hooks first: whoever waits for this sequence (WaitFor, CatchUp)
+	// then finds its live watchers told already. Topics rely on it: an
+	// unfollow returns only once the follower's sessions know.
+	if p.committed != nil {
+		p.committed(recs)
+	}
+	p.advanced(seq)
 }
 
 // reset runs on the projector's goroutine with no consumer running.
