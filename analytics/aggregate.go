@@ -29,7 +29,7 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 // retention per cohort. Replaying the stream rebuilds it to the same
 // digest. Keys:
 //
-//	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window), kept DedupeKeep after its time
+//	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window), kept DedupeKeep; not in the digest
 //	a/<app>/<period>/<uid>           a user active in a day (20261121), ISO week (2026W47) or month (202611)
 //	f/<app>/<uid>                    → the day the user was first seen (their cohort)
 //	s/<app>/<device>                 → the device's open session: start, last event, crashed
@@ -57,9 +57,10 @@ type AggregatesConfig struct {
 	Dir string
 	// Logger. Default zerolog.Nop().
 	Logger *zerolog.Logger
-	// DedupeKeep is how long after an event's time its id is kept to
-	// drop duplicates that come past JetStream's duplicate window. It
-	// must exceed the Ingestor's LateWindow. Default DefaultDedupeKeep.
+	// DedupeKeep is how long an event's id is kept (from when it is
+	// applied, or from the event's time if later) to drop duplicates
+	// that come past JetStream's duplicate window. It must exceed the
+	// Ingestor's LateWindow. Default DefaultDedupeKeep.
 	DedupeKeep time.Duration
 }
 
@@ -91,7 +92,7 @@ func OpenAggregates(cfg AggregatesConfig) (*Aggregates, error) {
 	}
 	ag.db = db
 	ag.proj, err = oplog.NewProjection(oplog.ProjectionConfig{Stream: StreamAnalytics, DB: db, JetStream: cfg.Log.JetStream(),
-		Prefixes: aggregatePrefixes, Apply: ag.apply, Logger: &ag.lg})
+		Prefixes: aggregatePrefixes, Transient: [][]byte{[]byte("x/")}, Apply: ag.apply, Logger: &ag.lg})
 	if err != nil {
 		_ = db.Close()
 		return nil, err
@@ -136,10 +137,14 @@ func (t aggTxn) once(key string) (bool, error) {
 	return true, t.Set([]byte(key), nil)
 }
 
-// seen records the event's id, kept until keep after the event's time,
-// and reports whether it is new. Ingest refuses events older than its
-// LateWindow, so a duplicate cannot come after the key expired; an event
-// older than keep (a replay of old data) is counted without a key.
+// seen records the event's id and reports whether it is new. The key is
+// kept for keep after it is written (or after the event's time, if
+// later). Ingest refuses events older than its LateWindow, so a duplicate
+// is stored in the stream at most LateWindow after its first copy, and
+// reaches the projection (live, or replaying in a rebuild, which goes
+// faster than the stream was written) while the key is there. The keys
+// are transient: left out of the digest, as a live projection and a
+// rebuild hold different ones.
 func (t aggTxn) seen(ev *analyticspb.EventHead, keep time.Duration) (bool, error) {
 	key := []byte("x/" + ev.Device + "/" + ev.Id)
 	_, err := t.Get(key)
@@ -149,10 +154,7 @@ func (t aggTxn) seen(ev *analyticspb.EventHead, keep time.Duration) (bool, error
 	if !errors.Is(err, badger.ErrKeyNotFound) {
 		return false, err
 	}
-	ttl := time.Until(time.UnixMilli(ev.TimeMs).Add(keep))
-	if ttl <= 0 {
-		return true, nil
-	}
+	ttl := max(time.Until(time.UnixMilli(ev.TimeMs).Add(keep)), keep)
 	return true, t.SetEntry(badger.NewEntry(key, nil).WithTTL(ttl))
 }
 

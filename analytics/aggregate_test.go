@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/sluicehq/sluice/analytics"
 	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
@@ -135,5 +136,66 @@ func TestAggregates(t *testing.T) {
 	}
 	if c2, _ := ag.Counters(ctx(t), "shop", "20261120"); c2["dau"] != 4 || c2["crashes@"] != 2 {
 		t.Fatalf("after a rebuild: %v", c2)
+	}
+}
+
+// TestDuplicatePastTheWindow: an event stored twice (the second copy past
+// JetStream's duplicate window, as when a client sends a batch again much
+// later) counts once live, and once again in a rebuild made after
+// DedupeKeep has passed since both were applied.
+func TestDuplicatePastTheWindow(t *testing.T) {
+	in, l := newIngestor(t, time.Now)
+	const keep = 2 * time.Second // badger's TTLs count whole seconds
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: l, Dir: t.TempDir(), DedupeKeep: keep})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := oplogtest.RunUntilCleanup(t, "aggregates", ag.Run)
+	t.Cleanup(func() {
+		stop()
+		_ = ag.Close()
+	})
+	e := event("p1", analyticspb.Type_TYPE_PAGE_VIEW, time.Now())
+	e.Page = "home"
+	if r, err := in.Ingest(ctx(t), analytics.Identity{Device: "d1", User: "u1"}, &analyticspb.Batch{Events: []*analyticspb.Event{e}}); err != nil || r.Accepted != 1 {
+		t.Fatalf("upload: %v %v", r, err)
+	}
+	// The second copy: the same message under another message id, as
+	// JetStream stores it once its duplicate window has passed.
+	s, err := l.JetStream().Stream(ctx(t), analytics.StreamAnalytics)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := s.GetMsg(ctx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.JetStream().Publish(ctx(t), first.Subject, first.Data, jetstream.WithMsgID("later")); err != nil {
+		t.Fatal(err)
+	}
+	today := time.Now().UTC().Format("20060102")
+	pages := func(when string) {
+		t.Helper()
+		c, err := ag.Counters(ctx(t), "shop", today)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c["page:home"] != 1 {
+			t.Fatalf("%s: page:home %d, want 1 (the duplicate dropped)", when, c["page:home"])
+		}
+	}
+	pages("live")
+	live, err := ag.Projection().Digest(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(keep + 1100*time.Millisecond)
+	sum, err := ag.Projection().Rebuild(ctx(t), 0, time.Second, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pages("rebuilt")
+	if sum.Digest != live {
+		t.Fatalf("rebuilt digest %s, live %s", sum.Digest, live)
 	}
 }

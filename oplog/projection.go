@@ -1,11 +1,13 @@
 package oplog
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -34,6 +36,11 @@ type ProjectionConfig struct {
 	// Prefixes are the keys the projection owns: a rebuild from zero drops
 	// them. Its progress is kept under "a/<Stream>".
 	Prefixes [][]byte
+	// Transient are prefixes among Prefixes whose keys expire by the wall
+	// clock (a TTL counted from when they were written): a live
+	// projection and a rebuild hold different ones, so Digest leaves them
+	// out. Apply must give the same results whichever of them exist.
+	Transient [][]byte
 	// Apply writes the projection of one record into txn. It runs on the
 	// projection's goroutine only. An error stops the batch, which is
 	// retried; a record that can never apply should be logged and skipped
@@ -68,6 +75,7 @@ func NewProjection(cfg ProjectionConfig) (*Projection, error) {
 		return nil, err
 	}
 	p.committed = cfg.Committed
+	p.transient = cfg.Transient
 	return &Projection{p: p}, nil
 }
 
@@ -103,7 +111,8 @@ func (pr *Projection) Rebuild(ctx context.Context, from uint64, interval time.Du
 	return pr.p.rebuild(ctx, from, interval, progress)
 }
 
-// Digest is a SHA-256 over every key and value the projection owns.
+// Digest is a SHA-256 over every key and value the projection owns but
+// its Transient ones.
 func (pr *Projection) Digest(ctx context.Context) (string, error) { return pr.p.digest(ctx) }
 
 // OpenStore opens (or creates) a badger store for projections, tuned as
@@ -174,6 +183,9 @@ func (p *projector) digest(ctx context.Context) (string, error) {
 	h := sha256.New()
 	err := p.db.View(func(txn *badger.Txn) error {
 		for _, prefix := range p.prefixes {
+			if slices.ContainsFunc(p.transient, func(t []byte) bool { return bytes.Equal(t, prefix) }) {
+				continue
+			}
 			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 256})
 			for it.Rewind(); it.Valid(); it.Next() {
 				if err := ctx.Err(); err != nil {

@@ -60,12 +60,13 @@ type applyFunc = func(txn *badger.Txn, r *Record) error
 // sequence beyond what the feed has brought. Then it follows the feed
 // again.
 type projector struct {
-	name     string   // stream name, also the projection's name
-	prefixes [][]byte // keys the projection owns, dropped on a rebuild from zero
-	db       *badger.DB
-	js       jetstream.JetStream
-	apply    applyFunc
-	log      zerolog.Logger
+	name      string   // stream name, also the projection's name
+	prefixes  [][]byte // keys the projection owns, dropped on a rebuild from zero
+	transient [][]byte // of prefixes, those left out of the digest (ProjectionConfig.Transient)
+	db        *badger.DB
+	js        jetstream.JetStream
+	apply     applyFunc
+	log       zerolog.Logger
 	// committed, if set, is called on the projector's goroutine after each
 	// commit with the records of that commit (in sequence order; some may
 	// have been applied before).

@@ -1175,9 +1175,7 @@ func (b *analyticsBench) query(ctx context.Context) (r queryResult, err error) {
 	// The projection, from an empty store, timed until it holds every
 	// event.
 	agDir := filepath.Join(dir, "analytics")
-	// Event ids kept for every loaded day, as they are for live events.
-	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: st.lg, Dir: agDir, Logger: &nop,
-		DedupeKeep: time.Duration(cfg.days+2) * 24 * time.Hour})
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: st.lg, Dir: agDir, Logger: &nop})
 	if err != nil {
 		return r, err
 	}
