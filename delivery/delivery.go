@@ -446,10 +446,14 @@ func (d *Delivery) SwitchOff(ctx context.Context, key, model, actor string) erro
 // ExcludeModel leaves the devices of one model out of a gray or full
 // release: they are offered what they would be were it paused (the
 // version before, or a rollback to it). A circuit breaker limited to a
-// model pauses the release for that model only. Errors:
+// model pauses the release for that model only. Resume offers it to the
+// models left out again; a rollback to it does too. Errors:
 // oplog.ErrNotFound, oplog.ErrConflict (not gray or full),
 // oplog.ErrInvalid (no model, or too many left out).
 func (d *Delivery) ExcludeModel(ctx context.Context, pkg, version, model, actor string) (*deliverypb.Release, error) {
+	if rel, ok := d.Release(pkg, version); ok && model != "" && slices.Contains(rel.ExcludedModels, model) {
+		return rel, nil // already: no event, no new manifests
+	}
 	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
 		ev.Op = &deliverypb.PackageEvent_ExcludeModel{ExcludeModel: model}
 	})
@@ -782,7 +786,8 @@ func (d *Delivery) Pause(ctx context.Context, pkg, version, actor string) (*deli
 	})
 }
 
-// Resume offers a paused release again.
+// Resume offers a paused release again, and to the models left out of it
+// (ExcludeModel).
 func (d *Delivery) Resume(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
 	return d.lifecycle(ctx, pkg, version, actor, func(ev *deliverypb.PackageEvent) {
 		ev.Op = &deliverypb.PackageEvent_Resume{Resume: true}

@@ -602,6 +602,57 @@ func TestRollbackReachesEveryDeviceThatHadIt(t *testing.T) {
 	}
 }
 
+// TestModelsLeftOut: a full release with a model left out offers that
+// model's devices the version before; a rollback to it reaches them as
+// every other device, and resume ends a leaving-out.
+func TestModelsLeftOut(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub := e.signer.PublicKey()
+	must := mustRelease(t)
+	moto := &delivery.Device{ID: "m1", Attrs: oplog.Attrs{OS: "android", Model: "Moto"}}
+	pixel := &delivery.Device{ID: "p1", Attrs: oplog.Attrs{OS: "android", Model: "Pixel 8"}}
+	offers := func() string {
+		return describe(offerOf(t, d, pub, moto, "mall")) + " | " + describe(offerOf(t, d, pub, pixel, "mall"))
+	}
+	for _, v := range []string{"1", "2", "3"} {
+		mustUpload(t, d, "mall", v)
+	}
+	must(d.Gray(c, "mall", "1", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	must(d.Full(c, "mall", "1", "x"))
+	must(d.Gray(c, "mall", "2", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	must(d.Full(c, "mall", "2", "x"))
+	before, _ := d.Release("mall", "2")
+	must(d.ExcludeModel(c, "mall", "2", "Moto", "breaker"))
+	if got := offers(); got != "1 | 2" {
+		t.Fatalf("mall 2 full, Moto left out: offers %q, want \"1 | 2\"", got)
+	}
+	left, _ := d.Release("mall", "2")
+	must(d.ExcludeModel(c, "mall", "2", "Moto", "breaker"))
+	if again, _ := d.Release("mall", "2"); again.Serial != left.Serial || left.Serial == before.Serial {
+		t.Fatalf("serials %d, %d, %d: leaving Moto out must write one event, and the second time none", before.Serial, left.Serial, again.Serial)
+	}
+	must(d.Resume(c, "mall", "2", "x"))
+	if got := offers(); got != "2 | 2" {
+		t.Fatalf("after resume: offers %q, want \"2 | 2\"", got)
+	}
+	// Left out again, then 3 goes out and is rolled back to 2: Moto
+	// devices that took 3 must be told too.
+	must(d.ExcludeModel(c, "mall", "2", "Moto", "breaker"))
+	must(d.Gray(c, "mall", "3", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	if got := offers(); got != "3 | 3" {
+		t.Fatalf("mall 3 gray: offers %q", got)
+	}
+	must(d.Rollback(c, "mall", "x"))
+	if got := offers(); got != "2 rollback from [3] | 2 rollback from [3]" {
+		t.Fatalf("after the rollback: offers %q", got)
+	}
+	if r, _ := d.Release("mall", "2"); len(r.ExcludedModels) != 0 {
+		t.Fatalf("rollback target still leaves out %v", r.ExcludedModels)
+	}
+}
+
 // TestRollbackAfterStop: stopping a bad release, then rolling back, takes
 // back the stopped release (not the good one before it).
 func TestRollbackAfterStop(t *testing.T) {

@@ -388,10 +388,10 @@ func transition(p *pkgState, ev *deliverypb.PackageEvent, seq uint64, keys map[s
 		}
 		nr.pb.Paused = true
 	case *deliverypb.PackageEvent_Resume:
-		if !paused {
+		if !paused && len(r.pb.ExcludedModels) == 0 {
 			return nil, refuse("resume")
 		}
-		nr.pb.Paused = false
+		nr.pb.Paused, nr.pb.ExcludedModels, nr.excluded = false, nil, nil
 	case *deliverypb.PackageEvent_ExcludeModel:
 		if st != deliverypb.Stage_STAGE_GRAY && st != deliverypb.Stage_STAGE_FULL {
 			return nil, refuse("leave a model out of")
@@ -489,9 +489,12 @@ func rollback(np *pkgState, to string, seq uint64, at int64) error {
 		nr.pb.Stage, nr.pb.Paused, nr.pb.Serial, nr.pb.UpdatedMs = deliverypb.Stage_STAGE_ROLLED_BACK, false, seq, at
 		np.releases[i] = nr
 	}
-	if t := np.releases[stable]; t.pb.Paused {
+	// The target is offered to every device again, as it must reach all
+	// that may have a rolled-back version: a pause of it or models left
+	// out of it end.
+	if t := np.releases[stable]; t.pb.Paused || len(t.pb.ExcludedModels) > 0 {
 		nt := t.clone()
-		nt.pb.Paused, nt.pb.Serial, nt.pb.UpdatedMs = false, seq, at
+		nt.pb.Paused, nt.pb.ExcludedModels, nt.excluded, nt.pb.Serial, nt.pb.UpdatedMs = false, nil, nil, seq, at
 		np.releases[stable] = nt
 	}
 	return nil

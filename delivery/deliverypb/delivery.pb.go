@@ -1323,7 +1323,8 @@ type PackageEvent_RollbackTo struct {
 type PackageEvent_ExcludeModel struct {
 	// Leaves the devices of one model out of a gray or full release:
 	// they are offered what they would be were it paused. A circuit
-	// breaker limited to a model does this.
+	// breaker limited to a model does this; resume, or a rollback to the
+	// release, ends it.
 	ExcludeModel string `protobuf:"bytes,17,opt,name=exclude_model,json=excludeModel,proto3,oneof"`
 }
 
