@@ -107,12 +107,14 @@ func (t *tracker) save(c *Client) {
 		batch.Events = append(batch.Events, t.inflight[no]...)
 	}
 	batch.Events = append(batch.Events, t.queue...)
+	t.mu.Unlock()
+	// Marshalled outside the lock (Track never waits for a save): queued
+	// events are not changed once queued.
 	var b []byte
 	var err error
 	if len(batch.Events) > 0 {
-		b, err = proto.Marshal(batch) // under mu: Track may not change an event in flight
+		b, err = proto.Marshal(batch)
 	}
-	t.mu.Unlock()
 	if err == nil {
 		if len(b) == 0 {
 			err = os.Remove(filepath.Join(c.cfg.StateDir, trackFile))
@@ -131,15 +133,14 @@ func (t *tracker) save(c *Client) {
 	}
 }
 
-// keep saves the waiting events every Interval until ctx ends, then once
-// more.
+// keep saves the waiting events every Interval until ctx ends (Run saves
+// them once more when its loop has ended).
 func (t *tracker) keep(ctx context.Context, c *Client) {
 	tick := time.NewTicker(t.cfg.Interval)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			t.save(c)
 			return
 		case <-tick.C:
 			t.save(c)

@@ -182,11 +182,14 @@ func TestTrackSurvivesRestart(t *testing.T) {
 		t.Fatalf("a third client sent %d events: %+v", st.AnalyticsSent, st)
 	}
 
-	// A damaged file: dropped, the client starts.
+	// A damaged file: dropped; the client starts and tracks.
 	if err := os.WriteFile(file, []byte{0xff, 0xff, 0xff}, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if c := newClient(n.tcp); c.Stats().AnalyticsDropped != 0 {
-		t.Fatalf("stats %+v", c.Stats())
+	fresh := newClient(n.tcp)
+	fresh.Track(&analyticspb.Event{Type: analyticspb.Type_TYPE_CUSTOM, Name: "after-damage"})
+	runFor(fresh, func() bool { return fresh.Stats().AnalyticsStored == 1 })
+	if st := fresh.Stats(); st.AnalyticsSent != 1 {
+		t.Fatalf("after a damaged file: %+v, want the one new event sent", st)
 	}
 }

@@ -416,7 +416,11 @@ func (c *Client) Run(ctx context.Context) error {
 		kctx, stop := context.WithCancel(ctx)
 		kept := make(chan struct{})
 		go func() { t.keep(kctx, c); close(kept) }()
-		defer func() { stop(); <-kept }()
+		defer func() {
+			stop()
+			<-kept
+			t.save(c) // after the loop: what the last link left unanswered too
+		}()
 	}
 	r := newRun(c)
 	defer r.timer.Stop()
