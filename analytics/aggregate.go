@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -32,8 +33,8 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 //	x/<device>/<event id>            an event seen (drops duplicates past JetStream's window), kept DedupeKeep; not in the digest
 //	a/<app>/<period>/<uid>           a user active in a day (20261121), ISO week (2026W47) or month (202611)
 //	f/<app>/<uid>                    → the day the user was first seen (their cohort)
-//	s/<app>/<device>                 → the device's open session: start, last event, crashed
-//	u/<app>/<day>/<slice>/<uid>      a user who crashed in a day, per slice
+//	s/<app>/<device>                 → the device's recent sessions: first and last event, counting day, flags
+//	u/<app>/<day>/<kind>@<slice>/<uid> a user who crashed (kind crashes) or froze (freezes) in a day, per slice
 //	n/<app>/<period>/<metric>        → a counter (big-endian uint64)
 //	r/<app>/<cohort>/<n>             → users of a cohort active n days after it
 //	w/<app>/<slice>/<minute>/<metric> → sessions, crashed and frozen sessions per minute of
@@ -41,7 +42,11 @@ var Dimensions = []string{"version", "os", "model", "region", "network"}
 //	                                   each also per model: …|m:<model>), kept WindowKeep
 //
 // A user (uid) is the event's user, or "~<device>" for a device without
-// one. Slices are "" (all), "v:<version>" and "r:<package>=<version>".
+// one. Sessions, crashes and freezes are counted per slice: "" (all),
+// "v:<version>", "os:<os>", "model:<model>", "region:<region>",
+// "network:<network>" and "r:<package>=<version>"; active users per
+// dimension (dau:<dimension>=<value>, by the user's first event of the
+// day) and per release (dau:release=<package>=<version>).
 type Aggregates struct {
 	db         *badger.DB
 	proj       *oplog.Projection
@@ -193,6 +198,11 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 		uid = "~" + ev.Device
 	}
 	slices := []string{"", "v:" + ev.AppVersion}
+	for i, v := range []string{ev.Os, ev.Model, ev.Region, ev.Network} {
+		if v != "" {
+			slices = append(slices, Dimensions[i+1]+":"+v)
+		}
+	}
 	for pkg, ver := range ev.Releases {
 		slices = append(slices, "r:"+pkg+"="+ver)
 	}
@@ -311,22 +321,80 @@ func daysBetween(from, to string) int {
 	return int(b.Sub(a).Hours() / 24)
 }
 
-// session follows the device's session: an event more than SessionGap
-// after the last one (or a session start) opens a new one, counted on its
-// first day per slice; a session end or the next session closes it and
-// counts its length; a crash marks it crashed (once).
-func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, slices []string) error {
+// Sessions. A device's recent sessions (at most maxSessions) are kept
+// under s/<app>/<device>, so that events arriving out of order (a batch
+// sent again after later ones were stored) join the session they belong
+// to instead of opening another.
+const maxSessions = 4
+
+// Session flags.
+const (
+	sessionCrashed = 1 << iota
+	sessionFrozen
+	sessionEnded // a session end was seen: later events open a new one
+)
+
+// sessionRec is one session of a device: its first and last event times
+// and the day it is counted on (that of the first event seen of it).
+type sessionRec struct {
+	start, last, origin int64
+	flags               byte
+}
+
+const sessionRecSize = 25
+
+func decodeSessions(v []byte) []sessionRec {
+	if len(v) == 17 { // one open session, as kept before the list
+		start := int64(binary.BigEndian.Uint64(v))
+		return []sessionRec{{start: start, last: int64(binary.BigEndian.Uint64(v[8:])), origin: start, flags: v[16] &^ sessionEnded}}
+	}
+	var out []sessionRec
+	for ; len(v) >= sessionRecSize; v = v[sessionRecSize:] {
+		out = append(out, sessionRec{start: int64(binary.BigEndian.Uint64(v)), last: int64(binary.BigEndian.Uint64(v[8:])),
+			origin: int64(binary.BigEndian.Uint64(v[16:])), flags: v[24]})
+	}
+	return out
+}
+
+func encodeSessions(ss []sessionRec) []byte {
+	v := make([]byte, 0, len(ss)*sessionRecSize)
+	for _, r := range ss {
+		v = binary.BigEndian.AppendUint64(v, uint64(r.start))
+		v = binary.BigEndian.AppendUint64(v, uint64(r.last))
+		v = binary.BigEndian.AppendUint64(v, uint64(r.origin))
+		v = append(v, r.flags)
+	}
+	return v
+}
+
+// belongs reports whether an event at ms of type typ is part of session r:
+// within SessionGap before its first event, or up to its last (and, while
+// it has not ended, within SessionGap after). A session start belongs only
+// before the session's first event (it arrived after the events that
+// followed it); after it, it opens a new session.
+func (r sessionRec) belongs(ms int64, typ analyticspb.Type) bool {
+	gap := SessionGap.Milliseconds()
+	if ms < r.start-gap {
+		return false
+	}
+	if typ == analyticspb.Type_TYPE_SESSION_START {
+		return ms <= r.start
+	}
+	return ms <= r.last || (r.flags&sessionEnded == 0 && ms-r.last <= gap)
+}
+
+// session puts the event in its session: one of the device's recent
+// sessions it belongs to, or a new one, counted (per slice) on the day of
+// its first event. Session length (n/…/session-ms, per counting day) grows
+// as events extend a session at either end, so it needs no closing: the
+// average length is session-ms over sessions@. A crash or a freeze marks
+// its session once (crashed-sessions@, frozen-sessions@), and is counted
+// per minute for the circuit breakers.
+func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, cuts []string) error {
 	key := []byte("s/" + app + "/" + ev.Device)
-	var start, last int64
-	var flags byte // 1: crashed, 2: frozen
-	open := false
+	var recs []sessionRec
 	if it, err := t.Get(key); err == nil {
-		if err := it.Value(func(v []byte) error {
-			if len(v) == 17 {
-				start, last, flags, open = int64(binary.BigEndian.Uint64(v)), int64(binary.BigEndian.Uint64(v[8:])), v[16], true
-			}
-			return nil
-		}); err != nil {
+		if err := it.Value(func(v []byte) error { recs = decodeSessions(v); return nil }); err != nil {
 			return err
 		}
 	} else if !errors.Is(err, badger.ErrKeyNotFound) {
@@ -334,58 +402,70 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, s
 	}
 	watched := watchedSlices(ev)
 	at := ev.TimeMs
-	if open && at < last {
-		at = last // late: part of the session as it stands
-	}
-	closeSession := func() error {
-		if err := t.add("n/"+app+"/"+day(start)+"/session-ms", uint64(last-start)); err != nil {
-			return err
+	k := -1
+	for i := len(recs) - 1; i >= 0; i-- {
+		if recs[i].belongs(at, ev.Type) {
+			k = i
+			break
 		}
-		return t.count(app, day(start), "sessions-closed")
 	}
-	if !open || ev.Type == analyticspb.Type_TYPE_SESSION_START || at-last > SessionGap.Milliseconds() {
-		if open {
-			if err := closeSession(); err != nil {
+	if k < 0 {
+		r := sessionRec{start: at, last: at, origin: at}
+		for _, s := range cuts {
+			if err := t.count(app, day(at), "sessions@"+s); err != nil {
 				return err
 			}
 		}
-		start, last, flags, open = at, at, 0, true
-		for _, s := range slices {
-			if err := t.count(app, day(start), "sessions@"+s); err != nil {
+		if err := t.window(app, watched, at, "sessions"); err != nil {
+			return err
+		}
+		k = len(recs)
+		for k > 0 && recs[k-1].start > at {
+			k--
+		}
+		recs = slices.Insert(recs, k, r)
+		if len(recs) > maxSessions {
+			recs = recs[1:]
+			k--
+		}
+	}
+	r := &recs[k]
+	d := day(r.origin)
+	if at < r.start {
+		if err := t.add("n/"+app+"/"+d+"/session-ms", uint64(r.start-at)); err != nil {
+			return err
+		}
+		r.start = at
+	}
+	if at > r.last {
+		if err := t.add("n/"+app+"/"+d+"/session-ms", uint64(at-r.last)); err != nil {
+			return err
+		}
+		r.last = at
+	}
+	for _, m := range []struct {
+		typ     analyticspb.Type
+		flag    byte
+		counter string
+		window  string
+	}{{analyticspb.Type_TYPE_CRASH, sessionCrashed, "crashed-sessions@", "crashed"}, {analyticspb.Type_TYPE_FREEZE, sessionFrozen, "frozen-sessions@", "frozen"}} {
+		if ev.Type != m.typ || r.flags&m.flag != 0 {
+			continue
+		}
+		r.flags |= m.flag
+		for _, s := range cuts {
+			if err := t.count(app, d, m.counter+s); err != nil {
 				return err
 			}
 		}
-		if err := t.window(app, watched, start, "sessions"); err != nil {
-			return err
-		}
-	}
-	last = max(last, at)
-	if ev.Type == analyticspb.Type_TYPE_CRASH && flags&1 == 0 {
-		flags |= 1
-		for _, s := range slices {
-			if err := t.count(app, day(start), "crashed-sessions@"+s); err != nil {
-				return err
-			}
-		}
-		if err := t.window(app, watched, at, "crashed"); err != nil {
-			return err
-		}
-	}
-	if ev.Type == analyticspb.Type_TYPE_FREEZE && flags&2 == 0 {
-		flags |= 2
-		if err := t.window(app, watched, at, "frozen"); err != nil {
+		if err := t.window(app, watched, at, m.window); err != nil {
 			return err
 		}
 	}
 	if ev.Type == analyticspb.Type_TYPE_SESSION_END {
-		if err := closeSession(); err != nil {
-			return err
-		}
-		return t.Delete(key)
+		r.flags |= sessionEnded
 	}
-	v := binary.BigEndian.AppendUint64(nil, uint64(start))
-	v = binary.BigEndian.AppendUint64(v, uint64(last))
-	return t.Set(key, append(v, flags))
+	return t.Set(key, encodeSessions(recs))
 }
 
 // watchedSlices are the slices circuit breakers watch an event's session
@@ -502,18 +582,23 @@ func (ag *Aggregates) Retention(ctx context.Context, app, cohort string, days in
 	return out, err
 }
 
-// CrashRate is the crash figures of one slice ("" all, "v:<version>",
-// "r:<package>=<version>") in a day.
+// CrashRate is the crash and freeze figures of one slice in a day: ""
+// (all), "v:<version>", "os:<os>", "model:<model>", "region:<region>",
+// "network:<network>" or "r:<package>=<version>".
 type CrashRate struct {
 	Sessions        uint64 `json:"sessions"`
 	CrashedSessions uint64 `json:"crashed_sessions"`
 	Crashes         uint64 `json:"crashes"`
 	CrashedUsers    uint64 `json:"crashed_users"`
+	FrozenSessions  uint64 `json:"frozen_sessions"`
 	Freezes         uint64 `json:"freezes"`
+	FrozenUsers     uint64 `json:"frozen_users"`
 	ActiveUsers     uint64 `json:"active_users"`
 	// Rate is crashed sessions over sessions; CrashFree its complement.
 	Rate      float64 `json:"rate"`
 	CrashFree float64 `json:"crash_free"`
+	// FreezeRate is frozen sessions over sessions.
+	FreezeRate float64 `json:"freeze_rate"`
 	// CrashFreeUsers is the share of the slice's active users (by their
 	// first event of the day) who did not crash.
 	CrashFreeUsers float64 `json:"crash_free_users"`
@@ -543,6 +628,10 @@ func (ag *Aggregates) CrashRates(ctx context.Context, app, day string) (map[stri
 			r.CrashedUsers = v
 		case "freezes":
 			r.Freezes = v
+		case "frozen-sessions":
+			r.FrozenSessions = v
+		case "freezes-users":
+			r.FrozenUsers = v
 		}
 		out[slice] = r
 	}
@@ -550,14 +639,17 @@ func (ag *Aggregates) CrashRates(ctx context.Context, app, day string) (map[stri
 		if r.Sessions > 0 {
 			r.Rate = float64(r.CrashedSessions) / float64(r.Sessions)
 			r.CrashFree = 1 - r.Rate
+			r.FreezeRate = float64(r.FrozenSessions) / float64(r.Sessions)
 		}
-		switch {
-		case s == "":
+		switch dim, val, _ := strings.Cut(s, ":"); dim {
+		case "":
 			r.ActiveUsers = c["dau"]
-		case strings.HasPrefix(s, "v:"):
-			r.ActiveUsers = c["dau:version="+s[2:]]
-		case strings.HasPrefix(s, "r:"):
-			r.ActiveUsers = c["dau:release="+s[2:]]
+		case "v":
+			r.ActiveUsers = c["dau:version="+val]
+		case "r":
+			r.ActiveUsers = c["dau:release="+val]
+		default: // os, model, region, network
+			r.ActiveUsers = c["dau:"+dim+"="+val]
 		}
 		if r.ActiveUsers > 0 && r.CrashedUsers <= r.ActiveUsers {
 			r.CrashFreeUsers = 1 - float64(r.CrashedUsers)/float64(r.ActiveUsers)

@@ -87,9 +87,9 @@ func TestAggregates(t *testing.T) {
 		"crashes@": 2, "crashes@v:5.2": 2, "crashes-users@": 1, "crashed-sessions@": 1, "crashed-sessions@r:shop-h5=2.1": 1,
 		"page:home": 3, "page:cart": 1, "path:home > cart": 1, "event:share": 1,
 		"dau:version=5.1": 3, "dau:version=5.2": 1, "dau:os=android": 4,
-		// Closed since: u1's first (10 min, by the gap) and second (0 min,
-		// by the next day's), u2's (6 min, by the next day's start).
-		"session-ms": uint64((16 * time.Minute).Milliseconds()), "sessions-closed": 3,
+		// u1's first (10 min) and second (one event), u2's (6 min), u3's and
+		// u4's (one event each).
+		"session-ms": uint64((16 * time.Minute).Milliseconds()),
 	}
 	for k, v := range want {
 		if c[k] != v {
@@ -198,4 +198,56 @@ func TestDuplicatePastTheWindow(t *testing.T) {
 	if sum.Digest != live {
 		t.Fatalf("rebuilt digest %s, live %s", sum.Digest, live)
 	}
+}
+
+// TestSessionsOutOfOrder: a session whose batches are stored out of order
+// (the later one, with the session end, first) is one session of the
+// right length; events that come late join the session they belong to.
+func TestSessionsOutOfOrder(t *testing.T) {
+	at := func(h, m int) time.Time { return time.Date(2026, 11, 20, h, m, 0, 0, time.UTC) }
+	in, l := newIngestor(t, func() time.Time { return at(23, 0) })
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: l, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := oplogtest.RunUntilCleanup(t, "aggregates", ag.Run)
+	t.Cleanup(func() {
+		stop()
+		_ = ag.Close()
+	})
+	n := 0
+	ev := func(typ analyticspb.Type, h, m int) *analyticspb.Event {
+		n++
+		return event(fmt.Sprint("e", n), typ, at(h, m))
+	}
+	check := func(step string, sessions uint64, length time.Duration, crashed uint64) {
+		t.Helper()
+		c, err := ag.Counters(ctx(t), "shop", "20261120")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c["sessions@"] != sessions || c["session-ms"] != uint64(length.Milliseconds()) || c["crashed-sessions@"] != crashed {
+			t.Fatalf("%s: %d sessions, %v long in all, %d crashed; want %d, %v, %d", step, c["sessions@"],
+				time.Duration(c["session-ms"])*time.Millisecond, c["crashed-sessions@"], sessions, length, crashed)
+		}
+	}
+	upload := func(evs ...*analyticspb.Event) {
+		t.Helper()
+		if r, err := in.Ingest(ctx(t), analytics.Identity{Device: "d9", User: "u9"}, &analyticspb.Batch{Events: evs}); err != nil || int(r.Accepted) != len(evs) {
+			t.Fatalf("ingest: %v %v", r, err)
+		}
+	}
+	start, early := ev(analyticspb.Type_TYPE_SESSION_START, 10, 0), ev(analyticspb.Type_TYPE_PAGE_VIEW, 10, 2)
+	upload(ev(analyticspb.Type_TYPE_PAGE_VIEW, 10, 5), ev(analyticspb.Type_TYPE_SESSION_END, 10, 10))
+	check("the later batch", 1, 5*time.Minute, 0)
+	upload(start, early)
+	check("then the earlier one", 1, 10*time.Minute, 0)
+	upload(ev(analyticspb.Type_TYPE_CRASH, 10, 7))
+	check("a crash inside the ended session", 1, 10*time.Minute, 1)
+	upload(ev(analyticspb.Type_TYPE_PAGE_VIEW, 11, 0))
+	check("an event after the session ended", 2, 10*time.Minute, 1)
+	upload(ev(analyticspb.Type_TYPE_PAGE_VIEW, 10, 40))
+	check("an event 20 minutes before the second session", 2, 30*time.Minute, 1)
+	upload(ev(analyticspb.Type_TYPE_SESSION_START, 12, 0))
+	check("a session start after the second session", 3, 30*time.Minute, 1)
 }

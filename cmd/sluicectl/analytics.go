@@ -274,13 +274,13 @@ func (c *cli) printCounters(app string, p period, sum, active map[string]uint64,
 	}
 	fmt.Fprintf(tw, "new users\t%d\n", sum["new"])
 	avg := "-"
-	if n := sum["sessions-closed"]; n > 0 {
+	if n := sum["sessions@"]; n > 0 {
 		avg = (time.Duration(sum["session-ms"]/n) * time.Millisecond).Round(time.Second).String()
 	}
-	fmt.Fprintf(tw, "sessions\t%d (average length %s over %d closed)\n", sum["sessions@"], avg, sum["sessions-closed"])
+	fmt.Fprintf(tw, "sessions\t%d (average length %s)\n", sum["sessions@"], avg)
 	fmt.Fprintf(tw, "crashes\t%d (%d of %d sessions crashed: crash-free sessions %s)\n", sum["crashes@"], sum["crashed-sessions@"],
 		sum["sessions@"], crashFree(sum["sessions@"], sum["crashed-sessions@"]))
-	fmt.Fprintf(tw, "freezes\t%d\n", sum["freezes@"])
+	fmt.Fprintf(tw, "freezes\t%d (%d of %d sessions froze)\n", sum["freezes@"], sum["frozen-sessions@"], sum["sessions@"])
 	_ = tw.Flush()
 
 	c.topTable(sum, "page:", fmt.Sprintf("top %d pages", topN), []string{"PAGE", "VIEWS"}, topN, nil)
@@ -460,21 +460,35 @@ func (c *cli) analyticsCrashes(ctx context.Context, app, day string, asJSON bool
 	if err := json.Unmarshal(raw, &out); err != nil {
 		return err
 	}
-	fmt.Fprintf(c.out, "crashes of %s on %s (UTC; sessions counted on the day they started)\n", app, day)
+	fmt.Fprintf(c.out, "crashes and freezes of %s on %s (UTC; sessions counted on the day they started)\n", app, day)
 	type row struct {
 		cols []string
 		r    analytics.CrashRate
 	}
 	var versions, releases []row
+	byDim := map[string][]row{} // os, model, region, network
 	for s, r := range out.Slices {
-		if v, ok := strings.CutPrefix(s, "v:"); ok {
-			versions = append(versions, row{[]string{orDash(v)}, r})
-		} else if rel, ok := strings.CutPrefix(s, "r:"); ok {
-			pkg, ver, _ := strings.Cut(rel, "=")
+		dim, val, _ := strings.Cut(s, ":")
+		switch dim {
+		case "":
+		case "v":
+			versions = append(versions, row{[]string{orDash(val)}, r})
+		case "r":
+			pkg, ver, _ := strings.Cut(val, "=")
 			releases = append(releases, row{[]string{pkg, ver}, r})
+		default:
+			byDim[dim] = append(byDim[dim], row{[]string{val}, r})
 		}
 	}
 	sort.Slice(versions, func(i, j int) bool { return oplog.CompareVersions(versions[i].cols[0], versions[j].cols[0]) < 0 })
+	for _, rows := range byDim {
+		sort.Slice(rows, func(i, j int) bool {
+			if rows[i].r.Sessions != rows[j].r.Sessions {
+				return rows[i].r.Sessions > rows[j].r.Sessions
+			}
+			return rows[i].cols[0] < rows[j].cols[0]
+		})
+	}
 	sort.Slice(releases, func(i, j int) bool {
 		a, b := releases[i].cols, releases[j].cols
 		if a[0] != b[0] {
@@ -482,7 +496,7 @@ func (c *cli) analyticsCrashes(ctx context.Context, app, day string, asJSON bool
 		}
 		return oplog.CompareVersions(a[1], b[1]) < 0
 	})
-	const figures = "SESSIONS\tCRASHED SESSIONS\tCRASH RATE\tCRASH-FREE\tCRASHES\tCRASHED USERS\tCRASH-FREE USERS\tFREEZES"
+	const figures = "SESSIONS\tCRASHED SESSIONS\tCRASH RATE\tCRASH-FREE\tCRASHES\tCRASHED USERS\tCRASH-FREE USERS\tFREEZES\tFROZEN SESSIONS\tFREEZE RATE"
 	table := func(title string, header []string, rows []row) {
 		fmt.Fprintf(c.out, "\n%s\n", title)
 		if len(rows) == 0 {
@@ -500,8 +514,12 @@ func (c *cli) analyticsCrashes(ctx context.Context, app, day string, asJSON bool
 			if r.r.ActiveUsers > 0 && r.r.CrashedUsers <= r.r.ActiveUsers {
 				freeUsers = fmt.Sprintf("%.2f%%", 100*r.r.CrashFreeUsers)
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%s\t%d\n", strings.Join(r.cols, "\t"), r.r.Sessions, r.r.CrashedSessions,
-				rate, crashFree(r.r.Sessions, r.r.CrashedSessions), r.r.Crashes, r.r.CrashedUsers, freeUsers, r.r.Freezes)
+			freezeRate := "-"
+			if r.r.Sessions > 0 {
+				freezeRate = fmt.Sprintf("%.2f%%", 100*float64(r.r.FrozenSessions)/float64(r.r.Sessions))
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\n", strings.Join(r.cols, "\t"), r.r.Sessions, r.r.CrashedSessions,
+				rate, crashFree(r.r.Sessions, r.r.CrashedSessions), r.r.Crashes, r.r.CrashedUsers, freeUsers, r.r.Freezes, r.r.FrozenSessions, freezeRate)
 		}
 		_ = tw.Flush()
 	}
@@ -511,6 +529,9 @@ func (c *cli) analyticsCrashes(ctx context.Context, app, day string, asJSON bool
 	}
 	table("all sessions", []string{"SLICE"}, all)
 	table("by app version", []string{"VERSION"}, versions)
+	for _, dim := range analytics.Dimensions[1:] {
+		table("by "+dim, []string{strings.ToUpper(dim)}, byDim[dim])
+	}
 	table("by release", []string{"PACKAGE", "VERSION"}, releases)
 	return nil
 }

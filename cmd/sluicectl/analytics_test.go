@@ -156,9 +156,9 @@ func TestAnalytics(t *testing.T) {
 		`^shop `+day+` \(day, UTC\)$`,
 		fmt.Sprintf(`^active users\s+DAU 4, WAU %d \(%04dW%02d\), MAU %d \(%s\)$`, len(weekUsers), y, w, len(monthUsers), d0.Format(monthLayout)),
 		`^new users\s+4$`,
-		`^sessions\s+4 \(average length 6m30s over 2 closed\)$`,
+		`^sessions\s+4 \(average length 4m0s\)$`,
 		`^crashes\s+1 \(1 of 4 sessions crashed: crash-free sessions 75\.00%\)$`,
-		`^freezes\s+1$`,
+		`^freezes\s+1 \(1 of 4 sessions froze\)$`,
 		`^top 10 pages\nPAGE\s+VIEWS\nhome\s+4\ncart\s+1\nsearch\s+1\n`,
 		`^top 10 page transitions\nFROM\s+TO\s+COUNT\nhome\s+cart\s+1\nhome\s+search\s+1\n`,
 		`^custom events\nEVENT\s+COUNT\npurchase\s+2\n`,
@@ -171,7 +171,7 @@ func TestAnalytics(t *testing.T) {
 	if err := json.Unmarshal([]byte(must("counters", "shop", day, "--json")), &js); err != nil {
 		t.Fatal(err)
 	}
-	if c := js.Counters; js.Period != day || c["dau"] != 4 || c["sessions@"] != 4 || c["crashed-sessions@"] != 1 || c["page:home"] != 4 || c["session-ms"] != 13*60_000 {
+	if c := js.Counters; js.Period != day || c["dau"] != 4 || c["sessions@"] != 4 || c["crashed-sessions@"] != 1 || c["page:home"] != 4 || c["session-ms"] != 16*60_000 {
 		t.Errorf("counters --json: %+v", js)
 	}
 	// A week sums its days' counters next to its active users.
@@ -198,11 +198,13 @@ func TestAnalytics(t *testing.T) {
 	// Crash rates of D0: all, per version, per release.
 	out = must("crashes", "shop", day)
 	match(out,
-		`^crashes of shop on `+day+` `,
-		`^all sessions\nSLICE\s+SESSIONS\s+CRASHED SESSIONS\s+CRASH RATE\s+CRASH-FREE\s+CRASHES\s+CRASHED USERS\s+CRASH-FREE USERS\s+FREEZES\n`+
-			`all\s+4\s+1\s+25\.00%\s+75\.00%\s+1\s+1\s+75\.00%\s+1$`,
-		`^by app version\nVERSION\s+SESSIONS.*\n5\.1\s+2\s+0\s+0\.00%\s+100\.00%\s+0\s+0\s+100\.00%\s+0\n5\.2\s+2\s+1\s+50\.00%\s+50\.00%\s+1\s+1\s+50\.00%\s+1$`,
-		`^by release\nPACKAGE\s+VERSION\s+SESSIONS.*\nshop-h5\s+2\.1\s+1\s+1\s+100\.00%\s+0\.00%\s+1\s+1\s+0\.00%\s+1$`)
+		`^crashes and freezes of shop on `+day+` `,
+		`^all sessions\nSLICE\s+SESSIONS\s+CRASHED SESSIONS\s+CRASH RATE\s+CRASH-FREE\s+CRASHES\s+CRASHED USERS\s+CRASH-FREE USERS\s+FREEZES\s+FROZEN SESSIONS\s+FREEZE RATE\n`+
+			`all\s+4\s+1\s+25\.00%\s+75\.00%\s+1\s+1\s+75\.00%\s+1\s+1\s+25\.00%$`,
+		`^by app version\nVERSION\s+SESSIONS.*\n5\.1\s+2\s+0\s+0\.00%\s+100\.00%\s+0\s+0\s+100\.00%\s+0\s+0\s+0\.00%\n5\.2\s+2\s+1\s+50\.00%\s+50\.00%\s+1\s+1\s+50\.00%\s+1\s+1\s+50\.00%$`,
+		`^by os\nOS\s+SESSIONS.*\n`,
+		`^by model\nMODEL\s+SESSIONS.*\n`,
+		`^by release\nPACKAGE\s+VERSION\s+SESSIONS.*\nshop-h5\s+2\.1\s+1\s+1\s+100\.00%\s+0\.00%\s+1\s+1\s+0\.00%\s+1\s+1\s+100\.00%$`)
 	var cr struct {
 		Slices map[string]analytics.CrashRate `json:"slices"`
 	}

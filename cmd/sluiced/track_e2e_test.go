@@ -160,6 +160,16 @@ func TestTrackToFiguresEndToEnd(t *testing.T) {
 	if !near(r2.Rate, 0.25) || !near(r1.Rate, 0.5) || !near(r2.CrashFreeUsers, 2.0/3) {
 		t.Errorf("per release: shop 2 %+v (want rate 0.25, crash-free users 2/3), shop 1 %+v (want rate 0.5)", r2, r1)
 	}
+	// Freezes: dan's session (android, 5.1, release 2) froze.
+	if all.FrozenSessions != 1 || !near(all.FreezeRate, 1.0/6) || !near(r2.FreezeRate, 0.25) || r1.FrozenSessions != 0 || f.crashes["v:5.1"].FrozenSessions != 1 {
+		t.Errorf("freeze figures: all %+v, release 2 %+v, release 1 %+v", all, r2, r1)
+	}
+	// Breakdowns by OS and model: the iOS sessions are ann's tablet
+	// (crashed) and cid's.
+	if ios, android := f.crashes["os:ios"], f.crashes["os:android"]; ios.Sessions != 2 || !near(ios.Rate, 0.5) || android.Sessions != 4 || !near(android.Rate, 0.25) ||
+		!near(android.FreezeRate, 0.25) || f.crashes["model:Pixel 8"].Sessions != 6 || f.crashes["region:eu-west"].CrashedSessions != 2 {
+		t.Errorf("by os: ios %+v, android %+v; by model %+v", ios, android, f.crashes["model:Pixel 8"])
+	}
 	t.Logf("figures after Track: dau %d, sessions %d, crash rate %.3f, crash-free users %.2f; release 2: %.2f, release 1: %.2f",
 		f.day["dau"], all.Sessions, all.Rate, all.CrashFreeUsers, r2.Rate, r1.Rate)
 
