@@ -18,12 +18,14 @@ import (
 )
 
 // Actions is what a tripped circuit breaker does to delivery
-// (delivery.Delivery, wired in cmd): pause a release, roll a package
-// back, turn a switch off; the pause and the switch for the devices of
-// one model when a rule is limited to it (model != "").
+// (delivery.Delivery, wired in cmd): pause a release, roll a version back
+// (with the releases after it), turn a switch off; the pause and the
+// switch for the devices of one model when a rule is limited to it
+// (model != ""). Errors wrapping oplog.ErrConflict, ErrNotFound or
+// ErrInvalid are final; others are tried again.
 type Actions interface {
 	PauseRelease(ctx context.Context, pkg, version, model, actor string) error
-	RollbackRelease(ctx context.Context, pkg, actor string) error
+	RollbackRelease(ctx context.Context, pkg, version, actor string) error
 	SwitchOff(ctx context.Context, key, model, actor string) error
 }
 
@@ -46,6 +48,11 @@ type BreakersConfig struct {
 	Actions Actions
 	// Interval between evaluations. Default 2 s.
 	Interval time.Duration
+	// RetryAfter is how long a trip whose action failed (or whose node
+	// went quiet while acting) waits before it is tried again, doubling
+	// with each attempt up to 10 minutes; MaxAttempts actions are tried
+	// at most. Default 30 s.
+	RetryAfter time.Duration
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Logger. Default zerolog.Nop().
@@ -172,6 +179,9 @@ func OpenBreakers(ctx context.Context, cfg BreakersConfig) (*Breakers, error) {
 	if cfg.Interval <= 0 {
 		cfg.Interval = 2 * time.Second
 	}
+	if cfg.RetryAfter <= 0 {
+		cfg.RetryAfter = 30 * time.Second
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -264,7 +274,13 @@ func (b *Breakers) Evaluate(ctx context.Context) {
 	now := b.cfg.Now()
 	for _, r := range s.rules {
 		if tr := s.trips[r.Id]; tr != nil && tr.RuleVersion == r.VersionSeq {
-			continue // tripped already at this version
+			// Tripped already at this version: act again only if the
+			// action failed for a while or its node went quiet.
+			if b.retryDue(tr, now) {
+				retry := proto.Clone(tr).(*analyticspb.BreakerTrip)
+				b.trip(ctx, s, r, retry)
+			}
+			continue
 		}
 		slice := ruleSlice(r)
 		sessions, crashed, frozen, err := b.cfg.Aggregates.Window(r.App, slice, now, time.Duration(r.WindowMs)*time.Millisecond)
@@ -279,18 +295,37 @@ func (b *Breakers) Evaluate(ctx context.Context) {
 		if sessions == 0 || sessions < r.MinSessions {
 			continue
 		}
-		rate := float64(affected) / float64(sessions)
+		// Sessions count in the minute they started, crashes in the
+		// minute they happened: sessions started before the window can
+		// crash in it, so the share is capped at 1.
+		rate := min(float64(affected)/float64(sessions), 1)
 		if rate <= r.Threshold {
 			continue
 		}
 		b.trip(ctx, s, r, &analyticspb.BreakerTrip{Rule: r.Id, RuleVersion: r.VersionSeq, AtMs: now.UnixMilli(),
-			Sessions: sessions, Affected: affected, Rate: rate, Slice: slice, Action: r.Action.String(), Result: "pending"})
+			Sessions: sessions, Affected: affected, Rate: rate, Slice: slice, Action: r.Action.String()})
 	}
 }
 
-// trip claims the trip (one node wins), acts, and records the result.
+// MaxAttempts bounds the actions a trip tries.
+const MaxAttempts = 8
+
+// retryDue reports whether a trip's action should be tried again: it is
+// retrying, or pending (its node may have died while acting), and the
+// back-off since its last attempt has passed.
+func (b *Breakers) retryDue(tr *analyticspb.BreakerTrip, now time.Time) bool {
+	if tr.Attempts >= MaxAttempts || (tr.Result != "pending" && !strings.HasPrefix(tr.Result, "retrying")) {
+		return false
+	}
+	wait := min(b.cfg.RetryAfter<<min(max(tr.Attempts, 1)-1, 20), 10*time.Minute)
+	return now.Sub(time.UnixMilli(tr.AttemptedMs)) >= wait
+}
+
+// trip claims the trip (one node wins: the write expects the subject's
+// last sequence), acts, and records the result.
 func (b *Breakers) trip(ctx context.Context, s *breakerSnapshot, r *analyticspb.BreakerRule, tr *analyticspb.BreakerTrip) {
 	subject := subjectBreakerTrip + r.Id
+	tr.Result, tr.Attempts, tr.AttemptedMs = "pending", tr.Attempts+1, b.cfg.Now().UnixMilli()
 	if _, _, err := b.ctl.Write(ctx, subject, tr, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subject])); err != nil {
 		if !errors.Is(err, oplog.ErrConflict) {
 			b.lg.Error().Err(err).Str("rule", r.Id).Msg("recording a trip failed")
@@ -302,13 +337,17 @@ func (b *Breakers) trip(ctx context.Context, s *breakerSnapshot, r *analyticspb.
 	case analyticspb.Action_ACTION_PAUSE:
 		err = b.cfg.Actions.PauseRelease(ctx, r.Package, r.Version, r.Model, breakerActor)
 	case analyticspb.Action_ACTION_ROLLBACK:
-		err = b.cfg.Actions.RollbackRelease(ctx, r.Package, breakerActor)
+		err = b.cfg.Actions.RollbackRelease(ctx, r.Package, r.Version, breakerActor)
 	case analyticspb.Action_ACTION_SWITCH_OFF:
 		err = b.cfg.Actions.SwitchOff(ctx, r.SwitchKey, r.Model, breakerActor)
 	}
-	tr.Result = "done"
-	if err != nil {
-		tr.Result = err.Error()
+	switch {
+	case err == nil:
+		tr.Result = "done"
+	case errors.Is(err, oplog.ErrConflict), errors.Is(err, oplog.ErrNotFound), errors.Is(err, oplog.ErrInvalid):
+		tr.Result = "failed: " + err.Error()
+	default:
+		tr.Result = "retrying: " + err.Error()
 	}
 	b.lg.Warn().Str("rule", r.Id).Str("slice", tr.Slice).Uint64("sessions", tr.Sessions).Uint64("affected", tr.Affected).
 		Float64("rate", tr.Rate).Str("action", tr.Action).Str("result", tr.Result).Msg("circuit breaker tripped")

@@ -1,8 +1,10 @@
 package analytics_test
 
 import (
+	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -210,5 +212,104 @@ func TestCircuitBreaker(t *testing.T) {
 	if _, err := br.SetRule(c, &analyticspb.BreakerRule{Id: "bad", App: "shop", Package: "p", Version: "1", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
 		Threshold: 2, WindowMs: 60_000, Action: analyticspb.Action_ACTION_PAUSE}, "sre"); err == nil {
 		t.Fatal("a threshold over 1 was accepted")
+	}
+}
+
+// flakyActions is delivery with its first rollbacks failing as a
+// stream that cannot be written would (fault injection: the real
+// delivery does the work).
+type flakyActions struct {
+	*delivery.Delivery
+	mu    sync.Mutex
+	fails int
+}
+
+func (f *flakyActions) RollbackRelease(ctx context.Context, pkg, version, actor string) error {
+	f.mu.Lock()
+	fail := f.fails > 0
+	f.fails--
+	f.mu.Unlock()
+	if fail {
+		return fmt.Errorf("control stream: %w", oplog.ErrUnavailable)
+	}
+	return f.Delivery.RollbackRelease(ctx, pkg, version, actor)
+}
+
+// TestBreakerRollbackRetried: a rollback rule on a full version trips on
+// a crash spike; the first action fails (the stream is unavailable) and
+// is tried again; the version and the gray one after it are rolled back
+// to the full version before; the trip records two attempts.
+func TestBreakerRollbackRetried(t *testing.T) {
+	now := time.Now()
+	in, l := newIngestor(t, time.Now)
+	ag, err := analytics.OpenAggregates(analytics.AggregatesConfig{Log: l, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopAg := oplogtest.RunUntilCleanup(t, "aggregates", ag.Run)
+	t.Cleanup(func() { stopAg(); _ = ag.Close() })
+	d := deliverytest.MustRun(t, delivery.Config{Log: l}, false)
+	c := ctx(t)
+	p100 := 100.0
+	for _, v := range []string{"1", "2", "3"} {
+		if _, err := d.Upload(c, delivery.Upload{Package: "cart", Kind: deliverypb.PackageKind_PACKAGE_KIND_H5, Version: v, Data: []byte("cart " + v)}, "ci"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Gray(c, "cart", v, &deliverypb.Rule{Percent: &p100}, "ci"); err != nil {
+			t.Fatal(err)
+		}
+		if v != "3" {
+			if _, err := d.Full(c, "cart", v, "ci"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	actions := &flakyActions{Delivery: d, fails: 1}
+	br, err := analytics.OpenBreakers(c, analytics.BreakersConfig{Log: l, Aggregates: ag, Actions: actions,
+		Interval: 50 * time.Millisecond, RetryAfter: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oplogtest.RunUntilCleanup(t, "breakers", br.Run)
+	if _, err := br.SetRule(c, &analyticspb.BreakerRule{Id: "cart-2", App: "shop", Package: "cart", Version: "2", Metric: analyticspb.Metric_METRIC_CRASH_RATE,
+		Threshold: 0.2, MinSessions: 10, WindowMs: (10 * time.Minute).Milliseconds(), Action: analyticspb.Action_ACTION_ROLLBACK}, "sre"); err != nil {
+		t.Fatal(err)
+	}
+	rel := map[string]string{"cart": "2"}
+	n := 0
+	for i := range 10 {
+		evs := []*analyticspb.Event{{Id: fmt.Sprint("s", n), Type: analyticspb.Type_TYPE_SESSION_START, TimeMs: now.UnixMilli(), App: "shop", Releases: rel}}
+		if i < 4 {
+			evs = append(evs, &analyticspb.Event{Id: fmt.Sprint("c", n), Type: analyticspb.Type_TYPE_CRASH, TimeMs: now.UnixMilli(), App: "shop", Releases: rel})
+		}
+		n++
+		if r, err := in.Ingest(c, analytics.Identity{Device: fmt.Sprint("d", i)}, &analyticspb.Batch{Events: evs}); err != nil || int(r.Accepted) != len(evs) {
+			t.Fatalf("ingest: %v %v", r, err)
+		}
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	var tr *analyticspb.BreakerTrip
+	for {
+		if trips := br.Trips(); len(trips) == 1 && trips[0].Result == "done" {
+			tr = trips[0]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("trips %v", br.Trips())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if tr.Attempts != 2 || tr.Sessions != 10 || tr.Affected != 4 {
+		t.Fatalf("trip %v: want 2 attempts, 10 sessions, 4 crashed", tr)
+	}
+	for v, want := range map[string]deliverypb.Stage{"1": deliverypb.Stage_STAGE_FULL, "2": deliverypb.Stage_STAGE_ROLLED_BACK, "3": deliverypb.Stage_STAGE_ROLLED_BACK} {
+		if r, _ := d.Release("cart", v); r.Stage != want {
+			t.Fatalf("cart %s: %v, want %v", v, r.Stage, want)
+		}
+	}
+	// Done is done: no more attempts.
+	time.Sleep(500 * time.Millisecond)
+	if trips := br.Trips(); trips[0].Attempts != 2 {
+		t.Fatalf("tried again after done: %v", trips[0])
 	}
 }

@@ -426,9 +426,10 @@ func (d *Delivery) PauseRelease(ctx context.Context, pkg, version, model, actor 
 	return err
 }
 
-// RollbackRelease rolls a package back (Rollback).
-func (d *Delivery) RollbackRelease(ctx context.Context, pkg, actor string) error {
-	_, err := d.Rollback(ctx, pkg, actor)
+// RollbackRelease rolls a version back, with every release after it
+// (RollbackVersion).
+func (d *Delivery) RollbackRelease(ctx context.Context, pkg, version, actor string) error {
+	_, err := d.RollbackVersion(ctx, pkg, version, actor)
 	return err
 }
 
@@ -819,6 +820,34 @@ func (d *Delivery) Rollback(ctx context.Context, pkg, actor string) (*deliverypb
 	stable := p.stableBefore(cur)
 	if stable < 0 {
 		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", pkg, p.releases[cur].pb.Version.Version, oplog.ErrConflict)
+	}
+	to := p.releases[stable].pb.Version.Version
+	return d.lifecycle(ctx, pkg, "", actor, func(ev *deliverypb.PackageEvent) {
+		ev.Op = &deliverypb.PackageEvent_RollbackTo{RollbackTo: to}
+	})
+}
+
+// RollbackVersion rolls back one version of a package and every release
+// after it that devices may have, to the last full release before it: a
+// circuit breaker's rollback names the version its evidence is about,
+// which may be a full release with a newer gray one after it. Errors:
+// oplog.ErrNotFound; oplog.ErrConflict when the version was never offered
+// or is rolled back already, or no full release precedes it.
+func (d *Delivery) RollbackVersion(ctx context.Context, pkg, version, actor string) (*deliverypb.Release, error) {
+	p := d.ctl.Snapshot().packages[pkg]
+	if p == nil {
+		return nil, fmt.Errorf("package %s: %w", clip(pkg), oplog.ErrNotFound)
+	}
+	i, r := p.find(version)
+	if r == nil {
+		return nil, fmt.Errorf("package %s version %s: %w", pkg, clip(version), oplog.ErrNotFound)
+	}
+	if !rollbackable(r) {
+		return nil, fmt.Errorf("package %s version %s: %s, nothing to roll back: %w", pkg, version, r.pb.Stage, oplog.ErrConflict)
+	}
+	stable := p.stableBefore(i)
+	if stable < 0 {
+		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", pkg, version, oplog.ErrConflict)
 	}
 	to := p.releases[stable].pb.Version.Version
 	return d.lifecycle(ctx, pkg, "", actor, func(ev *deliverypb.PackageEvent) {

@@ -653,6 +653,45 @@ func TestModelsLeftOut(t *testing.T) {
 	}
 }
 
+// TestRollbackVersion: rolling back a full version takes back it and the
+// gray one after it, to the full version before it.
+func TestRollbackVersion(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	pub := e.signer.PublicKey()
+	must := mustRelease(t)
+	for _, v := range []string{"1", "2", "3", "4"} {
+		mustUpload(t, d, "cart", v)
+	}
+	for _, v := range []string{"1", "2"} {
+		must(d.Gray(c, "cart", v, &deliverypb.Rule{Percent: pct(100)}, "x"))
+		must(d.Full(c, "cart", v, "x"))
+	}
+	must(d.Gray(c, "cart", "3", &deliverypb.Rule{Percent: pct(100)}, "x"))
+	for _, tc := range []struct {
+		version string
+		want    error
+	}{{"9", oplog.ErrNotFound}, {"4", oplog.ErrConflict}, {"1", oplog.ErrConflict}} {
+		if _, err := d.RollbackVersion(c, "cart", tc.version, "x"); !errors.Is(err, tc.want) {
+			t.Fatalf("roll back %s: %v, want %v", tc.version, err, tc.want)
+		}
+	}
+	must(d.RollbackVersion(c, "cart", "2", "breaker"))
+	dev := &delivery.Device{ID: "x1", Attrs: oplog.Attrs{OS: "android"}}
+	if got := describe(offerOf(t, d, pub, dev, "cart")); got != "1 rollback from [3 2]" {
+		t.Fatalf("after rolling back 2: offered %q", got)
+	}
+	for v, want := range map[string]deliverypb.Stage{"1": deliverypb.Stage_STAGE_FULL, "2": deliverypb.Stage_STAGE_ROLLED_BACK, "3": deliverypb.Stage_STAGE_ROLLED_BACK} {
+		if r, _ := d.Release("cart", v); r.Stage != want {
+			t.Fatalf("cart %s: %v, want %v", v, r.Stage, want)
+		}
+	}
+	if _, err := d.RollbackVersion(c, "cart", "2", "breaker"); !errors.Is(err, oplog.ErrConflict) {
+		t.Fatalf("rolling 2 back again: %v, want a conflict", err)
+	}
+}
+
 // TestRollbackAfterStop: stopping a bad release, then rolling back, takes
 // back the stopped release (not the good one before it).
 func TestRollbackAfterStop(t *testing.T) {

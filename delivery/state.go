@@ -473,12 +473,12 @@ func rollback(np *pkgState, to string, seq uint64, at int64) error {
 	if cur < 0 {
 		return fmt.Errorf("package %s: no released version to roll back: %w", np.name, oplog.ErrConflict)
 	}
-	stable := np.stableBefore(cur)
-	if stable < 0 {
-		return fmt.Errorf("package %s: no stable version before %s to roll back to: %w", np.name, np.releases[cur].pb.Version.Version, oplog.ErrConflict)
-	}
-	if got := np.releases[stable].pb.Version.Version; got != to {
-		return fmt.Errorf("package %s: the last stable version is %s, not %q: %w", np.name, got, clip(to), oplog.ErrConflict)
+	// The target: a full release before the current one; usually the
+	// last (Rollback), or an earlier one when a full release is itself
+	// rolled back (RollbackVersion).
+	stable, t := np.find(to)
+	if t == nil || t.pb.Stage != deliverypb.Stage_STAGE_FULL || stable >= cur {
+		return fmt.Errorf("package %s: %q is not a full release before %s to roll back to: %w", np.name, clip(to), np.releases[cur].pb.Version.Version, oplog.ErrConflict)
 	}
 	for i := stable + 1; i < len(np.releases); i++ {
 		r := np.releases[i]

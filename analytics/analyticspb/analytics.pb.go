@@ -983,16 +983,21 @@ func (x *BreakerRule) GetUpdatedBy() string {
 // BreakerTrip records a breaker that tripped, stored on
 // sluice.control.breakertrip.<rule id>.
 type BreakerTrip struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Rule          string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
-	RuleVersion   uint64                 `protobuf:"varint,2,opt,name=rule_version,json=ruleVersion,proto3" json:"rule_version,omitempty"` // the version of the rule that tripped (one trip per version)
-	AtMs          int64                  `protobuf:"varint,3,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
-	Sessions      uint64                 `protobuf:"varint,4,opt,name=sessions,proto3" json:"sessions,omitempty"` // the evidence, over the window ending at at_ms
-	Affected      uint64                 `protobuf:"varint,5,opt,name=affected,proto3" json:"affected,omitempty"` // crashed (or frozen) sessions
-	Rate          float64                `protobuf:"fixed64,6,opt,name=rate,proto3" json:"rate,omitempty"`
-	Slice         string                 `protobuf:"bytes,7,opt,name=slice,proto3" json:"slice,omitempty"`
-	Action        string                 `protobuf:"bytes,8,opt,name=action,proto3" json:"action,omitempty"`
-	Result        string                 `protobuf:"bytes,9,opt,name=result,proto3" json:"result,omitempty"` // "done" or the action's error
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Rule        string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	RuleVersion uint64                 `protobuf:"varint,2,opt,name=rule_version,json=ruleVersion,proto3" json:"rule_version,omitempty"` // the version of the rule that tripped (one trip per version)
+	AtMs        int64                  `protobuf:"varint,3,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	Sessions    uint64                 `protobuf:"varint,4,opt,name=sessions,proto3" json:"sessions,omitempty"` // the evidence, over the window ending at at_ms
+	Affected    uint64                 `protobuf:"varint,5,opt,name=affected,proto3" json:"affected,omitempty"` // crashed (or frozen) sessions
+	Rate        float64                `protobuf:"fixed64,6,opt,name=rate,proto3" json:"rate,omitempty"`
+	Slice       string                 `protobuf:"bytes,7,opt,name=slice,proto3" json:"slice,omitempty"`
+	Action      string                 `protobuf:"bytes,8,opt,name=action,proto3" json:"action,omitempty"`
+	// "pending" (claimed, acting), "done", "failed: <error>" (the action
+	// cannot be done: it is not tried again) or "retrying: <error>" (tried
+	// again later).
+	Result        string `protobuf:"bytes,9,opt,name=result,proto3" json:"result,omitempty"`
+	Attempts      uint32 `protobuf:"varint,10,opt,name=attempts,proto3" json:"attempts,omitempty"`                          // actions tried
+	AttemptedMs   int64  `protobuf:"varint,11,opt,name=attempted_ms,json=attemptedMs,proto3" json:"attempted_ms,omitempty"` // when the last one started
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1088,6 +1093,20 @@ func (x *BreakerTrip) GetResult() string {
 		return x.Result
 	}
 	return ""
+}
+
+func (x *BreakerTrip) GetAttempts() uint32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *BreakerTrip) GetAttemptedMs() int64 {
+	if x != nil {
+		return x.AttemptedMs
+	}
+	return 0
 }
 
 var File_analytics_proto protoreflect.FileDescriptor
@@ -1203,7 +1222,7 @@ const file_analytics_proto_rawDesc = "" +
 	"\n" +
 	"updated_ms\x18\x0f \x01(\x03R\tupdatedMs\x12\x1d\n" +
 	"\n" +
-	"updated_by\x18\x10 \x01(\tR\tupdatedBy\"\xeb\x01\n" +
+	"updated_by\x18\x10 \x01(\tR\tupdatedBy\"\xaa\x02\n" +
 	"\vBreakerTrip\x12\x12\n" +
 	"\x04rule\x18\x01 \x01(\tR\x04rule\x12!\n" +
 	"\frule_version\x18\x02 \x01(\x04R\vruleVersion\x12\x13\n" +
@@ -1213,7 +1232,10 @@ const file_analytics_proto_rawDesc = "" +
 	"\x04rate\x18\x06 \x01(\x01R\x04rate\x12\x14\n" +
 	"\x05slice\x18\a \x01(\tR\x05slice\x12\x16\n" +
 	"\x06action\x18\b \x01(\tR\x06action\x12\x16\n" +
-	"\x06result\x18\t \x01(\tR\x06result*\x9f\x01\n" +
+	"\x06result\x18\t \x01(\tR\x06result\x12\x1a\n" +
+	"\battempts\x18\n" +
+	" \x01(\rR\battempts\x12!\n" +
+	"\fattempted_ms\x18\v \x01(\x03R\vattemptedMs*\x9f\x01\n" +
 	"\x04Type\x12\x14\n" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eTYPE_PAGE_VIEW\x10\x01\x12\x16\n" +

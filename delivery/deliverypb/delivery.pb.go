@@ -1315,8 +1315,10 @@ type PackageEvent_Stop struct {
 }
 
 type PackageEvent_RollbackTo struct {
-	// Rolls back the package's newest gray or full release (and any
-	// newer than the target) to rollback_to, the last stable version.
+	// Rolls back every release after rollback_to that devices may have
+	// (gray, full, or stopped after it was offered) to rollback_to, a
+	// full release before the newest of them: the last one (a rollback of
+	// the package), or an earlier one (a rollback of a full version).
 	RollbackTo string `protobuf:"bytes,16,opt,name=rollback_to,json=rollbackTo,proto3,oneof"`
 }
 
