@@ -570,17 +570,17 @@ func (d *Diagnostics) UploadHandler(auth Authenticator) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost {
 			w.Header().Set("Allow", "POST")
-			httpError(w, http.StatusMethodNotAllowed, "use POST")
+			httpError(w, http.StatusMethodNotAllowed, 0, "use POST")
 			return
 		}
 		who, err := auth(r)
 		if err != nil {
-			httpError(w, http.StatusUnauthorized, err.Error())
+			httpError(w, http.StatusUnauthorized, 0, err.Error())
 			return
 		}
 		id, what, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, d.cfg.URLPrefix), "/")
 		if !ok || (what != "logs" && what != "failure") || !oplog.ValidID(id) {
-			httpError(w, http.StatusNotFound, "want POST "+d.cfg.URLPrefix+"<request>/logs or .../failure")
+			httpError(w, http.StatusNotFound, oplogpb.ErrorCode_ERROR_CODE_NOT_FOUND, "want POST "+d.cfg.URLPrefix+"<request>/logs or .../failure")
 			return
 		}
 		limit := d.cfg.MaxLogBytes
@@ -644,13 +644,17 @@ func (d *Diagnostics) refuse(w http.ResponseWriter, r *http.Request, who Identit
 		ev = d.lg.Error()
 	}
 	ev.Err(err).Str("request", id).Str("device", who.Device).Str("remote", r.RemoteAddr).Int("status", status).Msg("diagnostic upload refused")
-	httpError(w, status, msg)
+	code := oplog.CodeOf(err)
+	if status == http.StatusForbidden {
+		code = 0 // not one of the oplog's codes
+	}
+	httpError(w, status, code, msg)
 }
 
 func writeProtoJSON(w http.ResponseWriter, m proto.Message) {
 	out, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
 	if err != nil {
-		httpError(w, http.StatusInternalServerError, "internal error")
+		httpError(w, http.StatusInternalServerError, oplogpb.ErrorCode_ERROR_CODE_INTERNAL, "internal error")
 		return
 	}
 	w.Header().Set("Content-Type", oplog.ContentTypeJSON)

@@ -3,6 +3,7 @@ package analytics
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/sluicehq/sluice/analytics/analyticspb"
 	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
@@ -45,28 +47,28 @@ func (in *Ingestor) Handler(auth Authenticator) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost {
 			w.Header().Set("Allow", "POST")
-			httpError(w, http.StatusMethodNotAllowed, "use POST")
+			httpError(w, http.StatusMethodNotAllowed, 0, "use POST")
 			return
 		}
 		who, err := auth(r)
 		if err != nil {
-			httpError(w, http.StatusUnauthorized, err.Error())
+			httpError(w, http.StatusUnauthorized, 0, err.Error())
 			return
 		}
 		if r.ContentLength > MaxBodyBytes {
-			httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body of %d bytes, at most %d", r.ContentLength, MaxBodyBytes))
+			httpError(w, http.StatusRequestEntityTooLarge, oplogpb.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE, fmt.Sprintf("body of %d bytes, at most %d", r.ContentLength, MaxBodyBytes))
 			return
 		}
 		asJSON := strings.HasPrefix(r.Header.Get("Content-Type"), oplog.ContentTypeJSON)
 		b, err := ReadBatch(http.MaxBytesReader(w, r.Body, MaxBodyBytes), r.Header.Get("Content-Encoding"), asJSON)
 		if err != nil {
-			status := http.StatusBadRequest
+			status, code := http.StatusBadRequest, oplog.CodeOf(err)
 			var tooBig *http.MaxBytesError
 			if errors.As(err, &tooBig) || errors.Is(err, oplog.ErrPayloadTooLarge) {
-				status = http.StatusRequestEntityTooLarge
+				status, code = http.StatusRequestEntityTooLarge, oplogpb.ErrorCode_ERROR_CODE_PAYLOAD_TOO_LARGE
 			}
 			in.lg.Info().Err(err).Str("device", who.Device).Str("remote", r.RemoteAddr).Msg("analytics upload refused")
-			httpError(w, status, err.Error())
+			httpError(w, status, code, err.Error())
 			return
 		}
 		reply, err := in.Ingest(r.Context(), who, b)
@@ -76,7 +78,7 @@ func (in *Ingestor) Handler(auth Authenticator) http.Handler {
 				status = http.StatusBadRequest
 			}
 			in.lg.Info().Err(err).Str("device", who.Device).Msg("analytics batch refused")
-			httpError(w, status, err.Error())
+			httpError(w, status, oplog.CodeOf(err), err.Error())
 			return
 		}
 		var out []byte
@@ -88,7 +90,7 @@ func (in *Ingestor) Handler(auth Authenticator) http.Handler {
 			w.Header().Set("Content-Type", "application/x-protobuf")
 		}
 		if err != nil {
-			httpError(w, http.StatusInternalServerError, "internal error")
+			httpError(w, http.StatusInternalServerError, oplogpb.ErrorCode_ERROR_CODE_INTERNAL, "internal error")
 			return
 		}
 		_, _ = w.Write(out)
@@ -145,8 +147,15 @@ func ReadBatch(r io.Reader, encoding string, asJSON bool) (*analyticspb.Batch, e
 	return b, nil
 }
 
-func httpError(w http.ResponseWriter, status int, msg string) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+// httpError answers as the admin API does: {"error": msg, "code":
+// "ERROR_CODE_…"}; no code for ERROR_CODE_UNSPECIFIED (0).
+func httpError(w http.ResponseWriter, status int, code oplogpb.ErrorCode, msg string) {
+	body := map[string]string{"error": msg}
+	if code != oplogpb.ErrorCode_ERROR_CODE_UNSPECIFIED {
+		body["code"] = code.String()
+	}
+	out, _ := json.Marshal(body)
+	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	_, _ = fmt.Fprintln(w, msg)
+	_, _ = w.Write(append(out, '\n'))
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -195,17 +196,19 @@ func TestHandler(t *testing.T) {
 		header   []string
 		status   int
 		accepted uint32
+		code     string // of a refusal's {"error", "code"}
 	}{
-		{"protobuf", batch("p", 10), []string{"Authorization", "Bearer d1"}, 200, 10},
-		{"gzip", gz.Bytes(), []string{"Authorization", "Bearer d1", "Content-Encoding", "gzip"}, 200, 20},
-		{"zstd", zs, []string{"Authorization", "Bearer d1", "Content-Encoding", "zstd"}, 200, 30},
-		{"json", jsonBatch, []string{"Authorization", "Bearer d1", "Content-Type", "application/json"}, 200, 1},
-		{"no token", batch("x", 1), nil, 401, 0},
-		{"malformed", []byte("not a batch \xff\xff"), []string{"Authorization", "Bearer d1"}, 400, 0},
-		{"bad gzip", []byte("nope"), []string{"Authorization", "Bearer d1", "Content-Encoding", "gzip"}, 400, 0},
-		{"unknown encoding", batch("x", 1), []string{"Authorization", "Bearer d1", "Content-Encoding", "br"}, 400, 0},
-		{"over the body limit", make([]byte, analytics.MaxBodyBytes+1), []string{"Authorization", "Bearer d1"}, 413, 0},
-		{"decompression bomb", bomb, []string{"Authorization", "Bearer d1", "Content-Encoding", "zstd"}, 413, 0},
+		{"protobuf", batch("p", 10), []string{"Authorization", "Bearer d1"}, 200, 10, ""},
+		{"gzip", gz.Bytes(), []string{"Authorization", "Bearer d1", "Content-Encoding", "gzip"}, 200, 20, ""},
+		{"zstd", zs, []string{"Authorization", "Bearer d1", "Content-Encoding", "zstd"}, 200, 30, ""},
+		{"json", jsonBatch, []string{"Authorization", "Bearer d1", "Content-Type", "application/json"}, 200, 1, ""},
+		{"no token", batch("x", 1), nil, 401, 0, ""},
+		{"malformed", []byte("not a batch \xff\xff"), []string{"Authorization", "Bearer d1"}, 400, 0, "ERROR_CODE_MALFORMED"},
+		{"bad gzip", []byte("nope"), []string{"Authorization", "Bearer d1", "Content-Encoding", "gzip"}, 400, 0, "ERROR_CODE_MALFORMED"},
+		{"unknown encoding", batch("x", 1), []string{"Authorization", "Bearer d1", "Content-Encoding", "br"}, 400, 0, "ERROR_CODE_MALFORMED"},
+		{"too many events", batch("m", analytics.MaxBatchEvents+1), []string{"Authorization", "Bearer d1"}, 400, 0, "ERROR_CODE_TOO_MANY_TARGETS"},
+		{"over the body limit", make([]byte, analytics.MaxBodyBytes+1), []string{"Authorization", "Bearer d1"}, 413, 0, "ERROR_CODE_PAYLOAD_TOO_LARGE"},
+		{"decompression bomb", bomb, []string{"Authorization", "Bearer d1", "Content-Encoding", "zstd"}, 413, 0, "ERROR_CODE_PAYLOAD_TOO_LARGE"},
 	} {
 		status, out := post(t, srv.URL, c.body, c.header...)
 		if status != c.status {
@@ -213,6 +216,10 @@ func TestHandler(t *testing.T) {
 			continue
 		}
 		if status != 200 {
+			var refusal struct{ Error, Code string }
+			if err := json.Unmarshal(out, &refusal); err != nil || refusal.Error == "" || refusal.Code != c.code {
+				t.Errorf("%s: body %s (%v), want {\"error\": ..., \"code\": %q}", c.name, bytes.TrimSpace(out), err, c.code)
+			}
 			continue
 		}
 		reply := &analyticspb.IngestReply{}
