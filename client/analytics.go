@@ -60,6 +60,7 @@ type tracker struct {
 	inflight map[uint64][]*analyticspb.Event
 	next     uint64
 	releases map[string]string // package → version the app runs (SetRelease)
+	page     string            // the last page viewed in the session
 	dirty    bool              // the events waiting changed since they were saved
 	saveMu   sync.Mutex        // one save at a time
 }
@@ -164,8 +165,9 @@ func newTracker(cfg AnalyticsConfig) *tracker {
 // Track records a tracking event (a page view, a session start or end, a
 // custom event, a crash, a freeze, a performance sample). It fills what
 // the event leaves empty: its id, its time, the app, the client's
-// attributes, the releases recorded with SetRelease and the variants of
-// the switches the client holds. It never
+// attributes, the releases recorded with SetRelease, the variants of the
+// switches the client holds, a page view's referrer (the page viewed
+// before it in the session) and other events' page (the current one). It never
 // blocks; without Config.Analytics it does nothing.
 func (c *Client) Track(ev *analyticspb.Event) {
 	t := c.tracker
@@ -190,13 +192,26 @@ func (c *Client) Track(ev *analyticspb.Event) {
 	if a := c.attrs; a != nil && ev.AppVersion == "" && ev.Os == "" {
 		ev.AppVersion, ev.Os, ev.OsVersion, ev.Model, ev.Region, ev.Network = a.AppVersion, a.Os, a.OsVersion, a.Model, a.Region, a.Network
 	}
-	if ev.Releases == nil {
-		t.mu.Lock()
-		if len(t.releases) > 0 {
-			ev.Releases = maps.Clone(t.releases)
-		}
-		t.mu.Unlock()
+	t.mu.Lock()
+	if ev.Releases == nil && len(t.releases) > 0 {
+		ev.Releases = maps.Clone(t.releases)
 	}
+	// Page paths: a page view's referrer is the page viewed before it in
+	// the session; other events happen on the current page.
+	switch ev.Type {
+	case analyticspb.Type_TYPE_SESSION_START, analyticspb.Type_TYPE_SESSION_END:
+		t.page = ""
+	case analyticspb.Type_TYPE_PAGE_VIEW:
+		if ev.Referrer == "" {
+			ev.Referrer = t.page
+		}
+		t.page = ev.Page
+	default:
+		if ev.Page == "" {
+			ev.Page = t.page
+		}
+	}
+	t.mu.Unlock()
 	if v := c.View(); v != nil && ev.Switches == nil && len(v.Switches) > 0 {
 		ev.Switches = make(map[string]string, len(v.Switches))
 		for k, sv := range v.Switches {

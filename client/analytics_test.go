@@ -80,6 +80,13 @@ func TestTrack(t *testing.T) {
 	if ev.Device != "dev-t" || ev.User != "u1" || ev.App != "shop" || ev.Os != attrs.Os || len(ev.Releases) != 1 || ev.Releases["shop"] != "2.0" {
 		t.Fatalf("stored event %v: want device dev-t, user u1, app shop, os %s, releases {shop: 2.0}", ev, attrs.Os)
 	}
+	// The custom events happened on the page viewed before them.
+	if m, err = s.GetMsg(testCtx(t), 3); err == nil {
+		err = proto.Unmarshal(m.Data, ev)
+	}
+	if err != nil || ev.Type != analyticspb.Type_TYPE_CUSTOM || ev.Page != "home" {
+		t.Fatalf("third event %v (%v): want a custom event on page home", ev, err)
+	}
 }
 
 // TestReportingSwitch: the server's reporting switch, delivered with the
