@@ -29,7 +29,8 @@
 // its own, so that the reader's stack stays small. On Linux a plain-TCP
 // link past Hello has no reader goroutine either: an epoll poller
 // (poll_linux.go) watches it and a short-lived goroutine reads it when it
-// is readable. WebSocket and TLS links keep a reader, blocked in their
+// is readable; the poller's descriptor is itself polled by the runtime, so
+// no thread blocks in epoll_wait. WebSocket and TLS links keep a reader, blocked in their
 // library's read. Measured at 10,000 idle links: 4.4 KiB per TLV link and
 // 13.7 KiB per WebSocket link (README, Performance); topics add no map to
 // an idle session (see topics.go). Live entries are

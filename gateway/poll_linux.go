@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -28,9 +29,18 @@ import (
 // descriptor number can be reused by a new connection as soon as the old
 // one closes. Registration and re-arming run inside RawConn.Control, which
 // holds the descriptor open for the call.
+//
+// The loop never blocks a thread in epoll_wait: the epoll descriptor is
+// itself registered with the runtime's poller (an os.File in non-blocking
+// mode), and the loop reads events with a zero timeout, parking while
+// there are none. A blocking epoll_wait held one of the process's Ps in a
+// system call until sysmon took it back: with GOMAXPROCS 2 the gateway
+// used about 1.6 cores under load instead of 2.
 type poller struct {
 	epfd int
-	wake [2]int // a pipe: a byte on it (token 0) stops the loop
+	ep   *os.File        // epfd, for the runtime's poller
+	rc   syscall.RawConn // of ep
+	wake [2]int          // a pipe: a byte on it (token 0) stops the loop
 
 	mu    sync.Mutex
 	next  uint64
@@ -51,6 +61,15 @@ func newPoller() (*poller, error) {
 	if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, p.wake[0], &syscall.EpollEvent{Events: syscall.EPOLLIN}); err != nil {
 		p.closeFDs()
 		return nil, fmt.Errorf("gateway: poller pipe: %w", err)
+	}
+	if err := syscall.SetNonblock(epfd, true); err != nil {
+		p.closeFDs()
+		return nil, fmt.Errorf("gateway: epoll: %w", err)
+	}
+	p.ep = os.NewFile(uintptr(epfd), "epoll") // non-blocking: the runtime polls it
+	if p.rc, err = p.ep.SyscallConn(); err != nil {
+		p.closeFDs()
+		return nil, fmt.Errorf("gateway: epoll: %w", err)
 	}
 	go p.loop()
 	return p, nil
@@ -108,9 +127,17 @@ func (p *poller) loop() {
 	defer close(p.done)
 	events := make([]syscall.EpollEvent, 256)
 	for {
-		n, err := syscall.EpollWait(p.epfd, events, -1)
-		if errors.Is(err, syscall.EINTR) {
-			continue
+		var n int
+		var werr error
+		err := p.rc.Read(func(fd uintptr) bool {
+			n, werr = syscall.EpollWait(int(fd), events, 0)
+			if errors.Is(werr, syscall.EINTR) {
+				n, werr = 0, nil
+			}
+			return n > 0 || werr != nil // none: park until epfd is readable
+		})
+		if err == nil {
+			err = werr
 		}
 		if err != nil {
 			p.closeFDs()
@@ -143,6 +170,10 @@ func (p *poller) close() {
 func (p *poller) closeFDs() {
 	_ = syscall.Close(p.wake[0])
 	_ = syscall.Close(p.wake[1])
+	if p.ep != nil {
+		_ = p.ep.Close()
+		return
+	}
 	_ = syscall.Close(p.epfd)
 }
 
