@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluicehq/sluice/buckets"
 	"github.com/sluicehq/sluice/oplog"
 )
 
@@ -48,6 +49,7 @@ const (
 // gatewayConfig is the command line of the gateway benchmark.
 type gatewayConfig struct {
 	asSluiced    bool // Sluice children run topics and buckets, as sluiced
+	syncOverload int  // their scheduler's OverloadAt
 	scenarios    []string
 	idleN        int
 	bcastN       int
@@ -98,6 +100,7 @@ flags:`)
 	}
 	scen := fs.String("scenario", "all", "scenarios to run, comma-separated: idle, broadcast, latency, catchup, or all")
 	fs.BoolVar(&c.asSluiced, "as-sluiced", true, "run Sluice servers with topics and buckets, as sluiced does (false: the gateway on the inbox alone)")
+	fs.IntVar(&c.syncOverload, "sync-overload", buckets.DefaultOverloadAt, "with -as-sluiced: sync computations in flight above which the Sluice children defer buckets of priority > 0 (sluiced's --sync-overload)")
 	n := fs.Int("n", 0, fmt.Sprintf("connections of every scenario (0: idle %d, broadcast %d, latency %d, catchup %d)", defaultIdleN, defaultBcastN, defaultLatN, defaultCatchupN))
 	fs.IntVar(&c.idleN, "idle-n", defaultIdleN, "idle connections per server and transport")
 	fs.IntVar(&c.bcastN, "broadcast-n", defaultBcastN, "online clients of the broadcast")
@@ -155,6 +158,9 @@ flags:`)
 	}
 	if c.rounds < 1 || c.catchRuns < 1 || c.rounds > 1000 || c.catchRuns > 1000 {
 		errs = append(errs, errors.New("-rounds and -catchup-runs: want 1 to 1000"))
+	}
+	if c.syncOverload < 1 {
+		errs = append(errs, errors.New("-sync-overload: want at least 1"))
 	}
 	if c.backlog < 1 || c.backlog > 10_000 {
 		errs = append(errs, errors.New("-backlog: want 1 to 10000"))

@@ -31,6 +31,8 @@ type catchSide struct {
 // catchRun is one reconnect of every client at once.
 type catchRun struct {
 	took     time.Duration // first reconnect until the last client had its whole backlog
+	first    time.Duration // until the last client served in its first round had it (0: none was)
+	deferred int           // clients whose backlog came in a later round (the server deferred it under load)
 	complete int           // clients with exactly their missing entries
 	lost     int           // missing entries not received
 	dups     int           // entries received more than once
@@ -44,6 +46,16 @@ func (s catchSide) tooks() []time.Duration {
 
 func (s catchSide) p50() time.Duration  { return percentile(s.tooks(), 0.5) }
 func (s catchSide) p100() time.Duration { return slices.Max(s.tooks()) }
+
+// deferred counts the clients of every run whose backlog came in a later
+// round.
+func (s catchSide) deferred() int {
+	n := 0
+	for _, r := range s.runs {
+		n += r.deferred
+	}
+	return n
+}
 
 func (s catchSide) totals() (complete, lost, dups, extra int) {
 	for _, r := range s.runs {
@@ -105,14 +117,20 @@ func appendEach(ctx context.Context, nc *nats.Conn, users []string, count, paylo
 	return ids, nil
 }
 
-// reconnect has every client dial, send hellos[i] and read its first sync
-// round, all released at once; it returns the links, the items each got
-// and the run's timing. The links stay open.
-func reconnect(ctx context.Context, d *dialer, srv *child, transport string, hellos []*gatewaypb.Frame) ([]*benchConn, [][]*gatewaypb.Item, catchRun, error) {
+// reconnect has every client dial, send hellos[i] and read sync rounds
+// until it holds want[i] items or a round ends with nothing deferred, all
+// released at once; it returns the links, the items each got and the
+// run's timing. A node with more computations in flight than its
+// scheduler's OverloadAt (sluiced's --sync-overload) defers buckets of
+// priority > 0 and runs another round for those clients after about
+// buckets.DefaultDeferFor: their time includes that wait, and the run
+// counts them. The links stay open.
+func reconnect(ctx context.Context, d *dialer, srv *child, transport string, hellos []*gatewaypb.Frame, want []int) ([]*benchConn, [][]*gatewaypb.Item, catchRun, error) {
 	n := len(hellos)
 	conns := make([]*benchConn, n)
 	items := make([][]*gatewaypb.Item, n)
 	took := make([]time.Duration, n)
+	rounds := make([]int, n)
 	errs := make([]error, n)
 	var ready, wg sync.WaitGroup
 	start := make(chan struct{})
@@ -122,13 +140,20 @@ func reconnect(ctx context.Context, d *dialer, srv *child, transport string, hel
 		wg.Go(func() {
 			ready.Done()
 			<-start
-			b, its, err := d.openWith(ctx, srv, transport, i, hellos[i], true)
+			hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+			defer cancel()
+			b, err := d.dial(hctx, srv, transport, i)
+			if err != nil {
+				took[i] = time.Since(t0)
+				errs[i] = fmt.Errorf("client %d: dial: %w", i, err)
+				return
+			}
+			conns[i] = b
+			items[i], rounds[i], err = b.syncAll(hctx, hellos[i], want[i])
 			took[i] = time.Since(t0)
 			if err != nil {
 				errs[i] = fmt.Errorf("client %d: %w", i, err)
-				return
 			}
-			conns[i], items[i] = b, its
 		})
 	}
 	ready.Wait()
@@ -137,6 +162,13 @@ func reconnect(ctx context.Context, d *dialer, srv *child, transport string, hel
 	close(start)
 	wg.Wait()
 	run := catchRun{took: slices.Max(took), cpu: ph.end()}
+	for i, r := range rounds {
+		if r > 1 {
+			run.deferred++
+		} else {
+			run.first = max(run.first, took[i])
+		}
+	}
 	return conns, items, run, firstError(errs)
 }
 
@@ -209,11 +241,17 @@ func catchupSluice(ctx context.Context, cfg *gatewayConfig, d *dialer, log zerol
 	}
 	points := make([]uint64, n)
 	if err := forEach(ctx, n, cfg.dialPar, func(i int) error {
-		b, items, err := d.openWith(ctx, srv, cfg.transport, i, mustHello(d, i, nil), true)
+		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+		defer cancel()
+		b, err := d.dial(hctx, srv, cfg.transport, i)
+		if err != nil {
+			return fmt.Errorf("dial: %w", err)
+		}
+		defer b.close()
+		items, _, err := b.syncAll(hctx, mustHello(d, i, nil), 1)
 		if err != nil {
 			return err
 		}
-		defer b.close()
 		if len(items) != 1 || items[0].Id != first[users[i]][0] {
 			return fmt.Errorf("first sync round: %d items, want id %d", len(items), first[users[i]][0])
 		}
@@ -238,14 +276,16 @@ func catchupSluice(ctx context.Context, cfg *gatewayConfig, d *dialer, log zerol
 		}
 		log.Info().Int("run", run+1).Int("entries", n*cfg.backlog).Dur("took", time.Since(start)).Msg("backlog appended while the clients were away")
 		hellos := make([]*gatewaypb.Frame, n)
+		want := make([]int, n)
 		for i := range hellos {
 			hellos[i] = mustHello(d, i, point(points[i]))
+			want[i] = len(missing[users[i]])
 		}
 		stop, err := srv.profileStart(ctx, cfg, fmt.Sprintf("catchup%d", run+1))
 		if err != nil {
 			return side, err
 		}
-		conns, items, res, err := reconnect(ctx, d, srv, cfg.transport, hellos)
+		conns, items, res, err := reconnect(ctx, d, srv, cfg.transport, hellos, want)
 		if perr := stop(); perr != nil && err == nil {
 			err = perr
 		}
@@ -260,7 +300,7 @@ func catchupSluice(ctx context.Context, cfg *gatewayConfig, d *dialer, log zerol
 			}
 		}
 		side.runs = append(side.runs, res)
-		log.Info().Int("run", run+1).Dur("all_caught_up", res.took).Int("complete", res.complete).Int("lost", res.lost).
+		log.Info().Int("run", run+1).Dur("all_caught_up", res.took).Int("complete", res.complete).Int("lost", res.lost).Int("deferred", res.deferred).
 			Int("dups", res.dups).Dur("server_cpu", res.cpu.server).Msg("sluice catch-up")
 		// Untimed: every client acks what it got and leaves.
 		err = forEach(ctx, n, cfg.dialPar, func(i int) error { return conns[i].ackConfirmed(ctx, point(points[i])) })
@@ -290,11 +330,13 @@ func catchupRaw(ctx context.Context, cfg *gatewayConfig, d *dialer, log zerolog.
 		want[i] = uint64(i + 1)
 	}
 	hellos := make([]*gatewaypb.Frame, n)
+	wantN := make([]int, n)
 	for i := range hellos {
 		hellos[i] = mustHello(d, i, nil)
+		wantN[i] = cfg.backlog
 	}
 	for run := range cfg.catchRuns {
-		conns, items, res, err := reconnect(ctx, d, srv, transportTCP, hellos)
+		conns, items, res, err := reconnect(ctx, d, srv, transportTCP, hellos, wantN)
 		closeAll(conns)
 		if err != nil {
 			return side, fmt.Errorf("run %d: %w", run+1, err)

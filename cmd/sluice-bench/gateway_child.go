@@ -46,7 +46,7 @@ func startChild(ctx context.Context, cfg *gatewayConfig, mode, label string, ext
 	if mode == modeSluice && cfg.asSluiced && !slices.Contains(extra, "-topics") {
 		// The gateway as sluiced runs it: topics (every session also
 		// follows Everyone) and rounds by bucket.
-		extra = append([]string{"-topics", "-buckets"}, extra...)
+		extra = append([]string{"-topics", "-buckets", "-sync-overload", strconv.Itoa(cfg.syncOverload)}, extra...)
 	}
 	return startChildOn(ctx, cfg, mode, label, "", extra...)
 }

@@ -29,7 +29,13 @@ func (w *gwReport) header() {
 	w.printf("files:     open-file limit %d (hard %d); clients dial from %s\n", c.files[0], c.files[1], sourceRange(c))
 	w.printf("servers:   one child process per measurement (this binary re-executed as `sluice-bench %s`), on loopback, GOMAXPROCS %d\n", childCommand, runtime.GOMAXPROCS(0))
 	w.printf("sluice:    embedded NATS + JetStream (fsync always) + oplog.Log (atomic batch %d) + Inbox (LocalFeed, SoleWriter) + Service + gateway.Server (defaults, heartbeat %v): TLV listener and WebSocket at /v1/ws\n", c.atomicBatch, c.heartbeat)
-	w.printf("clients:   in this process; each sends Hello with a token for its own user and device and reads Welcome and its first sync round; payload %d B; no compression\n", c.payload)
+	if c.asSluiced {
+		w.printf("           as sluiced runs it: topics.Topics and its Service, buckets.Map and a buckets.Scheduler deferring buckets of priority > 0 above %d sync computations in flight\n", c.syncOverload)
+	} else {
+		w.printf("           the gateway on the inbox alone (-as-sluiced=false): no topics, no buckets, no scheduler\n")
+	}
+	w.printf("clients:   in this process; each sends Hello with a token for its own user and device and reads Welcome and its first sync round\n")
+	w.printf("           (catch-up: and the rounds the server runs later for buckets it deferred); payload %d B; no compression\n", c.payload)
 	w.printf("cpu:       per timed phase: server = the child process, clients+producers = this process, others = the rest of the machine\n")
 	w.printf("           (other processes, kernel threads such as the file system journal, interrupts such as loopback packet delivery)\n")
 	w.printf("figures:   each next to its baseline measured in this run; ratio = sluice / baseline (lower is better)\n")
@@ -212,6 +218,14 @@ func (w *gwReport) catchup(r catchResult) {
 		complete, lost, dups, extra := s.side.totals()
 		w.printf("  %-7s runs (ms): %s; clients complete %d of %d, entries lost %d, duplicated %d, unexpected %d\n",
 			s.name, strings.Join(runs, " "), complete, r.clients*len(s.side.runs), lost, dups, extra)
+		if d := s.side.deferred(); d > 0 {
+			var firsts []string
+			for _, x := range s.side.runs {
+				firsts = append(firsts, msec(x.first))
+			}
+			w.printf("  %-7s deferred under load: %d of %d clients got their backlog in a later round (the node had more sync computations\n", "", d, r.clients*len(s.side.runs))
+			w.printf("  %-7s in flight than its scheduler's OverloadAt, sluiced's --sync-overload); the last client served in its first round had it at (ms): %s\n", "", strings.Join(firsts, " "))
+		}
 		w.printf("  %-7s %s\n", "", w.cpuLine("catchup "+s.name, cpu, len(s.side.runs), "run"))
 	}
 }
@@ -247,6 +261,9 @@ func (w *gwReport) summary(res gatewayResults) {
 		v := verdict2(r.sluice.p50(), r.sluice.p100(), goalCatchup)
 		if _, lost, dups, extra := r.sluice.totals(); lost+dups+extra > 0 {
 			v += fmt.Sprintf(" (%d lost, %d duplicated, %d unexpected)", lost, dups, extra)
+		}
+		if d := r.sluice.deferred(); d > 0 {
+			v += fmt.Sprintf(" (%d of %d clients deferred under load)", d, r.clients*len(r.sluice.runs))
 		}
 		row("catchup", "p50 "+msec(r.sluice.p50())+" ms", "p50 "+msec(r.raw.p50())+" ms raw from memory", ratio(float64(r.sluice.p50()), float64(r.raw.p50())),
 			"<= "+goalCatchup.String(), v)

@@ -135,6 +135,7 @@ type childConfig struct {
 	fsync       string
 	topics      bool
 	buckets     bool
+	overloadAt  int // buckets.SchedulerConfig.OverloadAt (0: its default)
 	perBusiness bool
 	businesses  []*oplogpb.Business // nil: bizUser and bizDevice
 	catchup     int
@@ -166,6 +167,7 @@ func runGatewayServer(ctx context.Context, args []string, stdout, stderr io.Writ
 	fs.StringVar(&c.fsync, "fsync", fsyncAlways, "JetStream fsync: always or interval (sluice)")
 	fs.BoolVar(&c.topics, "topics", false, "serve topics: topics.Topics (SoleWriter) and its Service, as gateway.Config.Topics (sluice)")
 	fs.BoolVar(&c.buckets, "buckets", false, "compute sync rounds by bucket: buckets.Map and a buckets.Scheduler in the gateway (sluice)")
+	fs.IntVar(&c.overloadAt, "sync-overload", 0, "with -buckets: buckets.SchedulerConfig.OverloadAt, as sluiced's --sync-overload (sluice; 0: its default)")
 	fs.BoolVar(&c.perBusiness, "per-business", false, "with -buckets: gateway.Config.PerBusiness, one read per business (sluice)")
 	biz := fs.String("businesses", "", "businesses to register instead of chat and dev: code:user|device[:single], comma-separated (sluice)")
 	fs.IntVar(&c.catchup, "catchup", 0, "one-item sync frames sent after every hello (raw-broadcast)")
@@ -442,7 +444,7 @@ func startSluiceServer(ctx context.Context, c *childConfig, log zerolog.Logger, 
 		bm := s.bmap
 		s.closers = append(s.closers, bm.Close)
 		s.g.Go(func() error { return bm.Run(s.gctx) })
-		s.sched = buckets.NewScheduler(buckets.SchedulerConfig{})
+		s.sched = buckets.NewScheduler(buckets.SchedulerConfig{OverloadAt: c.overloadAt})
 	}
 	s.gw, err = gateway.NewServer(gateway.Config{
 		Inbox:       s.inbox,
