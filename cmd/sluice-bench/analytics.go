@@ -734,17 +734,47 @@ func (b *analyticsBench) ingestHTTP(ctx context.Context, addr string, pool *inge
 		}
 		conns[i] = &httpConn{c: c, br: bufio.NewReaderSize(c, 4<<10), host: addr}
 	}
+	return b.drive(ctx, pool, len(conns), func(w, i int) (time.Duration, error) {
+		c, bt := conns[w], &pool.batches[i]
+		c.post("/v1/analytics", pool.devices[bt.device].token, bt.body)
+		t0 := time.Now()
+		a, err := c.roundTrip(true)
+		if err != nil {
+			return 0, err
+		}
+		lat := time.Since(t0)
+		reply := &analyticspb.IngestReply{}
+		if a.status != http.StatusOK {
+			return 0, fmt.Errorf("status %d: %s", a.status, bytes.TrimSpace(a.body))
+		}
+		if err := proto.Unmarshal(a.body, reply); err != nil {
+			return 0, fmt.Errorf("reply: %w", err)
+		}
+		if int(reply.Accepted) != len(bt.msgs) || reply.Duplicates != 0 || len(reply.Rejected) != 0 {
+			return 0, fmt.Errorf("%d events accepted, %d duplicates, %d rejected (%v); want %d accepted",
+				reply.Accepted, reply.Duplicates, len(reply.Rejected), reply.Rejected, len(bt.msgs))
+		}
+		return lat, nil
+	})
+}
+
+// drive runs workers goroutines that take the pool's batches in order and
+// send each with send (worker w, batch i), which answers with the batch's
+// latency once it is acknowledged, until the batches run out or
+// cfg.ingestTime passes; batches under way then finish and count. The
+// first error stops every worker. The phase is timed from the first send.
+func (b *analyticsBench) drive(ctx context.Context, pool *ingestPool, workers int, send func(w, i int) (time.Duration, error)) (ph ingestPhase, err error) {
 	type part struct {
 		lat []time.Duration
 		err error
 	}
-	parts := make([]part, len(conns))
+	parts := make([]part, workers)
 	var next atomic.Int64
 	var stop atomic.Bool
 	var wg sync.WaitGroup
 	runtime.GC()
 	m := startMeter()
-	for w, c := range conns {
+	for w := range parts {
 		wg.Go(func() {
 			p := &parts[w]
 			for !stop.Load() && ctx.Err() == nil {
@@ -752,30 +782,13 @@ func (b *analyticsBench) ingestHTTP(ctx context.Context, addr string, pool *inge
 				if i >= len(pool.batches) {
 					return
 				}
-				bt := &pool.batches[i]
-				c.post("/v1/analytics", pool.devices[bt.device].token, bt.body)
-				t0 := time.Now()
-				a, err := c.roundTrip(true)
+				lat, err := send(w, i)
 				if err != nil {
 					p.err = fmt.Errorf("batch %d: %w", i, err)
 					stop.Store(true)
 					return
 				}
-				p.lat = append(p.lat, time.Since(t0))
-				reply := &analyticspb.IngestReply{}
-				if a.status != http.StatusOK {
-					err = fmt.Errorf("batch %d: status %d: %s", i, a.status, bytes.TrimSpace(a.body))
-				} else if err = proto.Unmarshal(a.body, reply); err != nil {
-					err = fmt.Errorf("batch %d: reply: %w", i, err)
-				} else if int(reply.Accepted) != len(bt.msgs) || reply.Duplicates != 0 || len(reply.Rejected) != 0 {
-					err = fmt.Errorf("batch %d: %d events accepted, %d duplicates, %d rejected (%v); want %d accepted", i,
-						reply.Accepted, reply.Duplicates, len(reply.Rejected), reply.Rejected, len(bt.msgs))
-				}
-				if err != nil {
-					p.err = err
-					stop.Store(true)
-					return
-				}
+				p.lat = append(p.lat, lat)
 			}
 		})
 	}
@@ -789,7 +802,7 @@ func (b *analyticsBench) ingestHTTP(ctx context.Context, addr string, pool *inge
 	}
 	timer.Stop()
 	stop.Store(true)
-	<-done // requests under way finish: their events count
+	<-done // batches under way finish: their events count
 	sent := min(int(next.Load()), len(pool.batches))
 	var lats []time.Duration
 	var errs []error

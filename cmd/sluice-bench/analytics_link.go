@@ -185,92 +185,47 @@ func (b *analyticsBench) ingestLink(ctx context.Context, addr string, pool *inge
 	}
 	b.log.Info().Int("links", used).Msg("links open")
 
-	type part struct {
-		lat []time.Duration
-		err error
+	return b.drive(ctx, pool, b.cfg.conc, func(_, i int) (time.Duration, error) {
+		bt := &pool.batches[i]
+		l := links[bt.device]
+		ch := l.expect(uint64(i + 1))
+		t0 := time.Now()
+		err := l.send(ctx, frames[i], ch, len(bt.msgs))
+		if err != nil {
+			l.forget(uint64(i + 1))
+			return 0, err
+		}
+		return time.Since(t0), nil
+	})
+}
+
+// send writes one analytics frame and waits for its ack on ch, which must
+// accept every one of want events.
+func (l *linkConn) send(ctx context.Context, frame []byte, ch <-chan *gatewaypb.AnalyticsAck, want int) error {
+	l.bc.wmu.Lock()
+	_ = l.bc.tcp.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	_, err := l.bc.tcp.Write(frame)
+	l.bc.wmu.Unlock()
+	if err != nil {
+		return err
 	}
-	parts := make([]part, b.cfg.conc)
-	next.Store(0)
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	runtime.GC()
-	m := startMeter()
-	for w := range parts {
-		wg.Go(func() {
-			p := &parts[w]
-			for !stop.Load() && ctx.Err() == nil {
-				i := int(next.Add(1)) - 1
-				if i >= len(pool.batches) {
-					return
-				}
-				bt := &pool.batches[i]
-				l := links[bt.device]
-				ch := l.expect(uint64(i + 1))
-				t0 := time.Now()
-				l.bc.wmu.Lock()
-				_ = l.bc.tcp.SetWriteDeadline(time.Now().Add(10 * time.Second))
-				_, err := l.bc.tcp.Write(frames[i])
-				l.bc.wmu.Unlock()
-				if err == nil {
-					select {
-					case ack, ok := <-ch:
-						switch {
-						case !ok:
-							l.mu.Lock()
-							err = fmt.Errorf("link closed: %v", l.err)
-							l.mu.Unlock()
-						case ack.Error != nil:
-							err = fmt.Errorf("refused: %s: %s", ack.Error.Code, ack.Error.Message)
-						case int(ack.Reply.GetAccepted()) != len(bt.msgs) || ack.Reply.GetDuplicates() != 0 || len(ack.Reply.GetRejected()) != 0:
-							err = fmt.Errorf("%d events accepted, %d duplicates, %d rejected (%v); want %d accepted",
-								ack.Reply.GetAccepted(), ack.Reply.GetDuplicates(), len(ack.Reply.GetRejected()), ack.Reply.GetRejected(), len(bt.msgs))
-						}
-					case <-time.After(linkAckTimeout):
-						err = fmt.Errorf("no ack after %s", linkAckTimeout)
-					case <-ctx.Done():
-						err = ctx.Err()
-					}
-				}
-				if err != nil {
-					l.forget(uint64(i + 1))
-					p.err = fmt.Errorf("batch %d: %w", i, err)
-					stop.Store(true)
-					return
-				}
-				p.lat = append(p.lat, time.Since(t0))
-			}
-		})
-	}
-	timer := time.NewTimer(b.cfg.ingestTime)
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
 	select {
-	case <-timer.C:
-	case <-done:
+	case ack, ok := <-ch:
+		switch {
+		case !ok:
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			return fmt.Errorf("link closed: %v", l.err)
+		case ack.Error != nil:
+			return fmt.Errorf("refused: %s: %s", ack.Error.Code, ack.Error.Message)
+		case int(ack.Reply.GetAccepted()) != want || ack.Reply.GetDuplicates() != 0 || len(ack.Reply.GetRejected()) != 0:
+			return fmt.Errorf("%d events accepted, %d duplicates, %d rejected (%v); want %d accepted",
+				ack.Reply.GetAccepted(), ack.Reply.GetDuplicates(), len(ack.Reply.GetRejected()), ack.Reply.GetRejected(), want)
+		}
+		return nil
+	case <-time.After(linkAckTimeout):
+		return fmt.Errorf("no ack after %s", linkAckTimeout)
 	case <-ctx.Done():
+		return ctx.Err()
 	}
-	timer.Stop()
-	stop.Store(true)
-	<-done // batches under way finish: their events count
-	sent := min(int(next.Load()), len(pool.batches))
-	var lats []time.Duration
-	var errs []error
-	for _, p := range parts {
-		lats = append(lats, p.lat...)
-		errs = append(errs, p.err)
-	}
-	if err := firstError(errs); err != nil {
-		return ph, err
-	}
-	if err := ctx.Err(); err != nil {
-		return ph, err
-	}
-	ph.sent = pool.batches[:sent]
-	for _, bt := range ph.sent {
-		ph.events += len(bt.msgs)
-	}
-	ph.batches = sent
-	ph.t = m.throughput(ph.events)
-	ph.lat = summarise(lats, ph.t.took)
-	return ph, nil
 }
