@@ -200,10 +200,7 @@ func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	b := &analyticsBench{cfg: cfg, log: progressLogger(stderr).With().Str("bench", "analytics").Logger()}
 	w := &analyticsReport{out: stdout, cfg: cfg}
 	w.header(loadAverage())
-	for _, sc := range []struct {
-		name string
-		run  func() error
-	}{
+	if err := runScenarios(cfg.scenarios, cfg.cpuProfile, []benchScenario{
 		{scenarioIngest, func() error {
 			r, err := b.ingest(ctx)
 			if err == nil {
@@ -218,21 +215,8 @@ func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			}
 			return err
 		}},
-	} {
-		if !cfg.scenarios[sc.name] {
-			continue
-		}
-		stop, err := startProfile(cfg.cpuProfile, sc.name)
-		if err != nil {
-			return err
-		}
-		err = sc.run()
-		if perr := stop(); err == nil {
-			err = perr
-		}
-		if err != nil {
-			return fmt.Errorf("%s: %w", sc.name, err)
-		}
+	}); err != nil {
+		return err
 	}
 	w.summary(b.issues)
 	if len(b.issues) > 0 {

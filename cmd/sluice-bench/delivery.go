@@ -228,10 +228,7 @@ func runDelivery(ctx context.Context, args []string, stdout, stderr io.Writer) (
 		}
 	}()
 	w.header(b)
-	for _, sc := range []struct {
-		name string
-		run  func() error
-	}{
+	if err := runScenarios(cfg.scenarios, cfg.cpuProfile, []benchScenario{
 		{scenarioRules, func() error {
 			log.Info().Int("devices", cfg.devices).Msg("rules")
 			r, err := b.rules()
@@ -256,11 +253,30 @@ func runDelivery(ctx context.Context, args []string, stdout, stderr io.Writer) (
 			}
 			return err
 		}},
-	} {
-		if !cfg.scenarios[sc.name] {
+	}); err != nil {
+		return err
+	}
+	w.summary(b.issues)
+	if len(b.issues) > 0 {
+		return fmt.Errorf("%d correctness checks failed; first: %s", len(b.issues), b.issues[0])
+	}
+	return nil
+}
+
+// benchScenario is one scenario of a benchmark command.
+type benchScenario struct {
+	name string
+	run  func() error
+}
+
+// runScenarios runs the selected scenarios in order, each under its own
+// CPU profile when cpuProfile names a prefix; the first error ends it.
+func runScenarios(selected map[string]bool, cpuProfile string, scs []benchScenario) error {
+	for _, sc := range scs {
+		if !selected[sc.name] {
 			continue
 		}
-		stop, err := startProfile(cfg.cpuProfile, sc.name)
+		stop, err := startProfile(cpuProfile, sc.name)
 		if err != nil {
 			return err
 		}
@@ -271,10 +287,6 @@ func runDelivery(ctx context.Context, args []string, stdout, stderr io.Writer) (
 		if err != nil {
 			return fmt.Errorf("%s: %w", sc.name, err)
 		}
-	}
-	w.summary(b.issues)
-	if len(b.issues) > 0 {
-		return fmt.Errorf("%d correctness checks failed; first: %s", len(b.issues), b.issues[0])
 	}
 	return nil
 }
