@@ -138,26 +138,11 @@ flags:`)
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	var errs []error
-	c.scenarios = map[string]bool{}
-	for s := range strings.SplitSeq(scen, ",") {
-		switch s = strings.TrimSpace(s); s {
-		case "all":
-			c.scenarios[scenarioIngest], c.scenarios[scenarioQuery] = true, true
-		case scenarioIngest, scenarioQuery:
-			c.scenarios[s] = true
-		default:
-			errs = append(errs, fmt.Errorf("-scenario %q: want all, ingest or query", s))
-		}
-	}
-	c.sides = map[string]bool{}
-	for s := range strings.SplitSeq(sides, ",") {
-		switch s = strings.TrimSpace(s); s {
-		case "http", "link":
-			c.sides[s] = true
-		default:
-			errs = append(errs, fmt.Errorf("-sides %q: want http or link", s))
-		}
-	}
+	var err error
+	c.scenarios, err = parseSet("-scenario", scen, true, scenarioIngest, scenarioQuery)
+	errs = append(errs, err)
+	c.sides, err = parseSet("-sides", sides, false, "http", "link")
+	errs = append(errs, err)
 	if c.fsync != fsyncInterval && c.fsync != fsyncAlways {
 		errs = append(errs, fmt.Errorf("-fsync %q: want interval or always", c.fsync))
 	}

@@ -141,17 +141,9 @@ flags:`)
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	var errs []error
-	c.scenarios = map[string]bool{}
-	for s := range strings.SplitSeq(scen, ",") {
-		switch s = strings.TrimSpace(s); s {
-		case "all":
-			c.scenarios[scenarioRules], c.scenarios[scenarioHTTP], c.scenarios[scenarioSwitch] = true, true, true
-		case scenarioRules, scenarioHTTP, scenarioSwitch:
-			c.scenarios[s] = true
-		default:
-			errs = append(errs, fmt.Errorf("-scenario %q: want all, rules, http or switch", s))
-		}
-	}
+	var err error
+	c.scenarios, err = parseSet("-scenario", scen, true, scenarioRules, scenarioHTTP, scenarioSwitch)
+	errs = append(errs, err)
 	if c.fsync != fsyncInterval && c.fsync != fsyncAlways {
 		errs = append(errs, fmt.Errorf("-fsync %q: want interval or always", c.fsync))
 	}

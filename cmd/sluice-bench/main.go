@@ -200,6 +200,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/mattn/go-isatty"
@@ -266,4 +268,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	default:
 		return fmt.Errorf("unknown benchmark %q: %w", args[0], errUsage)
 	}
+}
+
+// parseSet reads a comma-separated flag value naming some of valid (and,
+// with withAll, "all" for every one) into a set.
+func parseSet(flagName, value string, withAll bool, valid ...string) (map[string]bool, error) {
+	set := map[string]bool{}
+	var errs []error
+	for s := range strings.SplitSeq(value, ",") {
+		switch s = strings.TrimSpace(s); {
+		case withAll && s == "all":
+			for _, v := range valid {
+				set[v] = true
+			}
+		case slices.Contains(valid, s):
+			set[s] = true
+		default:
+			want := strings.Join(valid, ", ")
+			if withAll {
+				want = "all, " + want
+			}
+			errs = append(errs, fmt.Errorf("%s %q: want %s", flagName, s, want))
+		}
+	}
+	return set, errors.Join(errs...)
 }

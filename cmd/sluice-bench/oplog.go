@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -274,23 +273,5 @@ func runScenario(ctx context.Context, cfg *oplogConfig, sc scenario, log, compLo
 // profile starts a CPU profile of one timed phase when -cpuprofile is set;
 // the returned func stops it.
 func profile(cfg *oplogConfig, sc scenario, phase string) (func() error, error) {
-	if cfg.cpuProfile == "" {
-		return func() error { return nil }, nil
-	}
-	path := fmt.Sprintf("%s.%s.%d.%s.pprof", cfg.cpuProfile, sc.mode, sc.users, phase)
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, fmt.Errorf("cpu profile: %w", err)
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("cpu profile: %w", err)
-	}
-	return func() error {
-		pprof.StopCPUProfile()
-		if err := f.Close(); err != nil {
-			return fmt.Errorf("cpu profile %s: %w", path, err)
-		}
-		return nil
-	}, nil
+	return startProfile(cfg.cpuProfile, fmt.Sprintf("%s.%d.%s", sc.mode, sc.users, phase))
 }
