@@ -197,19 +197,10 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 	if uid == "" {
 		uid = "~" + ev.Device
 	}
-	slices := []string{"", "v:" + ev.AppVersion}
-	for i, v := range []string{ev.Os, ev.Model, ev.Region, ev.Network} {
-		if v != "" {
-			slices = append(slices, Dimensions[i+1]+":"+v)
-		}
-	}
-	for pkg, ver := range ev.Releases {
-		slices = append(slices, "r:"+pkg+"="+ver)
-	}
 	if err := ag.active(t, ev, app, d, uid); err != nil {
 		return err
 	}
-	if err := ag.session(t, ev, app, slices); err != nil {
+	if err := ag.session(t, ev, app); err != nil {
 		return err
 	}
 	switch ev.Type {
@@ -233,7 +224,7 @@ func (ag *Aggregates) apply(btxn *badger.Txn, r *oplog.Record) error {
 		if ev.Type == analyticspb.Type_TYPE_FREEZE {
 			kind = "freezes"
 		}
-		for _, s := range slices {
+		for _, s := range countedSlices(ev) {
 			if err := t.count(app, d, kind+"@"+s); err != nil {
 				return err
 			}
@@ -344,10 +335,6 @@ type sessionRec struct {
 const sessionRecSize = 25
 
 func decodeSessions(v []byte) []sessionRec {
-	if len(v) == 17 { // one open session, as kept before the list
-		start := int64(binary.BigEndian.Uint64(v))
-		return []sessionRec{{start: start, last: int64(binary.BigEndian.Uint64(v[8:])), origin: start, flags: v[16] &^ sessionEnded}}
-	}
 	var out []sessionRec
 	for ; len(v) >= sessionRecSize; v = v[sessionRecSize:] {
 		out = append(out, sessionRec{start: int64(binary.BigEndian.Uint64(v)), last: int64(binary.BigEndian.Uint64(v[8:])),
@@ -383,6 +370,24 @@ func (r sessionRec) belongs(ms int64, typ analyticspb.Type) bool {
 	return ms <= r.last || (r.flags&sessionEnded == 0 && ms-r.last <= gap)
 }
 
+// countedSlices are the slices an event's sessions, crashes and freezes
+// are counted under: everything (""), its version, OS, model, region and
+// network, and each release active on the device. Built only when an
+// event counts something under them (a new session, a crash or a
+// freeze), not for every event.
+func countedSlices(ev *analyticspb.EventHead) []string {
+	out := []string{"", "v:" + ev.AppVersion}
+	for i, v := range []string{ev.Os, ev.Model, ev.Region, ev.Network} {
+		if v != "" {
+			out = append(out, Dimensions[i+1]+":"+v)
+		}
+	}
+	for pkg, ver := range ev.Releases {
+		out = append(out, "r:"+pkg+"="+ver)
+	}
+	return out
+}
+
 // session puts the event in its session: one of the device's recent
 // sessions it belongs to, or a new one, counted (per slice) on the day of
 // its first event. Session length (n/…/session-ms, per counting day) grows
@@ -390,7 +395,7 @@ func (r sessionRec) belongs(ms int64, typ analyticspb.Type) bool {
 // average length is session-ms over sessions@. A crash or a freeze marks
 // its session once (crashed-sessions@, frozen-sessions@), and is counted
 // per minute for the circuit breakers.
-func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, cuts []string) error {
+func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string) error {
 	key := []byte("s/" + app + "/" + ev.Device)
 	var recs []sessionRec
 	if it, err := t.Get(key); err == nil {
@@ -400,7 +405,6 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, c
 	} else if !errors.Is(err, badger.ErrKeyNotFound) {
 		return err
 	}
-	watched := watchedSlices(ev)
 	at := ev.TimeMs
 	k := -1
 	for i := len(recs) - 1; i >= 0; i-- {
@@ -411,12 +415,12 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, c
 	}
 	if k < 0 {
 		r := sessionRec{start: at, last: at, origin: at}
-		for _, s := range cuts {
+		for _, s := range countedSlices(ev) {
 			if err := t.count(app, day(at), "sessions@"+s); err != nil {
 				return err
 			}
 		}
-		if err := t.window(app, watched, at, "sessions"); err != nil {
+		if err := t.window(app, watchedSlices(ev), at, "sessions"); err != nil {
 			return err
 		}
 		k = len(recs)
@@ -453,12 +457,12 @@ func (ag *Aggregates) session(t aggTxn, ev *analyticspb.EventHead, app string, c
 			continue
 		}
 		r.flags |= m.flag
-		for _, s := range cuts {
+		for _, s := range countedSlices(ev) {
 			if err := t.count(app, d, m.counter+s); err != nil {
 				return err
 			}
 		}
-		if err := t.window(app, watched, at, m.window); err != nil {
+		if err := t.window(app, watchedSlices(ev), at, m.window); err != nil {
 			return err
 		}
 	}
@@ -516,18 +520,38 @@ func (t aggTxn) window(app string, slices []string, ms int64, metric string) err
 func (ag *Aggregates) Window(app, slice string, until time.Time, window time.Duration) (sessions, crashed, frozen uint64, err error) {
 	last := until.UnixMilli() / 60_000
 	first := until.Add(-window).UnixMilli() / 60_000
+	// One scan over the counters that exist (a quiet slice has few), not
+	// three reads for every minute of the window. Keys that do not parse
+	// as <minute>/<metric> after the prefix belong to another slice whose
+	// name extends this one past a "/": skipped.
+	prefix := "w/" + app + "/" + slice + "/"
 	err = ag.db.View(func(txn *badger.Txn) error {
-		for m := first; m <= last; m++ {
-			base := "w/" + app + "/" + slice + "/" + strconv.FormatInt(m, 10) + "/"
-			for _, c := range []struct {
-				metric string
-				to     *uint64
-			}{{"sessions", &sessions}, {"crashed", &crashed}, {"frozen", &frozen}} {
-				n, err := oplog.GetUint64(txn, []byte(base+c.metric))
-				if err != nil {
-					return err
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefix), PrefetchValues: false})
+		defer it.Close()
+		for it.Seek([]byte(prefix + strconv.FormatInt(first, 10))); it.Valid(); it.Next() {
+			m, metric, ok := strings.Cut(string(it.Item().Key()[len(prefix):]), "/")
+			minute, err := strconv.ParseInt(m, 10, 64)
+			if !ok || err != nil || minute < first || minute > last {
+				continue
+			}
+			var to *uint64
+			switch metric {
+			case "sessions":
+				to = &sessions
+			case "crashed":
+				to = &crashed
+			case "frozen":
+				to = &frozen
+			default:
+				continue
+			}
+			if err := it.Item().Value(func(v []byte) error {
+				if len(v) == 8 {
+					*to += binary.BigEndian.Uint64(v)
 				}
-				*c.to += n
+				return nil
+			}); err != nil {
+				return err
 			}
 		}
 		return nil

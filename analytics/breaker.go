@@ -67,17 +67,13 @@ type BreakersConfig struct {
 // again with the result.
 type Breakers struct {
 	cfg BreakersConfig
-	ctl *oplog.Control[*breakerSnapshot]
+	ctl *oplog.Control[*breakerModel]
 	lg  zerolog.Logger
 }
 
+// breakerModel is the replayed state; Snapshot hands readers a copy of
+// its maps.
 type breakerModel struct {
-	rules   map[string]*analyticspb.BreakerRule
-	trips   map[string]*analyticspb.BreakerTrip
-	lastSeq map[string]uint64
-}
-
-type breakerSnapshot struct {
 	rules   map[string]*analyticspb.BreakerRule
 	trips   map[string]*analyticspb.BreakerTrip
 	lastSeq map[string]uint64
@@ -112,8 +108,8 @@ func (m *breakerModel) Apply(seq uint64, subject string, data []byte) (bool, err
 	return false, fmt.Errorf("subject %q: not a breaker event", subject)
 }
 
-func (m *breakerModel) Snapshot() *breakerSnapshot {
-	return &breakerSnapshot{rules: maps.Clone(m.rules), trips: maps.Clone(m.trips), lastSeq: maps.Clone(m.lastSeq)}
+func (m *breakerModel) Snapshot() *breakerModel {
+	return &breakerModel{rules: maps.Clone(m.rules), trips: maps.Clone(m.trips), lastSeq: maps.Clone(m.lastSeq)}
 }
 
 // checkRule validates a rule.
@@ -323,7 +319,7 @@ func (b *Breakers) retryDue(tr *analyticspb.BreakerTrip, now time.Time) bool {
 
 // trip claims the trip (one node wins: the write expects the subject's
 // last sequence), acts, and records the result.
-func (b *Breakers) trip(ctx context.Context, s *breakerSnapshot, r *analyticspb.BreakerRule, tr *analyticspb.BreakerTrip) {
+func (b *Breakers) trip(ctx context.Context, s *breakerModel, r *analyticspb.BreakerRule, tr *analyticspb.BreakerTrip) {
 	subject := subjectBreakerTrip + r.Id
 	tr.Result, tr.Attempts, tr.AttemptedMs = "pending", tr.Attempts+1, b.cfg.Now().UnixMilli()
 	if _, _, err := b.ctl.Write(ctx, subject, tr, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subject])); err != nil {

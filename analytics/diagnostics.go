@@ -48,10 +48,8 @@ package analytics
 import (
 	"cmp"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net/http"
 	"slices"
@@ -368,21 +366,32 @@ func (d *Diagnostics) Upload(ctx context.Context, id string, who Identity, r io.
 	if _, err := d.check(ctx, id, who); err != nil {
 		return nil, err
 	}
-	h := sha256.New()
-	cr := &countingReader{r: io.LimitReader(r, d.cfg.MaxLogBytes+1), h: h}
+	return d.store(ctx, id, who, r)
+}
+
+// store is Upload once the request was checked: record checks it again
+// when it adds the upload, as the request may have ended meanwhile.
+func (d *Diagnostics) store(ctx context.Context, id string, who Identity, r io.Reader) (*analyticspb.DiagnosticUpload, error) {
+	er := &errReader{r: io.LimitReader(r, d.cfg.MaxLogBytes+1)}
 	object := id + "/" + who.Device + "/" + nuid.Next()
-	info, err := d.obs.Put(ctx, jetstream.ObjectMeta{Name: object, Description: "logs of " + who.Device}, cr)
-	if cr.err != nil {
-		return nil, bodyError(cr.err)
+	info, err := d.obs.Put(ctx, jetstream.ObjectMeta{Name: object, Description: "logs of " + who.Device}, er)
+	if er.err != nil {
+		return nil, bodyError(er.err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("diagnostics: storing logs %s: %v: %w", object, err, oplog.ErrUnavailable)
 	}
-	if cr.n > d.cfg.MaxLogBytes {
+	if int64(info.Size) > d.cfg.MaxLogBytes {
 		d.deleteObject(ctx, object)
 		return nil, fmt.Errorf("diagnostics: logs over %d bytes: %w", d.cfg.MaxLogBytes, oplog.ErrPayloadTooLarge)
 	}
-	up := &analyticspb.DiagnosticUpload{Device: who.Device, Object: object, Size: int64(info.Size), Sha256: h.Sum(nil), AtMs: d.cfg.Now().UnixMilli()}
+	// The object store computed the SHA-256 while storing.
+	sum, err := jetstream.DecodeObjectDigest(info.Digest)
+	if err != nil {
+		d.deleteObject(ctx, object)
+		return nil, fmt.Errorf("diagnostics: digest of %s: %v: %w", object, err, oplog.ErrUnavailable)
+	}
+	up := &analyticspb.DiagnosticUpload{Device: who.Device, Object: object, Size: int64(info.Size), Sha256: sum, AtMs: d.cfg.Now().UnixMilli()}
 	old, err := d.record(ctx, id, who, up)
 	if err != nil {
 		d.deleteObject(ctx, object)
@@ -399,9 +408,6 @@ func (d *Diagnostics) Upload(ctx context.Context, id string, who Identity, r io.
 // (message: at most MaxFailureLen bytes, cut beyond). It is ignored when
 // the device already uploaded logs. Errors: as Upload's.
 func (d *Diagnostics) Fail(ctx context.Context, id string, who Identity, message string) error {
-	if _, err := d.check(ctx, id, who); err != nil {
-		return err
-	}
 	if len(message) > MaxFailureLen {
 		message = message[:MaxFailureLen]
 	}
@@ -534,21 +540,17 @@ func bodyError(err error) error {
 	return fmt.Errorf("diagnostics: reading the body: %v: %w", err, oplog.ErrMalformed)
 }
 
-// countingReader hashes and counts what is read through it, and keeps
-// the underlying reader's error (other than EOF).
-type countingReader struct {
+// errReader keeps the underlying reader's error (other than EOF), to
+// tell a bad body from a store that failed.
+type errReader struct {
 	r   io.Reader
-	h   hash.Hash
-	n   int64
 	err error
 }
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	c.h.Write(p[:n])
+func (e *errReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
 	if err != nil && err != io.EOF {
-		c.err = err
+		e.err = err
 	}
 	return n, err
 }
@@ -612,7 +614,7 @@ func (d *Diagnostics) UploadHandler(auth Authenticator) http.Handler {
 			w.WriteHeader(http.StatusNoContent)
 			return
 		}
-		up, err := d.Upload(r.Context(), id, who, body)
+		up, err := d.store(r.Context(), id, who, body) // checked above
 		if err != nil {
 			d.refuse(w, r, who, id, err)
 			return

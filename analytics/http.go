@@ -81,14 +81,12 @@ func (in *Ingestor) Handler(auth Authenticator) http.Handler {
 			httpError(w, status, oplog.CodeOf(err), err.Error())
 			return
 		}
-		var out []byte
+		ct := "application/x-protobuf"
 		if asJSON {
-			out, err = protojson.Marshal(reply)
-			w.Header().Set("Content-Type", oplog.ContentTypeJSON)
-		} else {
-			out, err = proto.Marshal(reply)
-			w.Header().Set("Content-Type", "application/x-protobuf")
+			ct = oplog.ContentTypeJSON
 		}
+		out, err := oplog.Encode(ct, reply)
+		w.Header().Set("Content-Type", ct)
 		if err != nil {
 			httpError(w, http.StatusInternalServerError, oplogpb.ErrorCode_ERROR_CODE_INTERNAL, "internal error")
 			return
