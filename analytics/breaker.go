@@ -142,18 +142,7 @@ func checkRule(r *analyticspb.BreakerRule) error {
 	return nil
 }
 
-func validName(s string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
+func validName(s string) bool { return oplog.ValidName(s, 64) }
 
 // ruleSlice is the aggregates' slice a rule watches.
 func ruleSlice(r *analyticspb.BreakerRule) string {

@@ -107,7 +107,7 @@ func DefaultRule(b *oplogpb.Business) string {
 
 // ValidName reports whether s is a valid bucket name.
 func ValidName(s string) bool {
-	return len(s) <= MaxNameLen && oplog.ValidBusiness(s)
+	return oplog.ValidName(s, MaxNameLen)
 }
 
 // checkName refuses a bad bucket name with oplog.ErrInvalidID.

@@ -36,18 +36,7 @@ const (
 
 // validName reports whether s is a switch key, package name, variant name
 // or producer key id: 1-64 of [a-z0-9_-], a valid subject token.
-func validName(s string) bool {
-	if len(s) == 0 || len(s) > maxNameLen {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
+func validName(s string) bool { return oplog.ValidName(s, maxNameLen) }
 
 // compiledSwitch is a switch definition with its rules compiled. It is
 // immutable once built.

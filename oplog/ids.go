@@ -32,8 +32,13 @@ func ValidID(s string) bool {
 }
 
 // ValidBusiness reports whether s is a valid business code.
-func ValidBusiness(s string) bool {
-	if len(s) == 0 || len(s) > MaxBusinessLen {
+func ValidBusiness(s string) bool { return ValidName(s, MaxBusinessLen) }
+
+// ValidName reports whether s is 1 to max characters of a–z, 0–9, '_'
+// and '-': the alphabet of business codes, and of the other names that
+// become subject tokens (buckets, switches, packages, breaker rules).
+func ValidName(s string, max int) bool {
+	if len(s) == 0 || len(s) > max {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
