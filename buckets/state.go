@@ -145,7 +145,6 @@ func (m *model) applyAssign(key string, data []byte) (bool, error) {
 // snapshot is an immutable view of a model, published by a Map for
 // lock-free reads.
 type snapshot struct {
-	applied  uint64
 	version  uint64
 	order    []Bucket          // every bucket, by priority then name
 	pos      map[string]int    // bucket name → index in order
@@ -159,7 +158,6 @@ type snapshot struct {
 // snapshot builds the immutable view of the model.
 func (m *model) Snapshot() *snapshot {
 	s := &snapshot{
-		applied:  m.applied,
 		version:  m.version,
 		order:    make([]Bucket, 0, len(defaults)+len(m.defined)),
 		pos:      make(map[string]int, len(defaults)+len(m.defined)),

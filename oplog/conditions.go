@@ -1,6 +1,7 @@
 package oplog
 
 import (
+	"cmp"
 	"fmt"
 	"strconv"
 	"strings"
@@ -94,27 +95,17 @@ func compareSegment(x, y string) int {
 	xn, xok := parseDecimal(x)
 	yn, yok := parseDecimal(y)
 	if xok && yok {
-		return cmpUint(xn, yn)
+		return cmp.Compare(xn, yn)
 	}
 	return strings.Compare(x, y)
 }
 
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
 func parseDecimal(s string) (uint64, bool) {
-	if s == "" || len(s) > 19 {
-		if len(s) > 19 {
-			n, err := strconv.ParseUint(s, 10, 64)
-			return n, err == nil
-		}
+	if len(s) > 19 { // may overflow: the library checks
+		n, err := strconv.ParseUint(s, 10, 64)
+		return n, err == nil
+	}
+	if s == "" {
 		return 0, false
 	}
 	var n uint64

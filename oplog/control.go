@@ -100,20 +100,10 @@ func OpenControl[S any](ctx context.Context, cfg ControlConfig, model ControlMod
 func (c *Control[S]) Run(ctx context.Context) error {
 	c.reader.Lock()
 	defer c.unlockReader()
-	backoff := 100 * time.Millisecond
-	for !c.closed.Load() {
-		err := c.follow(ctx, true)
-		if ctx.Err() != nil {
-			return nil
-		}
-		c.lg.Error().Err(err).Dur("retry_in", backoff).Msg("following the control stream failed")
-		select {
-		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil
-		}
-		backoff = min(2*backoff, 10*time.Second)
+	if c.closed.Load() {
+		return nil
 	}
+	retry(ctx, c.lg, "following the control stream failed", func(ctx context.Context) error { return c.follow(ctx, true) })
 	return nil
 }
 

@@ -241,14 +241,13 @@ func (in *Inbox) applyEntry(txn *badger.Txn, shard uint32, r *Record) error {
 	}
 	collapse := r.Collapse != "" && ValidID(r.Collapse)
 	expired := false
-	if collapse {
-		// Collapsing entries carry no Nats-TTL (see Log.message): their
-		// validity is read from the entry.
-		e := new(oplogpb.Entry)
-		if err := proto.Unmarshal(r.Data, e); err == nil && e.ExpiresAt != nil {
-			ttl = time.Until(e.ExpiresAt.AsTime())
-			expired = ttl <= 0
-		}
+	if collapse && ttl > 0 {
+		// A collapsing entry's Nats-TTL is its validity plus
+		// CollapseGrace (see Log.message), rounded up to a second: its
+		// validity is that, less the grace, without decoding the entry.
+		// (Backlog reads check the entry's own ExpiresAt too.)
+		ttl -= CollapseGrace
+		expired = ttl <= 0
 	}
 	if !expired {
 		key := binary.BigEndian.AppendUint64(inboxPrefix(shard, dim, target), seq)

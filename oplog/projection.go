@@ -233,10 +233,7 @@ func (s ProjectionSet) find(name string) (*Projection, error) {
 			return p, nil
 		}
 	}
-	if len(name) > 64 {
-		name = name[:64] + "…"
-	}
-	return nil, fmt.Errorf("projection %q: want one of %v: %w", name, s.Projections(), ErrInvalid)
+	return nil, fmt.Errorf("projection %q: want one of %v: %w", clip(name), s.Projections(), ErrInvalid)
 }
 
 // Rebuild replays the named projection from sequence from (0 or 1: drop

@@ -527,7 +527,7 @@ func (p *projector) write(batch []Record) error {
 		err := p.apply(txn, r)
 		if errors.Is(err, badger.ErrTxnTooBig) && len(idx) > 0 {
 			txn.Discard()
-			if err := p.commitFresh(batch, idx, start, i); err != nil {
+			if err := p.commitFresh(batch, idx, start, i, len(idx)); err != nil {
 				return err
 			}
 			start, idx = i, idx[:0]
@@ -545,9 +545,10 @@ func (p *projector) write(batch []Record) error {
 	}
 	err := txn.Set(p.progressKey(), binary.BigEndian.AppendUint64(nil, last))
 	if errors.Is(err, badger.ErrTxnTooBig) {
-		// The Records filled the transaction to the last entry.
+		// The Records filled the transaction to the last entry: all of
+		// them with the progress key do not fit, so start with one less.
 		txn.Discard()
-		return p.commitFresh(batch, idx, start, len(batch))
+		return p.commitFresh(batch, idx, start, len(batch), max(len(idx)-1, 1))
 	}
 	if err != nil {
 		return err
@@ -560,11 +561,12 @@ func (p *projector) write(batch []Record) error {
 }
 
 // commitFresh applies the Records batch[idx...] again in new transactions,
-// as many in each as fit with the progress key, and commits them; the
-// last commit covers batch[...:end] for the commit hook.
-func (p *projector) commitFresh(batch []Record, idx []int, start, end int) error {
+// as many in each as fit with the progress key (trying first, then
+// fewer), and commits them; the last commit covers batch[...:end] for the
+// commit hook.
+func (p *projector) commitFresh(batch []Record, idx []int, start, end, first int) error {
 	for len(idx) > 0 {
-		n := len(idx)
+		n := min(first, len(idx))
 		for {
 			txn := p.db.NewTransaction(true)
 			var err error
