@@ -391,147 +391,137 @@ const retentionColumns = 16
 // analyticsRetention prints a cohort's active users day by day, as counts
 // and as a share of day 0; days after today show "-".
 func (c *cli) analyticsRetention(ctx context.Context, app, cohort string, days int, now time.Time, asJSON bool) error {
-	raw, err := c.request(ctx, http.MethodGet, "/v1/analytics/"+url.PathEscape(app)+"/retention/"+url.PathEscape(cohort),
-		url.Values{"days": {strconv.Itoa(days)}}, nil)
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		return c.printJSON(raw)
-	}
-	var out struct {
-		Active []uint64 `json:"active"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil {
-		return err
-	}
-	start, _ := time.Parse(dayLayout, cohort)
-	today := now.UTC().Format(dayLayout)
-	var size uint64
-	if len(out.Active) > 0 {
-		size = out.Active[0]
-	}
-	fmt.Fprintf(c.out, "retention of %s, cohort %s (users first seen that day, UTC): %d users\n", app, cohort, size)
-	for at := 0; at < len(out.Active); at += retentionColumns {
-		if at > 0 {
-			fmt.Fprintln(c.out)
+	path := "/v1/analytics/" + url.PathEscape(app) + "/retention/" + url.PathEscape(cohort)
+	return c.show(ctx, http.MethodGet, path, url.Values{"days": {strconv.Itoa(days)}}, nil, asJSON, func(raw json.RawMessage) error {
+		var out struct {
+			Active []uint64 `json:"active"`
 		}
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', tabwriter.AlignRight)
-		row := func(name string, cell func(n int) string) {
-			fmt.Fprint(tw, name)
-			for n := at; n < min(at+retentionColumns, len(out.Active)); n++ {
-				fmt.Fprint(tw, "\t"+cell(n))
-			}
-			fmt.Fprintln(tw, "\t")
+		if err := json.Unmarshal(raw, &out); err != nil {
+			return err
 		}
-		future := func(n int) bool { return start.AddDate(0, 0, n).Format(dayLayout) > today }
-		row("DAY", strconv.Itoa)
-		row("USERS", func(n int) string {
-			if future(n) {
-				return "-"
+		start, _ := time.Parse(dayLayout, cohort)
+		today := now.UTC().Format(dayLayout)
+		var size uint64
+		if len(out.Active) > 0 {
+			size = out.Active[0]
+		}
+		fmt.Fprintf(c.out, "retention of %s, cohort %s (users first seen that day, UTC): %d users\n", app, cohort, size)
+		for at := 0; at < len(out.Active); at += retentionColumns {
+			if at > 0 {
+				fmt.Fprintln(c.out)
 			}
-			return strconv.FormatUint(out.Active[n], 10)
-		})
-		row("%", func(n int) string {
-			if future(n) || size == 0 {
-				return "-"
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', tabwriter.AlignRight)
+			row := func(name string, cell func(n int) string) {
+				fmt.Fprint(tw, name)
+				for n := at; n < min(at+retentionColumns, len(out.Active)); n++ {
+					fmt.Fprint(tw, "\t"+cell(n))
+				}
+				fmt.Fprintln(tw, "\t")
 			}
-			return fmt.Sprintf("%.1f", 100*float64(out.Active[n])/float64(size))
-		})
-		_ = tw.Flush()
-	}
-	return nil
+			future := func(n int) bool { return start.AddDate(0, 0, n).Format(dayLayout) > today }
+			row("DAY", strconv.Itoa)
+			row("USERS", func(n int) string {
+				if future(n) {
+					return "-"
+				}
+				return strconv.FormatUint(out.Active[n], 10)
+			})
+			row("%", func(n int) string {
+				if future(n) || size == 0 {
+					return "-"
+				}
+				return fmt.Sprintf("%.1f", 100*float64(out.Active[n])/float64(size))
+			})
+			_ = tw.Flush()
+		}
+		return nil
+	})
 }
 
 // analyticsCrashes prints a day's crash figures: all sessions, then per
 // app version and per release (package and version), sessions counted on
 // the day they started.
 func (c *cli) analyticsCrashes(ctx context.Context, app, day string, asJSON bool) error {
-	raw, err := c.request(ctx, http.MethodGet, "/v1/analytics/"+url.PathEscape(app)+"/crashes/"+url.PathEscape(day), nil, nil)
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		return c.printJSON(raw)
-	}
-	var out struct {
-		Slices map[string]analytics.CrashRate `json:"slices"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil {
-		return err
-	}
-	fmt.Fprintf(c.out, "crashes and freezes of %s on %s (UTC; sessions counted on the day they started)\n", app, day)
-	type row struct {
-		cols []string
-		r    analytics.CrashRate
-	}
-	var versions, releases []row
-	byDim := map[string][]row{} // os, model, region, network
-	for s, r := range out.Slices {
-		dim, val, _ := strings.Cut(s, ":")
-		switch dim {
-		case "":
-		case "v":
-			versions = append(versions, row{[]string{orDash(val)}, r})
-		case "r":
-			pkg, ver, _ := strings.Cut(val, "=")
-			releases = append(releases, row{[]string{pkg, ver}, r})
-		default:
-			byDim[dim] = append(byDim[dim], row{[]string{val}, r})
+	return c.show(ctx, http.MethodGet, "/v1/analytics/"+url.PathEscape(app)+"/crashes/"+url.PathEscape(day), nil, nil, asJSON, func(raw json.RawMessage) error {
+		var out struct {
+			Slices map[string]analytics.CrashRate `json:"slices"`
 		}
-	}
-	sort.Slice(versions, func(i, j int) bool { return oplog.CompareVersions(versions[i].cols[0], versions[j].cols[0]) < 0 })
-	for _, rows := range byDim {
-		sort.Slice(rows, func(i, j int) bool {
-			if rows[i].r.Sessions != rows[j].r.Sessions {
-				return rows[i].r.Sessions > rows[j].r.Sessions
+		if err := json.Unmarshal(raw, &out); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "crashes and freezes of %s on %s (UTC; sessions counted on the day they started)\n", app, day)
+		type row struct {
+			cols []string
+			r    analytics.CrashRate
+		}
+		var versions, releases []row
+		byDim := map[string][]row{} // os, model, region, network
+		for s, r := range out.Slices {
+			dim, val, _ := strings.Cut(s, ":")
+			switch dim {
+			case "":
+			case "v":
+				versions = append(versions, row{[]string{cmp(val, "-")}, r})
+			case "r":
+				pkg, ver, _ := strings.Cut(val, "=")
+				releases = append(releases, row{[]string{pkg, ver}, r})
+			default:
+				byDim[dim] = append(byDim[dim], row{[]string{val}, r})
 			}
-			return rows[i].cols[0] < rows[j].cols[0]
+		}
+		sort.Slice(versions, func(i, j int) bool { return oplog.CompareVersions(versions[i].cols[0], versions[j].cols[0]) < 0 })
+		for _, rows := range byDim {
+			sort.Slice(rows, func(i, j int) bool {
+				if rows[i].r.Sessions != rows[j].r.Sessions {
+					return rows[i].r.Sessions > rows[j].r.Sessions
+				}
+				return rows[i].cols[0] < rows[j].cols[0]
+			})
+		}
+		sort.Slice(releases, func(i, j int) bool {
+			a, b := releases[i].cols, releases[j].cols
+			if a[0] != b[0] {
+				return a[0] < b[0]
+			}
+			return oplog.CompareVersions(a[1], b[1]) < 0
 		})
-	}
-	sort.Slice(releases, func(i, j int) bool {
-		a, b := releases[i].cols, releases[j].cols
-		if a[0] != b[0] {
-			return a[0] < b[0]
+		const figures = "SESSIONS\tCRASHED SESSIONS\tCRASH RATE\tCRASH-FREE\tCRASHES\tCRASHED USERS\tCRASH-FREE USERS\tFREEZES\tFROZEN SESSIONS\tFREEZE RATE"
+		table := func(title string, header []string, rows []row) {
+			fmt.Fprintf(c.out, "\n%s\n", title)
+			if len(rows) == 0 {
+				fmt.Fprintln(c.out, "  (none)")
+				return
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, strings.Join(header, "\t")+"\t"+figures)
+			for _, r := range rows {
+				rate := "-"
+				if r.r.Sessions > 0 {
+					rate = fmt.Sprintf("%.2f%%", 100*float64(r.r.CrashedSessions)/float64(r.r.Sessions))
+				}
+				freeUsers := "-"
+				if r.r.ActiveUsers > 0 && r.r.CrashedUsers <= r.r.ActiveUsers {
+					freeUsers = fmt.Sprintf("%.2f%%", 100*r.r.CrashFreeUsers)
+				}
+				freezeRate := "-"
+				if r.r.Sessions > 0 {
+					freezeRate = fmt.Sprintf("%.2f%%", 100*float64(r.r.FrozenSessions)/float64(r.r.Sessions))
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\n", strings.Join(r.cols, "\t"), r.r.Sessions, r.r.CrashedSessions,
+					rate, crashFree(r.r.Sessions, r.r.CrashedSessions), r.r.Crashes, r.r.CrashedUsers, freeUsers, r.r.Freezes, r.r.FrozenSessions, freezeRate)
+			}
+			_ = tw.Flush()
 		}
-		return oplog.CompareVersions(a[1], b[1]) < 0
+		var all []row
+		if r, ok := out.Slices[""]; ok {
+			all = []row{{[]string{"all"}, r}}
+		}
+		table("all sessions", []string{"SLICE"}, all)
+		table("by app version", []string{"VERSION"}, versions)
+		for _, dim := range analytics.Dimensions[1:] {
+			table("by "+dim, []string{strings.ToUpper(dim)}, byDim[dim])
+		}
+		table("by release", []string{"PACKAGE", "VERSION"}, releases)
+		return nil
 	})
-	const figures = "SESSIONS\tCRASHED SESSIONS\tCRASH RATE\tCRASH-FREE\tCRASHES\tCRASHED USERS\tCRASH-FREE USERS\tFREEZES\tFROZEN SESSIONS\tFREEZE RATE"
-	table := func(title string, header []string, rows []row) {
-		fmt.Fprintf(c.out, "\n%s\n", title)
-		if len(rows) == 0 {
-			fmt.Fprintln(c.out, "  (none)")
-			return
-		}
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, strings.Join(header, "\t")+"\t"+figures)
-		for _, r := range rows {
-			rate := "-"
-			if r.r.Sessions > 0 {
-				rate = fmt.Sprintf("%.2f%%", 100*float64(r.r.CrashedSessions)/float64(r.r.Sessions))
-			}
-			freeUsers := "-"
-			if r.r.ActiveUsers > 0 && r.r.CrashedUsers <= r.r.ActiveUsers {
-				freeUsers = fmt.Sprintf("%.2f%%", 100*r.r.CrashFreeUsers)
-			}
-			freezeRate := "-"
-			if r.r.Sessions > 0 {
-				freezeRate = fmt.Sprintf("%.2f%%", 100*float64(r.r.FrozenSessions)/float64(r.r.Sessions))
-			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\n", strings.Join(r.cols, "\t"), r.r.Sessions, r.r.CrashedSessions,
-				rate, crashFree(r.r.Sessions, r.r.CrashedSessions), r.r.Crashes, r.r.CrashedUsers, freeUsers, r.r.Freezes, r.r.FrozenSessions, freezeRate)
-		}
-		_ = tw.Flush()
-	}
-	var all []row
-	if r, ok := out.Slices[""]; ok {
-		all = []row{{[]string{"all"}, r}}
-	}
-	table("all sessions", []string{"SLICE"}, all)
-	table("by app version", []string{"VERSION"}, versions)
-	for _, dim := range analytics.Dimensions[1:] {
-		table("by "+dim, []string{strings.ToUpper(dim)}, byDim[dim])
-	}
-	table("by release", []string{"PACKAGE", "VERSION"}, releases)
-	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"text/tabwriter"
@@ -50,51 +51,46 @@ func (c *cli) breakerCmd(ctx context.Context, args []string) error {
 		if err := wantArgs(pos, 0, "breaker list"); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodGet, "/v1/breakers", nil, nil)
-		if err != nil || *asJSON {
-			if err == nil {
-				err = c.printJSON(raw)
+		return c.show(ctx, http.MethodGet, "/v1/breakers", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Rules []json.RawMessage `json:"rules"`
+				Trips []json.RawMessage `json:"trips"`
 			}
-			return err
-		}
-		var out struct {
-			Rules []json.RawMessage `json:"rules"`
-			Trips []json.RawMessage `json:"trips"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "RULE\tTARGET\tMODEL\tMETRIC\tOVER\tMIN SESSIONS\tWINDOW\tACTION")
-		for _, r := range out.Rules {
-			rl := &analyticspb.BreakerRule{}
-			if err := decodePB(r, rl); err != nil {
+			if err := json.Unmarshal(raw, &out); err != nil {
 				return err
 			}
-			target := rl.Package + " " + rl.Version
-			if rl.SwitchKey != "" {
-				target = "switch " + rl.SwitchKey + "=" + rl.SwitchVariant
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.2f%%\t%d\t%v\t%s\n", rl.Id, target, rl.Model, rl.Metric, 100*rl.Threshold,
-				rl.MinSessions, time.Duration(rl.WindowMs)*time.Millisecond, rl.Action)
-		}
-		fmt.Fprintln(tw, "\nTRIPPED\tAT\tSLICE\tSESSIONS\tAFFECTED\tRATE\tRESULT")
-		for _, r := range out.Trips {
-			tr := &analyticspb.BreakerTrip{}
-			if err := decodePB(r, tr); err != nil {
+			rules, err := decodeAll[*analyticspb.BreakerRule](out.Rules)
+			if err != nil {
 				return err
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%.2f%%\t%s\n", tr.Rule, time.UnixMilli(tr.AtMs).UTC().Format(time.RFC3339),
-				tr.Slice, tr.Sessions, tr.Affected, 100*tr.Rate, tr.Result)
-		}
-		return tw.Flush()
+			trips, err := decodeAll[*analyticspb.BreakerTrip](out.Trips)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "RULE\tTARGET\tMODEL\tMETRIC\tOVER\tMIN SESSIONS\tWINDOW\tACTION")
+			for _, rl := range rules {
+				target := rl.Package + " " + rl.Version
+				if rl.SwitchKey != "" {
+					target = "switch " + rl.SwitchKey + "=" + rl.SwitchVariant
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.2f%%\t%d\t%v\t%s\n", rl.Id, target, rl.Model, rl.Metric, 100*rl.Threshold,
+					rl.MinSessions, time.Duration(rl.WindowMs)*time.Millisecond, rl.Action)
+			}
+			fmt.Fprintln(tw, "\nTRIPPED\tAT\tSLICE\tSESSIONS\tAFFECTED\tRATE\tRESULT")
+			for _, tr := range trips {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%.2f%%\t%s\n", tr.Rule, time.UnixMilli(tr.AtMs).UTC().Format(time.RFC3339),
+					tr.Slice, tr.Sessions, tr.Affected, 100*tr.Rate, tr.Result)
+			}
+			return tw.Flush()
+		})
 	case "set":
 		if err := wantArgs(pos, 1, "breaker set ID (--file F | --app A (--package P --version V | --switch K) ...)"); err != nil {
 			return err
 		}
 		var body []byte
 		if *file != "" {
-			if body, err = readFileArg(*file); err != nil {
+			if body, err = readInput(*file); err != nil {
 				return err
 			}
 		} else {
@@ -122,15 +118,10 @@ func (c *cli) breakerCmd(ctx context.Context, args []string) error {
 				return err
 			}
 		}
-		raw, err := c.request(ctx, http.MethodPut, "/v1/breakers/"+pos[0], nil, bytes.NewReader(body))
-		if err != nil || *asJSON {
-			if err == nil {
-				err = c.printJSON(raw)
-			}
-			return err
-		}
-		fmt.Fprintf(c.out, "breaker %s set\n", pos[0])
-		return nil
+		return c.show(ctx, http.MethodPut, "/v1/breakers/"+pos[0], nil, bytes.NewReader(body), *asJSON, func(json.RawMessage) error {
+			fmt.Fprintf(c.out, "breaker %s set\n", pos[0])
+			return nil
+		})
 	case "rm":
 		if err := wantArgs(pos, 1, "breaker rm ID"); err != nil {
 			return err
@@ -142,14 +133,6 @@ func (c *cli) breakerCmd(ctx context.Context, args []string) error {
 		return nil
 	}
 	return fmt.Errorf("breaker %s: want list, set or rm: %w", sub, errUsage)
-}
-
-// readFileArg reads a file, or stdin for "-".
-func readFileArg(name string) ([]byte, error) {
-	if name == "-" {
-		return io.ReadAll(os.Stdin)
-	}
-	return os.ReadFile(name)
 }
 
 // diagCmd: request (--device D | --user U) [--note N], list, show ID,
@@ -177,30 +160,25 @@ func (c *cli) diagCmd(ctx context.Context, args []string) error {
 			return err
 		}
 		body, _ := json.Marshal(map[string]string{"device": *device, "user": *user, "note": *note})
-		raw, err := c.request(ctx, http.MethodPost, "/v1/diagnostics", nil, bytes.NewReader(body))
-		if err != nil || *asJSON {
-			if err == nil {
-				err = c.printJSON(raw)
+		return c.show(ctx, http.MethodPost, "/v1/diagnostics", nil, bytes.NewReader(body), *asJSON, func(raw json.RawMessage) error {
+			r := &analyticspb.DiagnosticRequest{}
+			if err := decodePB(raw, r); err != nil {
+				return err
 			}
-			return err
-		}
-		r := &analyticspb.DiagnosticRequest{}
-		if err := decodePB(raw, r); err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "diagnostics %s requested (%s)\n", r.Id, r.Status)
-		return nil
+			fmt.Fprintf(c.out, "diagnostics %s requested (%s)\n", r.Id, r.Status)
+			return nil
+		})
 	case "list", "show":
-		path := "/v1/diagnostics?limit=" + strconv.Itoa(*limit)
+		path, q := "/v1/diagnostics", url.Values{"limit": {strconv.Itoa(*limit)}}
 		if sub == "show" {
 			if err := wantArgs(pos, 1, "diag show ID"); err != nil {
 				return err
 			}
-			path = "/v1/diagnostics/" + pos[0]
+			path, q = "/v1/diagnostics/"+pos[0], nil
 		} else if err := wantArgs(pos, 0, "diag list"); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodGet, path, nil, nil)
+		raw, err := c.request(ctx, http.MethodGet, path, q, nil)
 		if err != nil {
 			return err
 		}
@@ -209,12 +187,12 @@ func (c *cli) diagCmd(ctx context.Context, args []string) error {
 		if err := wantArgs(pos, 2, "diag logs ID DEVICE [-o FILE]"); err != nil {
 			return err
 		}
-		var buf bytes.Buffer
-		if err := c.download(ctx, "/v1/diagnostics/"+pos[0]+"/logs/"+pos[1], &buf); err != nil {
-			return err
-		}
+		path := "/v1/diagnostics/" + pos[0] + "/logs/" + pos[1]
 		if *out == "" {
-			_, err := c.out.Write(buf.Bytes())
+			return c.download(ctx, path, c.out)
+		}
+		var buf bytes.Buffer
+		if err := c.download(ctx, path, &buf); err != nil {
 			return err
 		}
 		if err := os.WriteFile(*out, buf.Bytes(), 0o600); err != nil {
@@ -228,15 +206,11 @@ func (c *cli) diagCmd(ctx context.Context, args []string) error {
 
 // download copies a binary admin answer to w.
 func (c *cli) download(ctx context.Context, path string, w io.Writer) error {
-	resp, err := c.call(ctx, http.MethodGet, path, nil, nil)
+	resp, err := c.callOK(ctx, http.MethodGet, path, nil, nil)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var v json.RawMessage
-		return decodeAnswer(resp, &v)
-	}
 	_, err = io.Copy(w, resp.Body)
 	return err
 }

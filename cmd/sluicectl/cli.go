@@ -153,6 +153,18 @@ func (c *cli) call(ctx context.Context, method, path string, q url.Values, body 
 	return resp, nil
 }
 
+// callOK is call for an answer that is not JSON (a stream, a download):
+// an answer other than 200 OK becomes its error.
+func (c *cli) callOK(ctx context.Context, method, path string, q url.Values, body io.Reader) (*http.Response, error) {
+	resp, err := c.call(ctx, method, path, q, body)
+	if err != nil || resp.StatusCode == http.StatusOK {
+		return resp, err
+	}
+	defer resp.Body.Close()
+	var v json.RawMessage
+	return nil, decodeAnswer(resp, &v)
+}
+
 func decodeAnswer(resp *http.Response, v any) error {
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
 	if err != nil {
@@ -428,15 +440,11 @@ func (c *cli) rebuild(ctx context.Context, args []string) error {
 		return err
 	}
 	q := url.Values{"projection": {*proj}, "from": {strconv.FormatUint(*from, 10)}}
-	resp, err := c.call(ctx, http.MethodPost, "/v1/rebuild", q, nil)
+	resp, err := c.callOK(ctx, http.MethodPost, "/v1/rebuild", q, nil)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var v any
-		return decodeAnswer(resp, &v)
-	}
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		var line struct {

@@ -8,12 +8,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -21,7 +18,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -83,12 +79,40 @@ func (c *cli) printJSON(raw json.RawMessage) error {
 	return err
 }
 
+// show sends one admin request and prints its answer: as JSON with
+// asJSON, else through render.
+func (c *cli) show(ctx context.Context, method, path string, q url.Values, body io.Reader, asJSON bool, render func(raw json.RawMessage) error) error {
+	raw, err := c.request(ctx, method, path, q, body)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return c.printJSON(raw)
+	}
+	return render(raw)
+}
+
 // decodePB decodes a protojson answer.
 func decodePB(raw json.RawMessage, m proto.Message) error {
 	if err := pbjson.Unmarshal(raw, m); err != nil {
 		return fmt.Errorf("decode answer: %w", err)
 	}
 	return nil
+}
+
+// decodeAll decodes a list of protojson answers into messages of type T
+// (a pointer to a generated message).
+func decodeAll[T proto.Message](raws []json.RawMessage) ([]T, error) {
+	var zero T
+	out := make([]T, 0, len(raws))
+	for _, raw := range raws {
+		m := zero.ProtoReflect().New().Interface().(T)
+		if err := decodePB(raw, m); err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
 // readInput reads a file, or standard input for "-".
@@ -110,13 +134,6 @@ func msTime(ms int64) string {
 		return "-"
 	}
 	return time.UnixMilli(ms).Local().Format(time.DateTime)
-}
-
-func orDash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
 }
 
 // valueString formats a switch value.
@@ -286,45 +303,40 @@ func (c *cli) switchCmd(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	var raw json.RawMessage
+	method, path := http.MethodGet, ""
+	var q url.Values
+	var body io.Reader
 	switch sub {
 	case "list":
 		if err := wantArgs(pos, 0, "switch list"); err != nil {
 			return err
 		}
-		if raw, err = c.request(ctx, http.MethodGet, "/v1/switches", nil, nil); err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			Switches []json.RawMessage `json:"switches"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "KEY\tTYPE\tDEFAULT\tSTATE\tVARIANTS\tVERSION\tUPDATED BY")
-		for _, r := range out.Switches {
-			sw := new(deliverypb.Switch)
-			if err := decodePB(r, sw); err != nil {
+		return c.show(ctx, http.MethodGet, "/v1/switches", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Switches []json.RawMessage `json:"switches"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
 				return err
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s\n", sw.Key, enumName(sw.Type.String(), "SWITCH_TYPE_"), valueString(sw.DefaultValue),
-				switchState(sw), len(sw.Variants), sw.Version, orDash(sw.UpdatedBy))
-		}
-		return tw.Flush()
+			sws, err := decodeAll[*deliverypb.Switch](out.Switches)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "KEY\tTYPE\tDEFAULT\tSTATE\tVARIANTS\tVERSION\tUPDATED BY")
+			for _, sw := range sws {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%s\n", sw.Key, enumName(sw.Type.String(), "SWITCH_TYPE_"), valueString(sw.DefaultValue),
+					switchState(sw), len(sw.Variants), sw.Version, cmp(sw.UpdatedBy, "-"))
+			}
+			return tw.Flush()
+		})
 	case "get", "kill", "unkill":
 		if err := wantArgs(pos, 1, "switch "+sub+" KEY"); err != nil {
 			return err
 		}
-		path, method := "/v1/switches/"+url.PathEscape(pos[0]), http.MethodGet
+		path = "/v1/switches/" + url.PathEscape(pos[0])
 		if sub != "get" {
 			path, method = path+"/"+sub, http.MethodPost
-		}
-		if raw, err = c.request(ctx, method, path, nil, nil); err != nil {
-			return err
 		}
 	case "set":
 		if err := wantArgs(pos, 1, "switch set KEY --file SWITCH.json [--expect VERSION]"); err != nil {
@@ -333,41 +345,33 @@ func (c *cli) switchCmd(ctx context.Context, args []string) error {
 		if *file == "" {
 			return fmt.Errorf("switch set: --file is required: %w", errUsage)
 		}
-		body, err := readInput(*file)
+		b, err := readInput(*file)
 		if err != nil {
 			return err
 		}
-		var q url.Values
 		if *expect > 0 {
 			q = url.Values{"expect": {strconv.FormatUint(*expect, 10)}}
 		}
-		if raw, err = c.request(ctx, http.MethodPut, "/v1/switches/"+url.PathEscape(pos[0]), q, bytes.NewReader(body)); err != nil {
-			return err
-		}
+		method, path, body = http.MethodPut, "/v1/switches/"+url.PathEscape(pos[0]), bytes.NewReader(b)
 	case "rm", "remove":
 		if err := wantArgs(pos, 1, "switch rm KEY"); err != nil {
 			return err
 		}
-		if raw, err = c.request(ctx, http.MethodDelete, "/v1/switches/"+url.PathEscape(pos[0]), nil, nil); err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		fmt.Fprintf(c.out, "switch %s removed\n", pos[0])
-		return nil
+		return c.show(ctx, http.MethodDelete, "/v1/switches/"+url.PathEscape(pos[0]), nil, nil, *asJSON, func(json.RawMessage) error {
+			fmt.Fprintf(c.out, "switch %s removed\n", pos[0])
+			return nil
+		})
 	default:
 		return fmt.Errorf("switch %q: want list, get, set, kill, unkill or rm: %w", sub, errUsage)
 	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	sw := new(deliverypb.Switch)
-	if err := decodePB(raw, sw); err != nil {
-		return err
-	}
-	c.printSwitch(sw, sub == "get")
-	return nil
+	return c.show(ctx, method, path, q, body, *asJSON, func(raw json.RawMessage) error {
+		sw := new(deliverypb.Switch)
+		if err := decodePB(raw, sw); err != nil {
+			return err
+		}
+		c.printSwitch(sw, sub == "get")
+		return nil
+	})
 }
 
 func switchState(sw *deliverypb.Switch) string {
@@ -381,7 +385,7 @@ func switchState(sw *deliverypb.Switch) string {
 func (c *cli) printSwitch(sw *deliverypb.Switch, detail bool) {
 	fmt.Fprintf(c.out, "switch %s type=%s default=%s state=%s version=%d updated_by=%s updated=%s\n", sw.Key,
 		enumName(sw.Type.String(), "SWITCH_TYPE_"), valueString(sw.DefaultValue), switchState(sw), sw.Version,
-		orDash(sw.UpdatedBy), msTime(sw.UpdatedMs))
+		cmp(sw.UpdatedBy, "-"), msTime(sw.UpdatedMs))
 	if !detail {
 		return
 	}
@@ -427,70 +431,61 @@ func (c *cli) packageCmd(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	var raw json.RawMessage
 	switch sub {
 	case "list":
 		if err := wantArgs(pos, 0, "package list"); err != nil {
 			return err
 		}
-		if raw, err = c.request(ctx, http.MethodGet, "/v1/packages", nil, nil); err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			Packages map[string][]json.RawMessage `json:"packages"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		names := make([]string, 0, len(out.Packages))
-		for name := range out.Packages {
-			names = append(names, name)
-		}
-		sort.Strings(names)
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PACKAGE\tKIND\tVERSION\tSTAGE\tSIZE\tGRAY\tUPDATED")
-		for _, name := range names {
-			for _, r := range out.Packages[name] {
-				rel := new(deliverypb.Release)
-				if err := decodePB(r, rel); err != nil {
+		return c.show(ctx, http.MethodGet, "/v1/packages", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Packages map[string][]json.RawMessage `json:"packages"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
+				return err
+			}
+			names := make([]string, 0, len(out.Packages))
+			for name := range out.Packages {
+				names = append(names, name)
+			}
+			sort.Strings(names)
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "PACKAGE\tKIND\tVERSION\tSTAGE\tSIZE\tGRAY\tUPDATED")
+			for _, name := range names {
+				rels, err := decodeAll[*deliverypb.Release](out.Packages[name])
+				if err != nil {
 					return err
 				}
-				gray := "-"
-				if rel.Stage == deliverypb.Stage_STAGE_GRAY {
-					gray = ruleString(rel.Gray)
+				for _, rel := range rels {
+					gray := "-"
+					if rel.Stage == deliverypb.Stage_STAGE_GRAY {
+						gray = ruleString(rel.Gray)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", rel.Package, enumName(rel.Kind.String(), "PACKAGE_KIND_"),
+						rel.GetVersion().GetVersion(), stageString(rel), rel.GetVersion().GetSize(), gray, msTime(rel.UpdatedMs))
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", rel.Package, enumName(rel.Kind.String(), "PACKAGE_KIND_"),
-					rel.GetVersion().GetVersion(), stageString(rel), rel.GetVersion().GetSize(), gray, msTime(rel.UpdatedMs))
 			}
-		}
-		return tw.Flush()
+			return tw.Flush()
+		})
 	case "show":
 		if err := wantArgs(pos, 1, "package show PKG"); err != nil {
 			return err
 		}
-		if raw, err = c.request(ctx, http.MethodGet, "/v1/packages/"+url.PathEscape(pos[0]), nil, nil); err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			Releases []json.RawMessage `json:"releases"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		for _, r := range out.Releases {
-			rel := new(deliverypb.Release)
-			if err := decodePB(r, rel); err != nil {
+		return c.show(ctx, http.MethodGet, "/v1/packages/"+url.PathEscape(pos[0]), nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Releases []json.RawMessage `json:"releases"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
 				return err
 			}
-			c.printRelease(rel, true)
-		}
-		return nil
+			rels, err := decodeAll[*deliverypb.Release](out.Releases)
+			if err != nil {
+				return err
+			}
+			for _, rel := range rels {
+				c.printRelease(rel, true)
+			}
+			return nil
+		})
 	case "gray", "full", "pause", "resume", "stop":
 		if err := wantArgs(pos, 2, "package "+sub+" PKG VERSION"); err != nil {
 			return err
@@ -507,26 +502,27 @@ func (c *cli) packageCmd(ctx context.Context, args []string) error {
 			body = marshalPB(rule)
 		}
 		path := "/v1/packages/" + url.PathEscape(pos[0]) + "/" + url.PathEscape(pos[1]) + "/" + sub
-		if raw, err = c.request(ctx, http.MethodPost, path, nil, body); err != nil {
-			return err
-		}
+		return c.show(ctx, http.MethodPost, path, nil, body, *asJSON, func(raw json.RawMessage) error {
+			rel := new(deliverypb.Release)
+			if err := decodePB(raw, rel); err != nil {
+				return err
+			}
+			c.printRelease(rel, false)
+			return nil
+		})
 	case "rollback":
 		if err := wantArgs(pos, 1, "package rollback PKG"); err != nil {
 			return err
 		}
-		if raw, err = c.request(ctx, http.MethodPost, "/v1/packages/"+url.PathEscape(pos[0])+"/rollback", nil, nil); err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		rel := new(deliverypb.Release)
-		if err := decodePB(raw, rel); err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "rolled back %s to %s\n", pos[0], rel.GetVersion().GetVersion())
-		c.printRelease(rel, false)
-		return nil
+		return c.show(ctx, http.MethodPost, "/v1/packages/"+url.PathEscape(pos[0])+"/rollback", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			rel := new(deliverypb.Release)
+			if err := decodePB(raw, rel); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "rolled back %s to %s\n", pos[0], rel.GetVersion().GetVersion())
+			c.printRelease(rel, false)
+			return nil
+		})
 	case "dry-run":
 		if err := wantArgs(pos, 2, "package dry-run PKG VERSION [rule flags]"); err != nil {
 			return err
@@ -541,18 +537,8 @@ func (c *cli) packageCmd(ctx context.Context, args []string) error {
 		}
 		path := "/v1/packages/" + url.PathEscape(pos[0]) + "/" + url.PathEscape(pos[1]) + "/dry-run"
 		return c.dryRun(ctx, path, nil, body, *asJSON)
-	default:
-		return fmt.Errorf("package %q: want list, show, upload, gray, full, pause, resume, stop, rollback or dry-run: %w", sub, errUsage)
 	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	rel := new(deliverypb.Release)
-	if err := decodePB(raw, rel); err != nil {
-		return err
-	}
-	c.printRelease(rel, false)
-	return nil
+	return fmt.Errorf("package %q: want list, show, upload, gray, full, pause, resume, stop, rollback or dry-run: %w", sub, errUsage)
 }
 
 func stageString(r *deliverypb.Release) string {
@@ -659,60 +645,39 @@ func (c *cli) packageUpload(ctx context.Context, fs *flag.FlagSet, asJSON *bool,
 		}
 	}
 	// A section reader has a size: call sends it as the Content-Length.
-	raw, err := c.request(ctx, http.MethodPost, "/v1/packages/"+url.PathEscape(pos[0])+"/versions", q, io.NewSectionReader(f, 0, fi.Size()))
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	rel := new(deliverypb.Release)
-	if err := decodePB(raw, rel); err != nil {
-		return err
-	}
-	v := rel.GetVersion()
-	fmt.Fprintf(c.out, "uploaded %s %s kind=%s stage=%s size=%d sha256=%x diffs=%d\n", rel.Package, v.GetVersion(),
-		enumName(rel.Kind.String(), "PACKAGE_KIND_"), stageString(rel), v.GetSize(), v.GetSha256(), len(v.GetDiffs()))
-	return nil
+	return c.show(ctx, http.MethodPost, "/v1/packages/"+url.PathEscape(pos[0])+"/versions", q, io.NewSectionReader(f, 0, fi.Size()), *asJSON,
+		func(raw json.RawMessage) error {
+			rel := new(deliverypb.Release)
+			if err := decodePB(raw, rel); err != nil {
+				return err
+			}
+			v := rel.GetVersion()
+			fmt.Fprintf(c.out, "uploaded %s %s kind=%s stage=%s size=%d sha256=%x diffs=%d\n", rel.Package, v.GetVersion(),
+				enumName(rel.Kind.String(), "PACKAGE_KIND_"), stageString(rel), v.GetSize(), v.GetSha256(), len(v.GetDiffs()))
+			return nil
+		})
 }
 
 // loadPrivateKey reads an ed25519 private key: a PEM "PRIVATE KEY" block
 // (PKCS #8), the format of sluiced's token.key and of producer-key gen.
 func loadPrivateKey(path string) (ed25519.PrivateKey, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
+	// LoadOrCreateKey would create a missing key: check that it exists.
+	if _, err := os.Stat(path); err != nil {
 		return nil, err
 	}
-	block, _ := pem.Decode(data)
-	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("%s: want a PEM PRIVATE KEY block (ed25519, PKCS #8)", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	key, ok := k.(ed25519.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("%s: a %T, not an ed25519 key", path, k)
-	}
-	return key, nil
+	return gateway.LoadOrCreateKey(path)
 }
 
 // dryRun asks how many known devices a rule, a release or a push reaches.
 func (c *cli) dryRun(ctx context.Context, path string, q url.Values, body io.Reader, asJSON bool) error {
-	raw, err := c.request(ctx, http.MethodPost, path, q, body)
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		return c.printJSON(raw)
-	}
-	dr := new(deliverypb.DryRun)
-	if err := decodePB(raw, dr); err != nil {
-		return err
-	}
-	fmt.Fprintf(c.out, "matching=%d known=%d sample=%s\n", dr.Matching, dr.Known, orDash(strings.Join(dr.Sample, ",")))
-	return nil
+	return c.show(ctx, http.MethodPost, path, q, body, asJSON, func(raw json.RawMessage) error {
+		dr := new(deliverypb.DryRun)
+		if err := decodePB(raw, dr); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "matching=%d known=%d sample=%s\n", dr.Matching, dr.Known, cmp(strings.Join(dr.Sample, ","), "-"))
+		return nil
+	})
 }
 
 // ----- producer keys -----
@@ -739,38 +704,29 @@ func (c *cli) producerKeyCmd(ctx context.Context, args []string) error {
 	}
 	switch sub {
 	case "list":
-		raw, err := c.request(ctx, http.MethodGet, "/v1/producer-keys", nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			Keys []json.RawMessage `json:"keys"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		keys := make([]*deliverypb.ProducerKey, 0, len(out.Keys))
-		for _, r := range out.Keys {
-			k := new(deliverypb.ProducerKey)
-			if err := decodePB(r, k); err != nil {
+		return c.show(ctx, http.MethodGet, "/v1/producer-keys", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Keys []json.RawMessage `json:"keys"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
 				return err
 			}
-			keys = append(keys, k)
-		}
-		sort.Slice(keys, func(i, j int) bool { return keys[i].Id < keys[j].Id })
-		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tPUBLIC KEY\tSTATE\tSINCE")
-		for _, k := range keys {
-			state := "active"
-			if k.Revoked {
-				state = "revoked"
+			keys, err := decodeAll[*deliverypb.ProducerKey](out.Keys)
+			if err != nil {
+				return err
 			}
-			fmt.Fprintf(tw, "%s\t%x\t%s\t%s\n", k.Id, k.PublicKey, state, msTime(k.AtMs))
-		}
-		return tw.Flush()
+			sort.Slice(keys, func(i, j int) bool { return keys[i].Id < keys[j].Id })
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tPUBLIC KEY\tSTATE\tSINCE")
+			for _, k := range keys {
+				state := "active"
+				if k.Revoked {
+					state = "revoked"
+				}
+				fmt.Fprintf(tw, "%s\t%x\t%s\t%s\n", k.Id, k.PublicKey, state, msTime(k.AtMs))
+			}
+			return tw.Flush()
+		})
 	case "add":
 		if err := wantArgs(pos, 1, "producer-key add ID (--public-key HEX | --key-file F)"); err != nil {
 			return err
@@ -789,26 +745,18 @@ func (c *cli) producerKeyCmd(ctx context.Context, args []string) error {
 			return fmt.Errorf("producer-key add: give --public-key or --key-file: %w", errUsage)
 		}
 		body, _ := json.Marshal(map[string]string{"public_key": pub})
-		raw, err := c.request(ctx, http.MethodPut, "/v1/producer-keys/"+url.PathEscape(pos[0]), nil, bytes.NewReader(body))
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		fmt.Fprintf(c.out, "producer key %s registered\n", pos[0])
+		return c.show(ctx, http.MethodPut, "/v1/producer-keys/"+url.PathEscape(pos[0]), nil, bytes.NewReader(body), *asJSON, func(json.RawMessage) error {
+			fmt.Fprintf(c.out, "producer key %s registered\n", pos[0])
+			return nil
+		})
 	case "revoke":
 		if err := wantArgs(pos, 1, "producer-key revoke ID"); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodDelete, "/v1/producer-keys/"+url.PathEscape(pos[0]), nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		fmt.Fprintf(c.out, "producer key %s revoked\n", pos[0])
+		return c.show(ctx, http.MethodDelete, "/v1/producer-keys/"+url.PathEscape(pos[0]), nil, nil, *asJSON, func(json.RawMessage) error {
+			fmt.Fprintf(c.out, "producer key %s revoked\n", pos[0])
+			return nil
+		})
 	case "gen":
 		if err := wantArgs(pos, 1, "producer-key gen OUTFILE"); err != nil {
 			return err
@@ -831,23 +779,11 @@ func genKey(path string) (ed25519.PublicKey, error) {
 	if _, err := os.Stat(path); err == nil {
 		return nil, fmt.Errorf("%s exists: not overwriting a key", path)
 	}
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	key, err := gateway.LoadOrCreateKey(path)
 	if err != nil {
 		return nil, err
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, err
-	}
-	if dir := filepath.Dir(path); dir != "" {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, err
-		}
-	}
-	if err := writeAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-		return nil, err
-	}
-	return pub, nil
+	return key.Public().(ed25519.PublicKey), nil
 }
 
 // ----- pushes -----
@@ -880,15 +816,10 @@ func (c *cli) pushCmd(ctx context.Context, args []string) error {
 		if err := wantArgs(pos, 1, "push recall ID"); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodPost, "/v1/pushes/"+url.PathEscape(pos[0])+"/recall", nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		fmt.Fprintf(c.out, "push %s recalled: what is not delivered yet is withdrawn\n", pos[0])
-		return nil
+		return c.show(ctx, http.MethodPost, "/v1/pushes/"+url.PathEscape(pos[0])+"/recall", nil, nil, *asJSON, func(json.RawMessage) error {
+			fmt.Fprintf(c.out, "push %s recalled: what is not delivered yet is withdrawn\n", pos[0])
+			return nil
+		})
 	case "funnel":
 		pos, err := parseInterleaved(fs, args[1:])
 		if err != nil {
@@ -897,41 +828,31 @@ func (c *cli) pushCmd(ctx context.Context, args []string) error {
 		if err := wantArgs(pos, 1, "push funnel ID"); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodGet, "/v1/pushes/"+url.PathEscape(pos[0])+"/funnel", nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		f := new(deliverypb.Funnel)
-		if err := decodePB(raw, f); err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "push %s targeted=%d sent=%d delivered=%d opened=%d expired=%d offline=%d recalled=%v expires=%s\n",
-			f.PushId, f.Targeted, f.Sent, f.Delivered, f.Opened, f.Expired, f.Offline, f.Recalled, msTime(f.ExpiresMs))
-		return nil
+		return c.show(ctx, http.MethodGet, "/v1/pushes/"+url.PathEscape(pos[0])+"/funnel", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			f := new(deliverypb.Funnel)
+			if err := decodePB(raw, f); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "push %s targeted=%d sent=%d delivered=%d opened=%d expired=%d offline=%d recalled=%v expires=%s\n",
+				f.PushId, f.Targeted, f.Sent, f.Delivered, f.Opened, f.Expired, f.Offline, f.Recalled, msTime(f.ExpiresMs))
+			return nil
+		})
 	case "recalled":
 		if _, err := parseInterleaved(fs, args[1:]); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodGet, "/v1/pushes/recalled", nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			Recalled []string `json:"recalled"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		for _, id := range out.Recalled {
-			fmt.Fprintln(c.out, id)
-		}
-		return nil
+		return c.show(ctx, http.MethodGet, "/v1/pushes/recalled", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				Recalled []string `json:"recalled"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
+				return err
+			}
+			for _, id := range out.Recalled {
+				fmt.Fprintln(c.out, id)
+			}
+			return nil
+		})
 	}
 	return fmt.Errorf("push %q: want send, dry-run, recall, recalled or funnel: %w", sub, errUsage)
 }
@@ -1034,27 +955,22 @@ func (c *cli) pushSend(ctx context.Context, fs *flag.FlagSet, asJSON *bool, sub 
 	if p.Id == "" {
 		p.Id = fmt.Sprintf("push-%d", time.Now().UnixNano())
 	}
-	raw, err := c.request(ctx, http.MethodPost, "/v1/pushes", nil, marshalPB(p))
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	res := new(deliverypb.PushResult)
-	if err := decodePB(raw, res); err != nil {
-		return err
-	}
-	line := fmt.Sprintf("push %s sent targets=%d", res.PushId, res.Targets)
-	if res.Job != "" {
-		line += " job=" + res.Job
-	}
-	line += " expires=" + msTime(res.ExpiresMs)
-	if res.Duplicate {
-		line += " (duplicate: sent before, nothing new sent)"
-	}
-	fmt.Fprintln(c.out, line)
-	return nil
+	return c.show(ctx, http.MethodPost, "/v1/pushes", nil, marshalPB(p), *asJSON, func(raw json.RawMessage) error {
+		res := new(deliverypb.PushResult)
+		if err := decodePB(raw, res); err != nil {
+			return err
+		}
+		line := fmt.Sprintf("push %s sent targets=%d", res.PushId, res.Targets)
+		if res.Job != "" {
+			line += " job=" + res.Job
+		}
+		line += " expires=" + msTime(res.ExpiresMs)
+		if res.Duplicate {
+			line += " (duplicate: sent before, nothing new sent)"
+		}
+		fmt.Fprintln(c.out, line)
+		return nil
+	})
 }
 
 // ----- devices and the manifest key -----
@@ -1074,24 +990,19 @@ func (c *cli) deviceCmd(ctx context.Context, args []string) error {
 	if err := wantArgs(pos, 1, "device show ID"); err != nil {
 		return err
 	}
-	raw, err := c.request(ctx, http.MethodGet, "/v1/devices/"+url.PathEscape(pos[0]), nil, nil)
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	d := new(deliverypb.Device)
-	if err := decodePB(raw, d); err != nil {
-		return err
-	}
-	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-	for _, kv := range [][2]string{{"device", d.Device}, {"user", d.User}, {"app", d.App}, {"app_version", d.AppVersion},
-		{"os", d.Os}, {"os_version", d.OsVersion}, {"model", d.Model}, {"region", d.Region}, {"network", d.Network},
-		{"channel", d.Channel}, {"cpu", d.Cpu}, {"seen", msTime(d.SeenMs)}} {
-		fmt.Fprintf(tw, "%s\t%s\n", kv[0], orDash(kv[1]))
-	}
-	return tw.Flush()
+	return c.show(ctx, http.MethodGet, "/v1/devices/"+url.PathEscape(pos[0]), nil, nil, *asJSON, func(raw json.RawMessage) error {
+		d := new(deliverypb.Device)
+		if err := decodePB(raw, d); err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+		for _, kv := range [][2]string{{"device", d.Device}, {"user", d.User}, {"app", d.App}, {"app_version", d.AppVersion},
+			{"os", d.Os}, {"os_version", d.OsVersion}, {"model", d.Model}, {"region", d.Region}, {"network", d.Network},
+			{"channel", d.Channel}, {"cpu", d.Cpu}, {"seen", msTime(d.SeenMs)}} {
+			fmt.Fprintf(tw, "%s\t%s\n", kv[0], cmp(kv[1], "-"))
+		}
+		return tw.Flush()
+	})
 }
 
 // deliveryCmd runs the delivery commands.
@@ -1112,22 +1023,17 @@ func (c *cli) deliveryCmd(ctx context.Context, args []string) error {
 		if _, err := parseInterleaved(fs, args[1:]); err != nil {
 			return err
 		}
-		raw, err := c.request(ctx, http.MethodGet, "/v1/delivery/key", nil, nil)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return c.printJSON(raw)
-		}
-		var out struct {
-			PublicKey string `json:"public_key"`
-			KeyID     string `json:"key_id"`
-		}
-		if err := json.Unmarshal(raw, &out); err != nil {
-			return err
-		}
-		fmt.Fprintf(c.out, "public_key %s\nkey_id %s\n", out.PublicKey, out.KeyID)
-		return nil
+		return c.show(ctx, http.MethodGet, "/v1/delivery/key", nil, nil, *asJSON, func(raw json.RawMessage) error {
+			var out struct {
+				PublicKey string `json:"public_key"`
+				KeyID     string `json:"key_id"`
+			}
+			if err := json.Unmarshal(raw, &out); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "public_key %s\nkey_id %s\n", out.PublicKey, out.KeyID)
+			return nil
+		})
 	case "view":
 		return c.deliveryView(ctx, fs, asJSON, args[1:])
 	case "dry-run":
@@ -1181,39 +1087,34 @@ func (c *cli) deliveryView(ctx context.Context, fs *flag.FlagSet, asJSON *bool, 
 	if *user != "" {
 		q.Set("user", *user)
 	}
-	raw, err := c.request(ctx, http.MethodPost, "/v1/delivery/view", q, bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		return c.printJSON(raw)
-	}
-	var out struct {
-		Digest   string            `json:"digest"`
-		Switches []json.RawMessage `json:"switches"`
-		Releases []json.RawMessage `json:"releases"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil {
-		return err
-	}
-	fmt.Fprintf(c.out, "view of device %s digest=%s\n", pos[0], out.Digest)
-	for _, r := range out.Switches {
-		sv := new(deliverypb.SwitchValue)
-		if err := decodePB(r, sv); err != nil {
+	return c.show(ctx, http.MethodPost, "/v1/delivery/view", q, bytes.NewReader(b), *asJSON, func(raw json.RawMessage) error {
+		var out struct {
+			Digest   string            `json:"digest"`
+			Switches []json.RawMessage `json:"switches"`
+			Releases []json.RawMessage `json:"releases"`
+		}
+		if err := json.Unmarshal(raw, &out); err != nil {
 			return err
 		}
-		fmt.Fprintf(c.out, "switch %s = %s variant=%s version=%d\n", sv.Key, valueString(sv.Value), orDash(sv.Variant), sv.Version)
-	}
-	for _, r := range out.Releases {
-		m := new(deliverypb.Manifest)
-		if err := decodePB(r, m); err != nil {
+		sws, err := decodeAll[*deliverypb.SwitchValue](out.Switches)
+		if err != nil {
 			return err
 		}
-		line := fmt.Sprintf("release %s %s kind=%s size=%d url=%s", m.Package, m.Version, enumName(m.Kind.String(), "PACKAGE_KIND_"), m.Size, m.Url)
-		if m.Rollback {
-			line += " rollback"
+		mans, err := decodeAll[*deliverypb.Manifest](out.Releases)
+		if err != nil {
+			return err
 		}
-		fmt.Fprintln(c.out, line)
-	}
-	return nil
+		fmt.Fprintf(c.out, "view of device %s digest=%s\n", pos[0], out.Digest)
+		for _, sv := range sws {
+			fmt.Fprintf(c.out, "switch %s = %s variant=%s version=%d\n", sv.Key, valueString(sv.Value), cmp(sv.Variant, "-"), sv.Version)
+		}
+		for _, m := range mans {
+			line := fmt.Sprintf("release %s %s kind=%s size=%d url=%s", m.Package, m.Version, enumName(m.Kind.String(), "PACKAGE_KIND_"), m.Size, m.Url)
+			if m.Rollback {
+				line += " rollback"
+			}
+			fmt.Fprintln(c.out, line)
+		}
+		return nil
+	})
 }

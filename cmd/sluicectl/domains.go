@@ -67,17 +67,9 @@ func (c *cli) topic(ctx context.Context, args []string) error {
 	payload := fs.String("payload", "hello from sluicectl", "publish: payload text")
 	ttl := fs.Duration("ttl", 0, "publish: validity period (0: none)")
 	msgID := fs.String("msg-id", "", "publish: producer message id")
-	// Flags may come after the positional arguments.
-	var pos []string
-	for len(args) > 0 {
-		if err := fs.Parse(args); err != nil {
-			return err
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
 	}
 	need := func(n int, what string) error {
 		if len(pos) < n {

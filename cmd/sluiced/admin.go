@@ -173,14 +173,8 @@ func (m *Main) adminHandler(auth *adminAuth) http.Handler {
 	})
 	mux.HandleFunc("POST /v1/businesses", func(w http.ResponseWriter, r *http.Request) {
 		b := new(oplogpb.Business)
-		body := http.MaxBytesReader(w, r.Body, 64<<10)
-		var raw json.RawMessage
-		if err := json.NewDecoder(body).Decode(&raw); err != nil {
-			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
-			return
-		}
-		if err := protojson.Unmarshal(raw, b); err != nil {
-			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+		if err := readProtoJSON(w, r, b); err != nil {
+			m.writeError(w, r, err)
 			return
 		}
 		if err := m.lg.RegisterBusiness(r.Context(), b); err != nil {

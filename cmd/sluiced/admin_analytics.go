@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -21,14 +20,7 @@ import (
 func (m *Main) analyticsRoutes(mux *http.ServeMux) {
 	ag := m.aggregates
 	mux.HandleFunc("GET /v1/breakers", func(w http.ResponseWriter, r *http.Request) {
-		rules, trips := []json.RawMessage{}, []json.RawMessage{}
-		for _, rl := range m.breakers.Rules() {
-			rules = append(rules, protoJSON(rl))
-		}
-		for _, tr := range m.breakers.Trips() {
-			trips = append(trips, protoJSON(tr))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"rules": rules, "trips": trips})
+		writeJSON(w, http.StatusOK, map[string]any{"rules": protoJSONs(m.breakers.Rules()), "trips": protoJSONs(m.breakers.Trips())})
 	})
 	mux.HandleFunc("PUT /v1/breakers/{id}", func(w http.ResponseWriter, r *http.Request) {
 		rule := new(analyticspb.BreakerRule)
@@ -44,11 +36,7 @@ func (m *Main) analyticsRoutes(mux *http.ServeMux) {
 			return
 		}
 		got, err := m.breakers.SetRule(r.Context(), rule, actor(r))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(got))
+		m.writeProto(w, r, got, err)
 	})
 	mux.HandleFunc("DELETE /v1/breakers/{id}", func(w http.ResponseWriter, r *http.Request) {
 		if err := m.breakers.RemoveRule(r.Context(), r.PathValue("id"), actor(r)); err != nil {

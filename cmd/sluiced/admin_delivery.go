@@ -15,6 +15,7 @@ import (
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/oplog"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 )
 
 // deliveryRoutes serves switches, packages and producer keys:
@@ -51,11 +52,7 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 	d := m.delivery
 	mux.HandleFunc("GET /v1/pushes/{id}/funnel", func(w http.ResponseWriter, r *http.Request) {
 		f, err := d.Funnel(r.Context(), r.PathValue("id"))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(f))
+		m.writeProto(w, r, f, err)
 	})
 	mux.HandleFunc("POST /v1/pushes", func(w http.ResponseWriter, r *http.Request) {
 		p := new(deliverypb.Push)
@@ -64,11 +61,7 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			return
 		}
 		res, err := d.Push(r.Context(), p, actor(r))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(res))
+		m.writeProto(w, r, res, err)
 	})
 	mux.HandleFunc("POST /v1/pushes/dry-run", func(w http.ResponseWriter, r *http.Request) {
 		p := new(deliverypb.Push)
@@ -77,11 +70,7 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			return
 		}
 		res, err := d.DryRunPush(r.Context(), m.devices, p)
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(res))
+		m.writeProto(w, r, res, err)
 	})
 	mux.HandleFunc("POST /v1/pushes/{id}/recall", func(w http.ResponseWriter, r *http.Request) {
 		if err := d.Recall(r.Context(), r.PathValue("id"), actor(r)); err != nil {
@@ -100,11 +89,7 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			return
 		}
 		res, err := d.DryRunRule(r.Context(), m.devices, rule, r.URL.Query().Get("salt"))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(res))
+		m.writeProto(w, r, res, err)
 	})
 	mux.HandleFunc("POST /v1/packages/{pkg}/{version}/dry-run", func(w http.ResponseWriter, r *http.Request) {
 		var rule *deliverypb.Rule
@@ -116,29 +101,17 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			}
 		}
 		res, err := d.DryRunRelease(r.Context(), m.devices, r.PathValue("pkg"), r.PathValue("version"), rule)
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(res))
+		m.writeProto(w, r, res, err)
 	})
 	mux.HandleFunc("GET /v1/devices/{id}", func(w http.ResponseWriter, r *http.Request) {
 		dev, ok, err := m.devices.Get(r.PathValue("id"))
 		if err == nil && !ok {
 			err = fmt.Errorf("device %q: %w", r.PathValue("id"), oplog.ErrNotFound)
 		}
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(dev))
+		m.writeProto(w, r, dev, err)
 	})
 	mux.HandleFunc("GET /v1/switches", func(w http.ResponseWriter, r *http.Request) {
-		out := []json.RawMessage{}
-		for _, sw := range d.Switches() {
-			out = append(out, protoJSON(sw))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"switches": out, "applied": d.Applied()})
+		writeJSON(w, http.StatusOK, map[string]any{"switches": protoJSONs(d.Switches()), "applied": d.Applied()})
 	})
 	mux.HandleFunc("GET /v1/switches/{key}", func(w http.ResponseWriter, r *http.Request) {
 		sw, ok := d.Switch(r.PathValue("key"))
@@ -170,20 +143,12 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			}
 		}
 		got, err := d.SetSwitch(r.Context(), sw, actor(r), expect)
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(got))
+		m.writeProto(w, r, got, err)
 	})
 	for _, op := range []string{"kill", "unkill"} {
 		mux.HandleFunc("POST /v1/switches/{key}/"+op, func(w http.ResponseWriter, r *http.Request) {
 			got, err := d.Kill(r.Context(), r.PathValue("key"), op == "kill", actor(r))
-			if err != nil {
-				m.writeError(w, r, err)
-				return
-			}
-			writeJSON(w, http.StatusOK, protoJSON(got))
+			m.writeProto(w, r, got, err)
 		})
 	}
 	mux.HandleFunc("DELETE /v1/switches/{key}", func(w http.ResponseWriter, r *http.Request) {
@@ -194,27 +159,21 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 		writeJSON(w, http.StatusOK, map[string]string{"removed": r.PathValue("key")})
 	})
 
-	releases := func(name string) []json.RawMessage {
-		rs, _ := d.Releases(name)
-		out := make([]json.RawMessage, 0, len(rs))
-		for _, rel := range rs {
-			out = append(out, protoJSON(rel))
-		}
-		return out
-	}
 	mux.HandleFunc("GET /v1/packages", func(w http.ResponseWriter, r *http.Request) {
 		out := map[string][]json.RawMessage{}
 		for _, name := range d.Packages() {
-			out[name] = releases(name)
+			rs, _ := d.Releases(name)
+			out[name] = protoJSONs(rs)
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"packages": out, "applied": d.Applied()})
 	})
 	mux.HandleFunc("GET /v1/packages/{pkg}", func(w http.ResponseWriter, r *http.Request) {
-		if _, ok := d.Releases(r.PathValue("pkg")); !ok {
+		rs, ok := d.Releases(r.PathValue("pkg"))
+		if !ok {
 			m.writeError(w, r, fmt.Errorf("package %q: %w", r.PathValue("pkg"), oplog.ErrNotFound))
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"package": r.PathValue("pkg"), "releases": releases(r.PathValue("pkg"))})
+		writeJSON(w, http.StatusOK, map[string]any{"package": r.PathValue("pkg"), "releases": protoJSONs(rs)})
 	})
 	mux.HandleFunc("POST /v1/packages/{pkg}/versions", func(w http.ResponseWriter, r *http.Request) {
 		up, err := m.readUpload(w, r)
@@ -223,11 +182,7 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			return
 		}
 		rel, err := d.Upload(r.Context(), up, actor(r))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(rel))
+		m.writeProto(w, r, rel, err)
 	})
 	mux.HandleFunc("POST /v1/packages/{pkg}/{version}/{op}", func(w http.ResponseWriter, r *http.Request) {
 		pkg, version := r.PathValue("pkg"), r.PathValue("version")
@@ -250,34 +205,22 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 		default:
 			err = fmt.Errorf("operation %q: want gray, full, pause, resume or stop: %w", op, oplog.ErrNotFound)
 		}
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(rel))
+		m.writeProto(w, r, rel, err)
 	})
 	mux.HandleFunc("POST /v1/packages/{pkg}/rollback", func(w http.ResponseWriter, r *http.Request) {
 		rel, err := d.Rollback(r.Context(), r.PathValue("pkg"), actor(r))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(rel))
+		m.writeProto(w, r, rel, err)
 	})
 
 	mux.HandleFunc("GET /v1/producer-keys", func(w http.ResponseWriter, r *http.Request) {
-		out := []json.RawMessage{}
-		for _, k := range d.ProducerKeys() {
-			out = append(out, protoJSON(k))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"keys": out})
+		writeJSON(w, http.StatusOK, map[string]any{"keys": protoJSONs(d.ProducerKeys())})
 	})
 	mux.HandleFunc("PUT /v1/producer-keys/{id}", func(w http.ResponseWriter, r *http.Request) {
 		var body struct {
 			PublicKey string `json:"public_key"`
 		}
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10)).Decode(&body); err != nil {
-			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+		if err := readJSON(w, r, &body, 4<<10); err != nil {
+			m.writeError(w, r, err)
 			return
 		}
 		pub, err := decodeKey(body.PublicKey)
@@ -313,8 +256,8 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 			Channel    string `json:"channel"`
 			CPU        string `json:"cpu"`
 		}
-		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10)).Decode(&a); err != nil && !errors.Is(err, io.EOF) {
-			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+		if err := readJSON(w, r, &a, 4<<10); err != nil && !errors.Is(err, io.EOF) {
+			m.writeError(w, r, err)
 			return
 		}
 		q := r.URL.Query()
@@ -324,17 +267,17 @@ func (m *Main) deliveryRoutes(mux *http.ServeMux) {
 		}
 		v := d.View(&delivery.Device{ID: q.Get("device"), User: q.Get("user"), Attrs: oplog.Attrs{AppVersion: a.AppVersion,
 			OS: a.OS, OSVersion: a.OSVersion, Model: a.Model, Region: a.Region, Network: a.Network, Channel: a.Channel, CPU: a.CPU}})
-		manifests := make([]json.RawMessage, 0, len(v.Releases))
+		// d.View signed the manifests just now: decode them, no need to verify.
+		manifests := make([]*deliverypb.Manifest, 0, len(v.Releases))
 		for _, sm := range v.Releases {
-			if man, err := delivery.VerifyManifest(sm, d.PublicKey()); err == nil {
-				manifests = append(manifests, protoJSON(man))
+			man := new(deliverypb.Manifest)
+			if err := proto.Unmarshal(sm.Manifest, man); err != nil {
+				m.writeError(w, r, fmt.Errorf("view of device %q: manifest: %w", q.Get("device"), err))
+				return
 			}
+			manifests = append(manifests, man)
 		}
-		sws := make([]json.RawMessage, 0, len(v.Switches))
-		for _, sv := range v.Switches {
-			sws = append(sws, protoJSON(sv))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"digest": v.Digest, "switches": sws, "releases": manifests})
+		writeJSON(w, http.StatusOK, map[string]any{"digest": v.Digest, "switches": protoJSONs(v.Switches), "releases": protoJSONs(manifests)})
 	})
 }
 

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -35,10 +34,8 @@ func (m *Main) diagnosticsRoutes(mux *http.ServeMux) {
 			Note       string `json:"note"`
 			ValidityMs int64  `json:"validity_ms"`
 		}
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&body); err != nil {
-			m.writeError(w, r, errors.Join(oplog.ErrMalformed, err))
+		if err := readJSON(w, r, &body, 64<<10, (*json.Decoder).DisallowUnknownFields); err != nil {
+			m.writeError(w, r, err)
 			return
 		}
 		if body.ValidityMs < 0 || body.ValidityMs > int64(365*24*time.Hour/time.Millisecond) {
@@ -47,11 +44,7 @@ func (m *Main) diagnosticsRoutes(mux *http.ServeMux) {
 		}
 		req, err := dg.Request(r.Context(), analytics.LogRequest{Device: body.Device, User: body.User, Note: body.Note,
 			Validity: time.Duration(body.ValidityMs) * time.Millisecond}, actor(r))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(req))
+		m.writeProto(w, r, req, err)
 	})
 	mux.HandleFunc("GET /v1/diagnostics", func(w http.ResponseWriter, r *http.Request) {
 		limit := 0
@@ -68,19 +61,11 @@ func (m *Main) diagnosticsRoutes(mux *http.ServeMux) {
 			m.writeError(w, r, err)
 			return
 		}
-		out := make([]json.RawMessage, 0, len(list))
-		for _, req := range list {
-			out = append(out, protoJSON(req))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"requests": out})
+		writeJSON(w, http.StatusOK, map[string]any{"requests": protoJSONs(list)})
 	})
 	mux.HandleFunc("GET /v1/diagnostics/{id}", func(w http.ResponseWriter, r *http.Request) {
 		req, err := dg.Get(r.Context(), r.PathValue("id"))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(req))
+		m.writeProto(w, r, req, err)
 	})
 	mux.HandleFunc("GET /v1/diagnostics/{id}/logs/{device}", func(w http.ResponseWriter, r *http.Request) {
 		id, device := r.PathValue("id"), r.PathValue("device")

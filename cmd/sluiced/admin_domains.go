@@ -67,27 +67,15 @@ func (m *Main) fanoutRoutes(mux *http.ServeMux) {
 			m.writeError(w, r, err)
 			return
 		}
-		out := make([]json.RawMessage, 0, len(list))
-		for _, st := range list {
-			out = append(out, protoJSON(st))
-		}
-		writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+		writeJSON(w, http.StatusOK, map[string]any{"jobs": protoJSONs(list)})
 	})
 	mux.HandleFunc("GET /v1/fanout/{job}", func(w http.ResponseWriter, r *http.Request) {
 		st, err := m.fanout.Status(r.Context(), r.PathValue("job"))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(st))
+		m.writeProto(w, r, st, err)
 	})
 	mux.HandleFunc("POST /v1/fanout/{job}/cancel", func(w http.ResponseWriter, r *http.Request) {
 		st, err := m.fanout.Cancel(r.Context(), r.PathValue("job"))
-		if err != nil {
-			m.writeError(w, r, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, protoJSON(st))
+		m.writeProto(w, r, st, err)
 	})
 }
 
@@ -99,6 +87,24 @@ func protoJSON(msg proto.Message) json.RawMessage {
 	return data
 }
 
+// protoJSONs encodes each message with protoJSON; an empty list is [].
+func protoJSONs[T proto.Message](msgs []T) []json.RawMessage {
+	out := make([]json.RawMessage, 0, len(msgs))
+	for _, msg := range msgs {
+		out = append(out, protoJSON(msg))
+	}
+	return out
+}
+
+// writeProto answers msg in protojson, or err if it is not nil.
+func (m *Main) writeProto(w http.ResponseWriter, r *http.Request, msg proto.Message, err error) {
+	if err != nil {
+		m.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, protoJSON(msg))
+}
+
 // readProtoJSON decodes a protojson request body of at most 64 KiB.
 func readProtoJSON(w http.ResponseWriter, r *http.Request, msg proto.Message) error {
 	return readProtoJSONMax(w, r, msg, 64<<10)
@@ -107,10 +113,25 @@ func readProtoJSON(w http.ResponseWriter, r *http.Request, msg proto.Message) er
 // readProtoJSONMax decodes a protojson request body of at most max bytes.
 func readProtoJSONMax(w http.ResponseWriter, r *http.Request, msg proto.Message, max int64) error {
 	var raw json.RawMessage
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, max)).Decode(&raw); err != nil {
-		return errors.Join(oplog.ErrMalformed, err)
+	if err := readJSON(w, r, &raw, max); err != nil {
+		return err
 	}
 	if err := protojson.Unmarshal(raw, msg); err != nil {
+		return errors.Join(oplog.ErrMalformed, err)
+	}
+	return nil
+}
+
+// readJSON decodes a JSON request body of at most max bytes into v, with
+// the decoder set up by opts (e.g. (*json.Decoder).DisallowUnknownFields).
+// Its errors are oplog.ErrMalformed, joined with the decoder's (io.EOF for
+// an empty body).
+func readJSON(w http.ResponseWriter, r *http.Request, v any, max int64, opts ...func(*json.Decoder)) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, max))
+	for _, opt := range opts {
+		opt(dec)
+	}
+	if err := dec.Decode(v); err != nil {
 		return errors.Join(oplog.ErrMalformed, err)
 	}
 	return nil

@@ -156,13 +156,13 @@ func parseConfig(args []string, getenv func(string) string) (Config, error) {
 }
 
 func (c Config) validate() error {
+	var errs []error
 	if (c.PushWebhook == "") != (c.PushWebhookSecret == "") {
-		return fmt.Errorf("--push-webhook and --push-webhook-secret go together")
+		errs = append(errs, errors.New("--push-webhook and --push-webhook-secret go together"))
 	}
 	if c.PushWebhook != "" && !strings.HasPrefix(c.PushWebhook, "http://") && !strings.HasPrefix(c.PushWebhook, "https://") {
-		return fmt.Errorf("--push-webhook %q: want an http(s) URL", c.PushWebhook)
+		errs = append(errs, fmt.Errorf("--push-webhook %q: want an http(s) URL", c.PushWebhook))
 	}
-	var errs []error
 	if c.Fsync != FsyncAlways && c.Fsync != FsyncInterval {
 		errs = append(errs, fmt.Errorf("--fsync %q: want always or interval", c.Fsync))
 	}
