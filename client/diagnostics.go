@@ -3,13 +3,14 @@ package client
 import (
 	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/sluicehq/sluice/analytics/analyticspb"
+	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // Diagnostic commands: the server's analytics package sends them (kind 5,
@@ -39,15 +40,6 @@ const maxFailureText = 1024
 // bytes to upload (any format: the server stores them as they are).
 type LogCollector func(ctx context.Context, requestID string) ([]byte, error)
 
-// diagnosticCommand is the payload of a command item. Int64 fields come
-// as JSON strings from protojson; json.Number takes both forms.
-type diagnosticCommand struct {
-	RequestID string      `json:"request_id"`
-	UploadURL string      `json:"upload_url"`
-	MaxBytes  json.Number `json:"max_bytes"`
-	ExpiresMs json.Number `json:"expires_ms"`
-}
-
 // HandleDiagnostics sets the handler of diagnostic commands (the
 // businesses BusinessDiagnostics and BusinessDiagnosticsUser): for each,
 // collect is called with the request id, and what it returns is uploaded
@@ -74,28 +66,27 @@ func (c *Client) HandleDiagnostics(collect LogCollector) {
 
 // diagnose answers one diagnostic command.
 func (c *Client) diagnose(ctx context.Context, it *Item, collect LogCollector) error {
-	var cmd diagnosticCommand
-	err := json.Unmarshal(it.Payload, &cmd)
-	maxBytes, merr := jsonInt(cmd.MaxBytes)
-	expires, eerr := jsonInt(cmd.ExpiresMs)
-	if err != nil || merr != nil || eerr != nil || cmd.RequestID == "" || cmd.UploadURL == "" {
+	cmd := &analyticspb.DiagnosticCommand{}
+	err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(it.Payload, cmd)
+	if err != nil || cmd.RequestId == "" || cmd.UploadUrl == "" {
 		// It cannot get better by coming again.
-		c.log.Warn().Err(errors.Join(err, merr, eerr)).Str("business", it.Business).Uint64("id", it.Id).Msg("diagnostic command unreadable: dropped")
+		c.log.Warn().Err(err).Str("business", it.Business).Uint64("id", it.Id).Msg("diagnostic command unreadable: dropped")
 		return nil
 	}
-	log := c.log.With().Str("request", cmd.RequestID).Logger()
+	maxBytes, expires := cmd.MaxBytes, cmd.ExpiresMs
+	log := c.log.With().Str("request", cmd.RequestId).Logger()
 	base := c.httpBase()
 	if base == "" {
 		log.Error().Err(ErrNoHTTP).Msg("diagnostic command dropped")
 		return nil
 	}
-	u, sameHost, err := uploadURL(base, cmd.UploadURL)
+	u, sameHost, err := uploadURL(base, cmd.UploadUrl)
 	if err != nil {
 		log.Warn().Err(err).Msg("diagnostic command dropped")
 		return nil
 	}
 	body, contentType := []byte(nil), "application/octet-stream"
-	logs, err := collect(ctx, cmd.RequestID)
+	logs, err := collect(ctx, cmd.RequestId)
 	switch {
 	case ctx.Err() != nil:
 		return ctx.Err()
@@ -146,15 +137,7 @@ func (c *Client) diagnose(ctx context.Context, it *Item, collect LogCollector) e
 		}
 		last = err
 	}
-	return fmt.Errorf("diagnostic %s: %w", cmd.RequestID, last)
-}
-
-// jsonInt reads an int64 field of a protojson payload: absent is zero.
-func jsonInt(n json.Number) (int64, error) {
-	if n == "" {
-		return 0, nil
-	}
-	return n.Int64()
+	return fmt.Errorf("diagnostic %s: %w", cmd.RequestId, last)
 }
 
 // postDiagnostic sends one upload. It reports whether a failure may
