@@ -210,13 +210,8 @@ func OpenDiagnostics(ctx context.Context, cfg DiagnosticsConfig) (*Diagnostics, 
 	if err != nil {
 		return nil, fmt.Errorf("analytics: object store %s: %w", BucketDiagnostics, err)
 	}
-	for _, b := range []*oplogpb.Business{BusinessDiagnostics, BusinessDiagnosticsUser} {
-		if _, ok := cfg.Log.Business(b.Code); ok {
-			continue
-		}
-		if err := cfg.Log.RegisterBusiness(ctx, proto.Clone(b).(*oplogpb.Business)); err != nil {
-			return nil, fmt.Errorf("analytics: register business %s: %w", b.Code, err)
-		}
+	if err := cfg.Log.EnsureBusinesses(ctx, BusinessDiagnostics, BusinessDiagnosticsUser); err != nil {
+		return nil, fmt.Errorf("analytics: %w", err)
 	}
 	return d, nil
 }

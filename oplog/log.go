@@ -448,6 +448,22 @@ func (l *Log) RegisterBusiness(ctx context.Context, b *oplogpb.Business) error {
 	return nil
 }
 
+// EnsureBusinesses registers each of bs (a copy: RegisterBusiness fills
+// defaults in) that the registry does not hold yet, and leaves the others
+// as an operator may have set them. Components that write to businesses
+// of their own call it when they open.
+func (l *Log) EnsureBusinesses(ctx context.Context, bs ...*oplogpb.Business) error {
+	for _, b := range bs {
+		if _, ok := l.Business(b.Code); ok {
+			continue
+		}
+		if err := l.RegisterBusiness(ctx, proto.Clone(b).(*oplogpb.Business)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (l *Log) loadBusinesses(ctx context.Context) error {
 	w, err := l.kv.WatchAll(ctx)
 	if err != nil {
