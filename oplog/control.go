@@ -94,6 +94,15 @@ func OpenControl[S any](ctx context.Context, cfg ControlConfig, model ControlMod
 	return c, nil
 }
 
+// WrongLastSequence reports whether a publish was refused because an
+// expected last sequence (of the stream or of the subject) did not hold:
+// someone else wrote first.
+func WrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
 // Run follows the control stream, applying each event as it is stored,
 // until ctx ends; then it returns nil. Transient NATS or JetStream failures
 // are logged and retried.
@@ -278,9 +287,7 @@ func (c *Control[S]) Write(ctx context.Context, subject string, ev proto.Message
 		return 0, zero, fmt.Errorf("%s: marshal: %w", c.cfg.Name, err)
 	}
 	ack, err := c.js.Publish(ctx, subject, data, opts...)
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+	if WrongLastSequence(err) {
 		return 0, zero, fmt.Errorf("%s: %s changed meanwhile: %w", c.cfg.Name, subject, ErrConflict)
 	}
 	if err != nil {
