@@ -133,8 +133,8 @@ func Open(ctx context.Context, cfg Config) (*Delivery, error) {
 		return nil, fmt.Errorf("delivery: object store %s: %w", BucketPackages, err)
 	}
 	d.obs = obs
-	if err := ensurePushBusinesses(ctx, cfg.Log); err != nil {
-		return nil, err
+	if err := cfg.Log.EnsureBusinesses(ctx, BusinessPush, BusinessPushDevice); err != nil {
+		return nil, fmt.Errorf("delivery: %w", err)
 	}
 	d.ctl, err = oplog.OpenControl(ctx, oplog.ControlConfig{Log: cfg.Log, Name: "delivery", Filters: filters, Logger: cfg.Logger}, newModel())
 	if err != nil {
@@ -316,7 +316,7 @@ func (d *Delivery) signed(s *snapshot, o offer, now, half int64) *deliverypb.Sig
 		d.lg.Error().Err(err).Str("package", o.pkg.name).Msg("signing a manifest failed")
 		return &deliverypb.SignedManifest{}
 	}
-	s.signed.m.Store(key, &signedEntry{sm: sm, issued: now, expiry: m.ExpiresMs})
+	s.signed.m.Store(key, &signedEntry{sm: sm, issued: now})
 	return sm
 }
 
@@ -390,25 +390,56 @@ func (d *Delivery) writeSwitch(ctx context.Context, sw *deliverypb.Switch, opts 
 // oplog.ErrInvalid (no kill value), oplog.ErrConflict (changed while being
 // killed, three times running).
 func (d *Delivery) Kill(ctx context.Context, key string, killed bool, actor string) (*deliverypb.Switch, error) {
+	return d.updateSwitch(ctx, key, actor, "killed", func(sw *deliverypb.Switch) error {
+		sw.Killed = killed
+		if killed && sw.KillValue == nil {
+			off, err := killValue(sw, "killed")
+			if err != nil {
+				return err
+			}
+			sw.KillValue = off
+		}
+		return nil
+	})
+}
+
+// updateSwitch changes a copy of a switch's current definition with change
+// and stores it, expecting the switch's last event to be the one the copy
+// was taken from: value and expected sequence come from one snapshot, so
+// a change landing meanwhile is never overwritten. It retries three times
+// on a conflict; doing names the change in the error ("changed while being
+// <doing>"). change sees Version zeroed and UpdatedMs and UpdatedBy set.
+func (d *Delivery) updateSwitch(ctx context.Context, key, actor, doing string, change func(*deliverypb.Switch) error) (*deliverypb.Switch, error) {
 	for range 3 {
-		cur, ok := d.Switch(key)
+		s := d.ctl.Snapshot()
+		cs, ok := s.switches[key]
 		if !ok {
 			return nil, fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
 		}
-		sw := proto.Clone(cur).(*deliverypb.Switch)
-		sw.Killed, sw.UpdatedMs, sw.UpdatedBy, sw.Version = killed, d.cfg.Now().UnixMilli(), actor, 0
-		if killed && sw.KillValue == nil {
-			if sw.Type != deliverypb.SwitchType_SWITCH_TYPE_BOOL {
-				return nil, fmt.Errorf("switch %s: a %v switch needs a kill value to be killed: %w", key, sw.Type, oplog.ErrInvalid)
-			}
-			sw.KillValue = &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}
+		sw := proto.Clone(cs.pb).(*deliverypb.Switch)
+		sw.UpdatedMs, sw.UpdatedBy, sw.Version = d.cfg.Now().UnixMilli(), actor, 0
+		if err := change(sw); err != nil {
+			return nil, err
 		}
-		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(d.ctl.Snapshot().lastSeq[subjectSwitch+key]))
+		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subjectSwitch+key]))
 		if !errors.Is(err, oplog.ErrConflict) {
 			return out, err
 		}
 	}
-	return nil, fmt.Errorf("switch %s: changed while being killed: %w", key, oplog.ErrConflict)
+	return nil, fmt.Errorf("switch %s: changed while being %s: %w", key, doing, oplog.ErrConflict)
+}
+
+// killValue returns the value a switch takes when killed or turned off:
+// its kill value, or false for a bool switch without one. doing names
+// the change in the error.
+func killValue(sw *deliverypb.Switch, doing string) (*deliverypb.Value, error) {
+	if sw.KillValue != nil {
+		return sw.KillValue, nil
+	}
+	if sw.Type != deliverypb.SwitchType_SWITCH_TYPE_BOOL {
+		return nil, fmt.Errorf("switch %s: a %v switch needs a kill value to be %s: %w", sw.Key, sw.Type, doing, oplog.ErrInvalid)
+	}
+	return &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}, nil
 }
 
 // PauseRelease, RollbackRelease and SwitchOff are what circuit breakers
@@ -475,33 +506,17 @@ func (d *Delivery) SwitchOffFor(ctx context.Context, key, model, actor string) (
 		return '-'
 	}, model)
 	name = name[:min(len(name), maxNameLen)]
-	for range 3 {
-		s := d.ctl.Snapshot()
-		cs, ok := s.switches[key]
-		if !ok {
-			return nil, fmt.Errorf("switch %s: %w", clip(key), oplog.ErrNotFound)
-		}
-		sw := proto.Clone(cs.pb).(*deliverypb.Switch)
-		off := sw.KillValue
-		if off == nil {
-			if sw.Type != deliverypb.SwitchType_SWITCH_TYPE_BOOL {
-				return nil, fmt.Errorf("switch %s: a %v switch needs a kill value to be turned off: %w", key, sw.Type, oplog.ErrInvalid)
-			}
-			off = &deliverypb.Value{Kind: &deliverypb.Value_BoolValue{BoolValue: false}}
+	return d.updateSwitch(ctx, key, actor, "turned off", func(sw *deliverypb.Switch) error {
+		off, err := killValue(sw, "turned off")
+		if err != nil {
+			return err
 		}
 		sw.Variants = slices.DeleteFunc(sw.Variants, func(v *deliverypb.Variant) bool { return v.GetName() == name })
 		sw.Variants = append([]*deliverypb.Variant{{Name: name, Value: off,
 			Rule: &deliverypb.Rule{Models: []string{model}, Salt: switchSalt(key)}}}, sw.Variants...)
-		sw.UpdatedMs, sw.UpdatedBy, sw.Version = d.cfg.Now().UnixMilli(), actor, 0
-		if _, err := compileSwitch(sw); err != nil {
-			return nil, err
-		}
-		out, err := d.writeSwitch(ctx, sw, jetstream.WithExpectLastSequencePerSubject(s.lastSeq[subjectSwitch+key]))
-		if !errors.Is(err, oplog.ErrConflict) {
-			return out, err
-		}
-	}
-	return nil, fmt.Errorf("switch %s: changed while being turned off: %w", key, oplog.ErrConflict)
+		_, err = compileSwitch(sw)
+		return err
+	})
 }
 
 // RemoveSwitch removes a switch: devices stop getting it. Errors:
@@ -817,14 +832,7 @@ func (d *Delivery) Rollback(ctx context.Context, pkg, actor string) (*deliverypb
 	if cur < 0 {
 		return nil, fmt.Errorf("package %s: no gray or full release to roll back: %w", pkg, oplog.ErrConflict)
 	}
-	stable := p.stableBefore(cur)
-	if stable < 0 {
-		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", pkg, p.releases[cur].pb.Version.Version, oplog.ErrConflict)
-	}
-	to := p.releases[stable].pb.Version.Version
-	return d.lifecycle(ctx, pkg, "", actor, func(ev *deliverypb.PackageEvent) {
-		ev.Op = &deliverypb.PackageEvent_RollbackTo{RollbackTo: to}
-	})
+	return d.rollbackFrom(ctx, p, cur, actor)
 }
 
 // RollbackVersion rolls back one version of a package and every release
@@ -845,12 +853,19 @@ func (d *Delivery) RollbackVersion(ctx context.Context, pkg, version, actor stri
 	if !rollbackable(r) {
 		return nil, fmt.Errorf("package %s version %s: %s, nothing to roll back: %w", pkg, version, r.pb.Stage, oplog.ErrConflict)
 	}
+	return d.rollbackFrom(ctx, p, i, actor)
+}
+
+// rollbackFrom rolls package p back from its release i (rollbackable), and
+// every release after it, to the last full release before i. Errors:
+// oplog.ErrConflict when no full release precedes it.
+func (d *Delivery) rollbackFrom(ctx context.Context, p *pkgState, i int, actor string) (*deliverypb.Release, error) {
 	stable := p.stableBefore(i)
 	if stable < 0 {
-		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", pkg, version, oplog.ErrConflict)
+		return nil, fmt.Errorf("package %s: no stable version before %s to roll back to: %w", p.name, p.releases[i].pb.Version.Version, oplog.ErrConflict)
 	}
 	to := p.releases[stable].pb.Version.Version
-	return d.lifecycle(ctx, pkg, "", actor, func(ev *deliverypb.PackageEvent) {
+	return d.lifecycle(ctx, p.name, "", actor, func(ev *deliverypb.PackageEvent) {
 		ev.Op = &deliverypb.PackageEvent_RollbackTo{RollbackTo: to}
 	})
 }

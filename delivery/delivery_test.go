@@ -145,6 +145,38 @@ func TestSwitches(t *testing.T) {
 	}
 }
 
+// TestSwitchUpdateKeepsChangesMeanwhile: a change stored while Kill or
+// SwitchOffFor works on its copy makes the write conflict and retry from
+// the new definition, rather than overwrite it.
+func TestSwitchUpdateKeepsChangesMeanwhile(t *testing.T) {
+	e := newEnv(t)
+	d := e.open(t, time.Now)
+	c := ctx(t)
+	sw, err := d.SetSwitch(c, &deliverypb.Switch{Key: "k", Type: deliverypb.SwitchType_SWITCH_TYPE_BOOL,
+		DefaultValue: boolValue(true)}, "alice", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := 0
+	got, err := d.UpdateSwitch(c, "k", "oncall", func(cur *deliverypb.Switch) error {
+		if calls++; calls == 1 {
+			meanwhile := proto.Clone(sw).(*deliverypb.Switch)
+			meanwhile.Description = "changed meanwhile"
+			if _, err := d.SetSwitch(c, meanwhile, "bob", 0); err != nil {
+				return err
+			}
+		}
+		cur.Killed, cur.KillValue = true, boolValue(false)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("update: %v", err)
+	}
+	if calls != 2 || !got.Killed || got.Description != "changed meanwhile" || got.UpdatedBy != "oncall" {
+		t.Fatalf("after %d tries: %v, want killed with bob's description", calls, got)
+	}
+}
+
 func TestSwitchRefusesBadDefinitions(t *testing.T) {
 	e := newEnv(t)
 	d := e.open(t, time.Now)

@@ -272,9 +272,10 @@ func (r *Registry) Each(ctx context.Context, fn func(*deliverypb.Device) bool) e
 		it := txn.NewIterator(opts)
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
-			if n++; n%4096 == 0 && ctx.Err() != nil {
+			if n%4096 == 0 && ctx.Err() != nil {
 				return ctx.Err()
 			}
+			n++
 			if err := it.Item().Value(func(v []byte) error { return proto.Unmarshal(v, rec) }); err != nil {
 				return err
 			}
@@ -308,35 +309,27 @@ func (r *Registry) Known() (uint64, error) {
 // a consistent badger snapshot; a million devices take about a second.
 func (r *Registry) Count(ctx context.Context, match func(*Device) bool) (*deliverypb.DryRun, error) {
 	out := &deliverypb.DryRun{}
-	rec := &deliverypb.Device{}
 	dev := &Device{}
-	err := r.db.View(func(txn *badger.Txn) error {
-		opts := badger.DefaultIteratorOptions
-		opts.Prefix = devicePrefix
-		it := txn.NewIterator(opts)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			if out.Known%4096 == 0 && ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if err := it.Item().Value(func(v []byte) error { return proto.Unmarshal(v, rec) }); err != nil {
-				return err
-			}
-			out.Known++
-			*dev = Device{ID: rec.Device, User: rec.User, Attrs: attrsOfRecord(rec)}
-			if match(dev) {
-				out.Matching++
-				if len(out.Sample) < maxSample {
-					out.Sample = append(out.Sample, rec.Device)
-				}
-			}
+	if err := r.Each(ctx, func(rec *deliverypb.Device) bool {
+		out.Known++
+		*dev = Device{ID: rec.Device, User: rec.User, Attrs: attrsOfRecord(rec)}
+		if match(dev) {
+			tally(out, rec.Device)
 		}
-		return nil
-	})
-	if err != nil {
+		return true
+	}); err != nil {
 		return nil, fmt.Errorf("devices: count: %w", err)
 	}
 	return out, nil
+}
+
+// tally counts a matching device in a dry run; the first maxSample are
+// its sample.
+func tally(out *deliverypb.DryRun, device string) {
+	out.Matching++
+	if len(out.Sample) < maxSample {
+		out.Sample = append(out.Sample, device)
+	}
 }
 
 // DryRunRule counts the known devices a rule reaches now (salt as for
@@ -365,10 +358,6 @@ func (d *Delivery) DryRunRelease(ctx context.Context, reg *Registry, pkg, versio
 	g := rel.gray
 	if gray != nil {
 		var err error
-		if gray.Salt == "" {
-			gray = proto.Clone(gray).(*deliverypb.Rule)
-			gray.Salt = releaseSalt(pkg, version)
-		}
 		if g, err = Compile(gray, releaseSalt(pkg, version)); err != nil {
 			return nil, err
 		}

@@ -1,6 +1,11 @@
 package delivery
 
-import "testing"
+import (
+	"context"
+	"testing"
+
+	"github.com/sluicehq/sluice/delivery/deliverypb"
+)
 
 // SetMaxCachedObject lowers the size above which downloads are streamed,
 // for the test.
@@ -8,4 +13,10 @@ func SetMaxCachedObject(t testing.TB, n int64) {
 	old := maxCachedObject
 	maxCachedObject = n
 	t.Cleanup(func() { maxCachedObject = old })
+}
+
+// UpdateSwitch is the read-modify-write of Kill and SwitchOffFor, for the
+// test.
+func (d *Delivery) UpdateSwitch(ctx context.Context, key, actor string, change func(*deliverypb.Switch) error) (*deliverypb.Switch, error) {
+	return d.updateSwitch(ctx, key, actor, "changed", change)
 }

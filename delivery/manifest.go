@@ -102,8 +102,7 @@ type manifestCache struct {
 
 type signedEntry struct {
 	sm     *deliverypb.SignedManifest
-	expiry int64 // unix ms
-	issued int64
+	issued int64 // unix ms
 }
 
 func newManifestCache() *manifestCache { return &manifestCache{} }

@@ -46,19 +46,6 @@ const (
 	pushPrefix = "push-"
 )
 
-// ensurePushBusinesses registers the push businesses if absent.
-func ensurePushBusinesses(ctx context.Context, l *oplog.Log) error {
-	for _, b := range []*oplogpb.Business{BusinessPush, BusinessPushDevice} {
-		if _, ok := l.Business(b.Code); ok {
-			continue
-		}
-		if err := l.RegisterBusiness(ctx, b); err != nil {
-			return fmt.Errorf("delivery: register business %s: %w", b.Code, err)
-		}
-	}
-	return nil
-}
-
 // PushIDOf returns the push id an entry of a push carries, or "" for an
 // entry that is not a push's.
 func PushIDOf(e *oplogpb.Entry) string {
@@ -101,26 +88,27 @@ func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (
 	if err := d.beforePush(ctx, p, n, now); err != nil {
 		return nil, err
 	}
+	pl := &payloads{p: p, n: n}
 	log := d.lg.Info().Str("push", p.Id).Str("actor", actor)
 	switch a := p.Audience.(type) {
 	case *deliverypb.Push_Users:
 		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
-		err = d.pushTo(ctx, p, n, ev, a.Users.GetIds(), res)
+		err = d.pushTo(ctx, p, pl, ev, a.Users.GetIds(), res)
 		log = log.Str("audience", "users")
 	case *deliverypb.Push_Devices:
 		ev.Business, ev.Dimension = BusinessPushDevice.Code, BusinessPushDevice.Dimension
-		err = d.pushTo(ctx, p, n, ev, a.Devices.GetIds(), res)
+		err = d.pushTo(ctx, p, pl, ev, a.Devices.GetIds(), res)
 		log = log.Str("audience", "devices")
 	case *deliverypb.Push_Segment:
 		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
-		err = d.pushJob(ctx, p, n, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Segment{Segment: a.Segment}}, res)
+		err = d.pushJob(ctx, p, pl, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Segment{Segment: a.Segment}}, res)
 		log = log.Str("audience", "segment:"+a.Segment)
 	case *deliverypb.Push_Everyone:
 		if !a.Everyone {
 			return nil, fmt.Errorf("push %s: everyone must be true: %w", p.Id, oplog.ErrNoTargets)
 		}
 		ev.Business, ev.Dimension = BusinessPush.Code, BusinessPush.Dimension
-		err = d.pushJob(ctx, p, n, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Everyone{Everyone: &fanoutpb.Everyone{}}}, res)
+		err = d.pushJob(ctx, p, pl, ev, &fanoutpb.Job{Audience: &fanoutpb.Job_Everyone{Everyone: &fanoutpb.Everyone{}}}, res)
 		log = log.Str("audience", "everyone")
 	default:
 		return nil, fmt.Errorf("push %s: no audience (users, devices, segment or everyone): %w", p.Id, oplog.ErrNoTargets)
@@ -128,7 +116,7 @@ func (d *Delivery) Push(ctx context.Context, p *deliverypb.Push, actor string) (
 	if err != nil {
 		return nil, err
 	}
-	if err := d.afterPush(ctx, p, n, res, now); err != nil {
+	if err := d.afterPush(ctx, p, pl, res, now); err != nil {
 		return nil, err
 	}
 	log.Uint64("targets", res.Targets).Str("job", res.Job).Bool("duplicate", res.Duplicate).Msg("push sent")
@@ -166,10 +154,12 @@ func (d *Delivery) beforePush(ctx context.Context, p *deliverypb.Push, n *delive
 }
 
 // afterPush schedules the push's offline check: idempotent (message id).
-func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, res *deliverypb.PushResult, now time.Time) error {
+// It reuses the payloads the push rendered.
+func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, pl *payloads, res *deliverypb.PushResult, now time.Time) error {
 	if d.rc == nil {
 		return nil
 	}
+	n := pl.n
 	pc := &deliverypb.PushCheck{PushId: p.Id, ExpiresMs: n.ExpiresMs, Conditions: p.Conditions}
 	switch a := p.Audience.(type) {
 	case *deliverypb.Push_Users:
@@ -195,14 +185,14 @@ func (d *Delivery) afterPush(ctx context.Context, p *deliverypb.Push, n *deliver
 		return nil
 	}
 	var err error
-	if pc.Notification, err = render(p, n, nil); err != nil {
+	if pc.Notification, err = pl.common(); err != nil {
 		return err
 	}
 	for target, v := range p.TargetVars {
 		if len(v.GetVars()) == 0 {
 			continue
 		}
-		payload, err := render(p, n, v.GetVars())
+		payload, err := pl.target(target)
 		if err != nil {
 			return err
 		}
@@ -275,7 +265,7 @@ func (d *Delivery) checkPush(p *deliverypb.Push, now time.Time) (*deliverypb.Not
 }
 
 // conditionsOf turns a push's conditions into the oplog's: attribute
-// predicates only.
+// predicates only, those of the compiled rule.
 func conditionsOf(r *deliverypb.Rule) (*oplogpb.Conditions, error) {
 	if r == nil {
 		return nil, nil
@@ -283,12 +273,11 @@ func conditionsOf(r *deliverypb.Rule) (*oplogpb.Conditions, error) {
 	if len(r.Users) > 0 || len(r.Devices) > 0 || r.Percent != nil || r.NotBeforeMs != 0 || r.NotAfterMs != 0 || r.Salt != "" {
 		return nil, fmt.Errorf("conditions: attribute predicates only (no whitelist, percent or window): %w", oplog.ErrInvalid)
 	}
-	if _, err := Compile(r, ""); err != nil {
+	c, err := Compile(r, "")
+	if err != nil {
 		return nil, err
 	}
-	return &oplogpb.Conditions{AppVersionMin: r.AppVersionMin, AppVersionMax: r.AppVersionMax, Os: r.Os,
-		OsVersionMin: r.OsVersionMin, OsVersionMax: r.OsVersionMax, Models: r.Models, Regions: r.Regions,
-		Networks: r.Networks, Channels: r.Channels, Cpus: r.Cpus}, nil
+	return c.cond, nil
 }
 
 // render renders the notification for one recipient's variables.
@@ -314,10 +303,49 @@ func render(p *deliverypb.Push, n *deliverypb.Notification, own map[string]strin
 	return protojson.Marshal(m)
 }
 
+// payloads renders a push's notification once per distinct variables
+// (render): the common payload and each target's own, kept for the
+// offline check after the push is sent.
+type payloads struct {
+	p   *deliverypb.Push
+	n   *deliverypb.Notification
+	all []byte            // the common payload; nil: not rendered yet
+	own map[string][]byte // by target (target_vars)
+}
+
+// common returns the payload of the recipients without variables of
+// their own.
+func (pl *payloads) common() ([]byte, error) {
+	if pl.all == nil {
+		b, err := render(pl.p, pl.n, nil)
+		if err != nil {
+			return nil, err
+		}
+		pl.all = b
+	}
+	return pl.all, nil
+}
+
+// target returns the payload of a target with variables of its own.
+func (pl *payloads) target(id string) ([]byte, error) {
+	if b, ok := pl.own[id]; ok {
+		return b, nil
+	}
+	b, err := render(pl.p, pl.n, pl.p.TargetVars[id].GetVars())
+	if err != nil {
+		return nil, err
+	}
+	if pl.own == nil {
+		pl.own = map[string][]byte{}
+	}
+	pl.own[id] = b
+	return b, nil
+}
+
 // pushTo sends a push to user or device ids: one event per distinct
 // rendering, appended as a batch; a list over the oplog's targets per
 // event without per-target variables goes through a fanout list job.
-func (d *Delivery) pushTo(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, ev *oplogpb.Event, ids []string, res *deliverypb.PushResult) error {
+func (d *Delivery) pushTo(ctx context.Context, p *deliverypb.Push, pl *payloads, ev *oplogpb.Event, ids []string, res *deliverypb.PushResult) error {
 	if len(ids) == 0 {
 		return fmt.Errorf("push %s: no targets: %w", p.Id, oplog.ErrNoTargets)
 	}
@@ -330,7 +358,7 @@ func (d *Delivery) pushTo(ctx context.Context, p *deliverypb.Push, n *deliverypb
 		}
 	}
 	res.Targets = uint64(len(ids))
-	common, err := render(p, n, nil)
+	common, err := pl.common()
 	if err != nil {
 		return err
 	}
@@ -348,12 +376,11 @@ func (d *Delivery) pushTo(ctx context.Context, p *deliverypb.Push, n *deliverypb
 	shared := proto.Clone(ev).(*oplogpb.Event)
 	shared.Payload = common
 	for _, id := range ids {
-		own := p.TargetVars[id].GetVars()
-		if len(own) == 0 {
+		if len(p.TargetVars[id].GetVars()) == 0 {
 			shared.Targets = append(shared.Targets, id)
 			continue
 		}
-		payload, err := render(p, n, own)
+		payload, err := pl.target(id)
 		if err != nil {
 			return err
 		}
@@ -398,13 +425,13 @@ func (d *Delivery) pushList(ctx context.Context, p *deliverypb.Push, ev *oplogpb
 	return nil
 }
 
-// pushJob creates the fanout job of a push (n nil: ev has its payload).
-func (d *Delivery) pushJob(ctx context.Context, p *deliverypb.Push, n *deliverypb.Notification, ev *oplogpb.Event, job *fanoutpb.Job, res *deliverypb.PushResult) error {
+// pushJob creates the fanout job of a push (pl nil: ev has its payload).
+func (d *Delivery) pushJob(ctx context.Context, p *deliverypb.Push, pl *payloads, ev *oplogpb.Event, job *fanoutpb.Job, res *deliverypb.PushResult) error {
 	if d.cfg.Fanout == nil {
 		return fmt.Errorf("push %s: this audience needs fanout, which this node does not run: %w", p.Id, oplog.ErrInvalid)
 	}
-	if n != nil {
-		payload, err := render(p, n, nil)
+	if pl != nil {
+		payload, err := pl.common()
 		if err != nil {
 			return err
 		}
@@ -539,10 +566,7 @@ func dryRunFew(reg *Registry, p *deliverypb.Push, cond *oplogpb.Conditions) (*de
 	out := &deliverypb.DryRun{Known: known}
 	for _, dev := range devs {
 		if oplog.Match(cond, attrsOfRecord(dev)) {
-			out.Matching++
-			if len(out.Sample) < maxSample {
-				out.Sample = append(out.Sample, dev.Device)
-			}
+			tally(out, dev.Device)
 		}
 	}
 	return out, true, nil

@@ -6,6 +6,7 @@ import (
 
 	"github.com/sluicehq/sluice/delivery/deliverypb"
 	"github.com/sluicehq/sluice/oplog"
+	"github.com/sluicehq/sluice/oplog/oplogpb"
 )
 
 // Device is what a rule is evaluated against: a device, its bound user ("" for
@@ -34,16 +35,15 @@ const (
 // whitelist, or when it passes every predicate set and its sticky place
 // (Place) is below the percentage.
 type Rule struct {
-	users, devices     map[string]struct{}
-	appMin, appMax     string
-	osMin, osMax       string
-	os, models, nets   []string
-	regions, cpus, chs []string
-	threshold          uint32 // places below it are in; PercentScale: all
-	salt               string
-	notBefore          int64 // unix ms; 0: none
-	notAfter           int64 // unix ms, exclusive; 0: none
-	except             *Rule // devices it matches are left out; nil: none
+	users, devices map[string]struct{}
+	// cond holds the attribute predicates, matched as the oplog matches
+	// an entry's conditions (oplog.Match); nil: none (Everyone).
+	cond      *oplogpb.Conditions
+	threshold uint32 // places below it are in; PercentScale: all
+	salt      string
+	notBefore int64 // unix ms; 0: none
+	notAfter  int64 // unix ms, exclusive; 0: none
+	except    *Rule // devices it matches are left out; nil: none
 }
 
 // Everyone is the rule that matches every device at any time.
@@ -62,35 +62,33 @@ func Compile(pb *deliverypb.Rule, salt string) (*Rule, error) {
 	if pb == nil {
 		return Everyone, nil
 	}
-	r := &Rule{
-		appMin: pb.AppVersionMin, appMax: pb.AppVersionMax,
-		osMin: pb.OsVersionMin, osMax: pb.OsVersionMax,
-		salt: pb.Salt, notBefore: pb.NotBeforeMs, notAfter: pb.NotAfterMs,
-	}
+	c := &oplogpb.Conditions{AppVersionMin: pb.AppVersionMin, AppVersionMax: pb.AppVersionMax,
+		OsVersionMin: pb.OsVersionMin, OsVersionMax: pb.OsVersionMax}
+	r := &Rule{cond: c, salt: pb.Salt, notBefore: pb.NotBeforeMs, notAfter: pb.NotAfterMs}
 	if r.salt == "" {
 		r.salt = salt
 	}
 	if len(r.salt) > maxSaltLen {
 		return nil, fmt.Errorf("rule: salt over %d bytes: %w", maxSaltLen, oplog.ErrInvalid)
 	}
-	for _, v := range []string{r.appMin, r.appMax, r.osMin, r.osMax} {
+	for _, v := range []string{c.AppVersionMin, c.AppVersionMax, c.OsVersionMin, c.OsVersionMax} {
 		if !oplog.ValidVersion(v) {
 			return nil, fmt.Errorf("rule: version %q: want up to 32 of [0-9A-Za-z.+-]: %w", clip(v), oplog.ErrInvalid)
 		}
 	}
-	if r.appMin != "" && r.appMax != "" && oplog.CompareVersions(r.appMin, r.appMax) > 0 {
-		return nil, fmt.Errorf("rule: app version range %s-%s is empty: %w", r.appMin, r.appMax, oplog.ErrInvalid)
+	if c.AppVersionMin != "" && c.AppVersionMax != "" && oplog.CompareVersions(c.AppVersionMin, c.AppVersionMax) > 0 {
+		return nil, fmt.Errorf("rule: app version range %s-%s is empty: %w", c.AppVersionMin, c.AppVersionMax, oplog.ErrInvalid)
 	}
-	if r.osMin != "" && r.osMax != "" && oplog.CompareVersions(r.osMin, r.osMax) > 0 {
-		return nil, fmt.Errorf("rule: OS version range %s-%s is empty: %w", r.osMin, r.osMax, oplog.ErrInvalid)
+	if c.OsVersionMin != "" && c.OsVersionMax != "" && oplog.CompareVersions(c.OsVersionMin, c.OsVersionMax) > 0 {
+		return nil, fmt.Errorf("rule: OS version range %s-%s is empty: %w", c.OsVersionMin, c.OsVersionMax, oplog.ErrInvalid)
 	}
 	var err error
 	for _, l := range []struct {
 		name string
 		in   []string
 		out  *[]string
-	}{{"os", pb.Os, &r.os}, {"models", pb.Models, &r.models}, {"networks", pb.Networks, &r.nets},
-		{"regions", pb.Regions, &r.regions}, {"cpus", pb.Cpus, &r.cpus}, {"channels", pb.Channels, &r.chs}} {
+	}{{"os", pb.Os, &c.Os}, {"models", pb.Models, &c.Models}, {"networks", pb.Networks, &c.Networks},
+		{"regions", pb.Regions, &c.Regions}, {"cpus", pb.Cpus, &c.Cpus}, {"channels", pb.Channels, &c.Channels}} {
 		if *l.out, err = valueList(l.name, l.in); err != nil {
 			return nil, err
 		}
@@ -187,11 +185,7 @@ func (r *Rule) Match(d *Device, now int64) bool {
 	if r.whitelisted(d) {
 		return true
 	}
-	a := &d.Attrs
-	return oplog.InRange(a.AppVersion, r.appMin, r.appMax) && oplog.InRange(a.OSVersion, r.osMin, r.osMax) &&
-		oplog.OneOf(a.OS, r.os) && oplog.OneOf(a.Model, r.models) && oplog.OneOf(a.Network, r.nets) &&
-		oplog.OneOf(a.Region, r.regions) && oplog.OneOf(a.CPU, r.cpus) && oplog.OneOf(a.Channel, r.chs) &&
-		r.inPercent(d.ID)
+	return oplog.Match(r.cond, d.Attrs) && r.inPercent(d.ID)
 }
 
 func (r *Rule) whitelisted(d *Device) bool {
@@ -217,9 +211,6 @@ func (r *Rule) inPercent(device string) bool {
 	}
 	return Place(r.salt, device) < r.threshold
 }
-
-// Window returns the rule's time window in unix ms (0: unbounded).
-func (r *Rule) Window() (notBefore, notAfter int64) { return r.notBefore, r.notAfter }
 
 // Place is a device's sticky place for a salt: a number in
 // [0, PercentScale) from a hash of the salt and the device id. A rule with

@@ -62,11 +62,7 @@ func compileSwitch(sw *deliverypb.Switch) (*compiledSwitch, error) {
 	if err := checkValue(sw.Type, sw.DefaultValue); err != nil {
 		return nil, fmt.Errorf("switch %s: default value: %w", sw.Key, err)
 	}
-	if sw.Killed {
-		if err := checkValue(sw.Type, sw.KillValue); err != nil {
-			return nil, fmt.Errorf("switch %s: kill value: %w", sw.Key, err)
-		}
-	} else if sw.KillValue != nil {
+	if sw.Killed || sw.KillValue != nil { // killed needs one; one set must be right
 		if err := checkValue(sw.Type, sw.KillValue); err != nil {
 			return nil, fmt.Errorf("switch %s: kill value: %w", sw.Key, err)
 		}
