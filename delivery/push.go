@@ -270,8 +270,8 @@ func conditionsOf(r *deliverypb.Rule) (*oplogpb.Conditions, error) {
 	if r == nil {
 		return nil, nil
 	}
-	if len(r.Users) > 0 || len(r.Devices) > 0 || r.Percent != nil || r.NotBeforeMs != 0 || r.NotAfterMs != 0 || r.Salt != "" {
-		return nil, fmt.Errorf("conditions: attribute predicates only (no whitelist, percent or window): %w", oplog.ErrInvalid)
+	if len(r.Users) > 0 || len(r.Devices) > 0 || r.Percent != nil || r.NotBeforeMs != 0 || r.NotAfterMs != 0 || r.Salt != "" || r.Except != nil {
+		return nil, fmt.Errorf("conditions: attribute predicates only (no whitelist, percent, window or except): %w", oplog.ErrInvalid)
 	}
 	c, err := Compile(r, "")
 	if err != nil {

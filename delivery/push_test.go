@@ -307,6 +307,7 @@ func TestPushRefusesBadInput(t *testing.T) {
 		{"too long validity", &deliverypb.Push{Id: "p", Title: "x", ExpiresMs: time.Now().Add(40 * 24 * time.Hour).UnixMilli(), Audience: users}, oplog.ErrInvalid},
 		{"data too big", &deliverypb.Push{Id: "p", Data: make([]byte, delivery.MaxPushData+1), Audience: users}, oplog.ErrPayloadTooLarge},
 		{"percent in conditions", &deliverypb.Push{Id: "p", Title: "x", Conditions: &deliverypb.Rule{Percent: pct(5)}, Audience: users}, oplog.ErrInvalid},
+		{"except in conditions", &deliverypb.Push{Id: "p", Title: "x", Conditions: &deliverypb.Rule{Os: []string{"ios"}, Except: &deliverypb.Rule{Models: []string{"Pixel 8"}}}, Audience: users}, oplog.ErrInvalid},
 		{"target vars for a segment", &deliverypb.Push{Id: "p", Title: "x", TargetVars: map[string]*deliverypb.Vars{"u1": {}},
 			Audience: &deliverypb.Push_Segment{Segment: "s"}}, oplog.ErrInvalid},
 		{"bad priority", &deliverypb.Push{Id: "p", Title: "x", Priority: 7, Audience: users}, oplog.ErrInvalid},
