@@ -57,8 +57,7 @@
 // transaction as the relation, from the relation's previous state in the
 // index (one writer goroutine per projection makes the read-modify-write
 // safe), so it always equals the number of following relations, after any
-// replay. A projection's writes for one record never straddle two badger
-// transactions (see budget), so a crash cannot half-apply one.
+// replay.
 //
 // # Invariants
 //

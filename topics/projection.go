@@ -84,9 +84,6 @@ func (s *Topics) applyFollows(txn *badger.Txn, r *oplog.Record) error {
 		}
 		sk, dk := statusKey(topic), definitionKey(topic)
 		sv := status{seq: r.Seq, deleted: def.Deleted, backfill: def.Backfill}.encode()
-		if err := s.budget.reserve(txn, len(sk)+len(sv)+len(dk)+len(r.Data), 2); err != nil {
-			return err
-		}
 		if err := txn.Set(sk, sv); err != nil {
 			return err
 		}
@@ -108,19 +105,12 @@ func (s *Topics) applyFollows(txn *badger.Txn, r *oplog.Record) error {
 	next := relationOf(f, r.Seq)
 	val := next.encode()
 	delta := b2i(next.active()) - b2i(had && old.active())
-	size, writes := len(fk)+len(val), 1
 	var n uint64
 	nk := countKey(topic)
 	if delta != 0 {
 		if n, err = oplog.GetUint64(txn, nk); err != nil {
 			return err
 		}
-		size, writes = size+len(nk)+8, 2
-	}
-	// Reserve both writes before making either: were the second refused
-	// for size, the first would be committed alone and the count lost.
-	if err := s.budget.reserve(txn, size, writes); err != nil {
-		return err
 	}
 	if err := txn.Set(fk, val); err != nil {
 		return err
@@ -157,34 +147,4 @@ func (s *Topics) applyCursor(txn *badger.Txn, r *oplog.Record) error {
 		return nil
 	}
 	return txn.Set(cursorKey(device, topic), binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, c.Id), c.Epoch))
-}
-
-// budget keeps a record's writes in one transaction. The projection
-// commits and starts a new transaction when a write is refused with
-// badger.ErrTxnTooBig, then applies the record again; a record whose
-// first write went through and second did not would have half of it
-// committed. So applyFollows reserves its writes first: with a
-// conservative estimate, against half of badger's limits, reserve refuses
-// (before any write) a record that might not fit once the transaction
-// holds something.
-type budget struct {
-	maxSize, maxCount int64
-	txn               *badger.Txn // the transaction counted; a new one starts at zero
-	size, count       int64
-}
-
-// entryOverhead is a generous estimate of badger's per-entry cost beyond
-// key and value (meta, version, value pointer).
-const entryOverhead = 64
-
-func (b *budget) reserve(txn *badger.Txn, size, writes int) error {
-	if txn != b.txn {
-		b.txn, b.size, b.count = txn, 0, 0
-	}
-	sz, n := int64(size+writes*entryOverhead), int64(writes)
-	if b.count > 0 && (b.size+sz > b.maxSize || b.count+n > b.maxCount) {
-		return badger.ErrTxnTooBig
-	}
-	b.size, b.count = b.size+sz, b.count+n
-	return nil
 }

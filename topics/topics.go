@@ -64,13 +64,12 @@ type Config struct {
 // Topics is read diffusion: topic messages stored once, follow relations and
 // device cursors, and their badger projections. Safe for concurrent use.
 type Topics struct {
-	lg     *oplog.Log
-	js     jetstream.JetStream
-	db     *badger.DB
-	log    zerolog.Logger
-	epoch  uint64 // of StreamTopics
-	sole   bool
-	budget budget // the follows projection's transaction budget; its goroutine's own
+	lg    *oplog.Log
+	js    jetstream.JetStream
+	db    *badger.DB
+	log   zerolog.Logger
+	epoch uint64 // of StreamTopics
+	sole  bool
 
 	msgs    *oplog.Projection // StreamTopics → m/
 	follows *oplog.Projection // StreamFollows → d/ t/ f/ n/
@@ -161,7 +160,6 @@ func Open(ctx context.Context, cfg Config) (*Topics, error) {
 		return nil, fmt.Errorf("topics: %w", err)
 	}
 	s.db = db
-	s.budget = budget{maxSize: db.MaxBatchSize() / 2, maxCount: db.MaxBatchCount() / 2}
 	if err := s.openProjections(); err != nil {
 		_ = db.Close()
 		return nil, err

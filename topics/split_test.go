@@ -3,18 +3,21 @@ package topics
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/sluicehq/sluice/oplog"
 	"github.com/sluicehq/sluice/oplog/oplogtest"
 	"github.com/sluicehq/sluice/topics/topicspb"
 )
 
-// TestBudgetSplitsBetweenRecords: with a transaction budget so small that
-// batches must be committed in pieces, no record is half applied: the
-// follower counts are right and equal a rebuild's.
-func TestBudgetSplitsBetweenRecords(t *testing.T) {
+// TestSplitsBetweenRecords: when a transaction is refused as too big after
+// a record's writes went into it (badger.ErrTxnTooBig, here after every
+// third record of a transaction), the projector keeps the record whole:
+// the follower counts are right and equal a rebuild's.
+func TestSplitsBetweenRecords(t *testing.T) {
 	_, nc := oplogtest.RunJetStream(t, oplogtest.Options{})
 	l := oplogtest.MustOpenLog(t, nc, oplog.Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -24,7 +27,33 @@ func TestBudgetSplitsBetweenRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	s.budget = budget{maxSize: 1 << 20, maxCount: 7} // a relation and its count are 2 writes
+	// The follows projection again, with small transactions: a record's
+	// relation and count are written, then the transaction is refused.
+	var cur *badger.Txn // held: a discarded transaction's address is not reused
+	var n int
+	var refused atomic.Int64
+	s.follows, err = oplog.NewProjection(oplog.ProjectionConfig{
+		Stream: StreamFollows, DB: s.db, JetStream: l.JetStream(), Logger: &s.log,
+		Prefixes: [][]byte{prefixStatus, prefixDefinitions, prefixFollows, prefixCounts},
+		Apply: func(txn *badger.Txn, r *oplog.Record) error {
+			if txn != cur {
+				cur, n = txn, 0
+			}
+			n++
+			if err := s.applyFollows(txn, r); err != nil {
+				return err
+			}
+			if n > 3 {
+				refused.Add(1)
+				return badger.ErrTxnTooBig
+			}
+			return nil
+		},
+		Committed: s.committedFollows,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	run, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- s.Run(run) }()
@@ -68,4 +97,7 @@ func TestBudgetSplitsBetweenRecords(t *testing.T) {
 		t.Fatalf("rebuilt digest %s, live %s", sum.Digest, live)
 	}
 	check("rebuilt")
+	if refused.Load() == 0 {
+		t.Fatal("no transaction was refused: nothing was split")
+	}
 }
