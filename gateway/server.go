@@ -159,6 +159,10 @@ type Server struct {
 	everyone  *topics.Watch       // Everyone's messages, for every session
 	follows   *topics.FollowWatch // every user's follow events
 
+	// everyoneBuf is onEveryone's snapshot of the sessions, reused: only
+	// the messages projection's goroutine (one) touches it.
+	everyoneBuf []*session
+
 	umu    sync.Mutex
 	byUser map[string][]userWatch // sessions following a user's follow events
 	done   chan struct{}          // closed by Shutdown
@@ -204,7 +208,7 @@ func NewServer(cfg Config) (*Server, error) {
 		}
 		// Follow events likewise: one watch, routed to the user's sessions.
 		s.byUser = map[string][]userWatch{}
-		if s.follows, err = cfg.Topics.WatchAllFollows(s.onFollowEvent); err != nil {
+		if s.follows, err = cfg.Topics.WatchAllFollows(s.routesUser, s.onFollowEvent); err != nil {
 			s.everyone.Stop()
 			if s.poller != nil {
 				s.poller.close()
@@ -245,6 +249,15 @@ func (s *Server) unwatchUser(user string, gate *followGate) {
 	s.byUser[user] = list
 }
 
+// routesUser reports whether a session of user follows its follow events:
+// topics decodes a follow relation only for such a user.
+func (s *Server) routesUser(user string) bool {
+	s.umu.Lock()
+	defer s.umu.Unlock()
+	_, ok := s.byUser[user]
+	return ok
+}
+
 // onFollowEvent hands a follow event to the sessions of its user, on the
 // follows projection's goroutine.
 func (s *Server) onFollowEvent(f topics.Follow) {
@@ -258,17 +271,29 @@ func (s *Server) onFollowEvent(f topics.Follow) {
 
 // onEveryone hands a message of topics.Everyone to every session past
 // Hello, on the topics projection's goroutine. A session registers before
-// its first round reads the backlog, so none misses one.
+// its first round reads the backlog, so none misses one. The checks that
+// hold for every session (expiry, Suppress) run once.
 func (s *Server) onEveryone(e *oplogpb.Entry) {
-	s.mu.Lock()
-	sessions := make([]*session, 0, len(s.sessions))
-	for ss := range s.sessions {
-		sessions = append(sessions, ss)
+	if s.dropLive(e) {
+		return
 	}
-	s.mu.Unlock()
+	sessions := s.sessionList(s.everyoneBuf)
 	for _, ss := range sessions {
-		ss.onTopic(e)
+		ss.offerTopic(e)
 	}
+	clear(sessions) // keep no finished session alive until the next message
+	s.everyoneBuf = sessions[:0]
+}
+
+// sessionList returns the sessions past Hello, appended to buf[:0].
+func (s *Server) sessionList(buf []*session) []*session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	buf = buf[:0]
+	for ss := range s.sessions {
+		buf = append(buf, ss)
+	}
+	return buf
 }
 
 // Stats is a snapshot of the server's load.
@@ -368,11 +393,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for l := range s.listeners {
 		_ = l.Close()
 	}
-	sessions := make([]*session, 0, len(s.sessions))
-	for ss := range s.sessions {
-		sessions = append(sessions, ss)
-	}
 	s.mu.Unlock()
+	// Draining: register admits no session now, so the list only shrinks.
+	sessions := s.sessionList(nil)
 	s.log.Info().Int("sessions", len(sessions)).Msg("draining")
 	var wg sync.WaitGroup
 	for _, ss := range sessions {

@@ -355,9 +355,21 @@ func (ss *session) onFollow(gate *followGate, f topics.Follow) {
 // onTopic receives a topic message from the topics projection: filtered
 // for this client and queued, or held while a round runs. It never blocks.
 func (ss *session) onTopic(e *oplogpb.Entry) {
-	if (e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(time.Now())) || ss.srv.suppressed(e) {
+	if ss.srv.dropLive(e) {
 		return
 	}
+	ss.offerTopic(e)
+}
+
+// dropLive reports whether a live topic message is for no session: expired,
+// or suppressed.
+func (s *Server) dropLive(e *oplogpb.Entry) bool {
+	return (e.ExpiresAt != nil && !e.ExpiresAt.AsTime().After(time.Now())) || s.suppressed(e)
+}
+
+// offerTopic is onTopic past the checks that hold for every session
+// (dropLive).
+func (ss *session) offerTopic(e *oplogpb.Entry) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.closing || ss.topics == nil || (e.Conditions != nil && !oplog.Match(e.Conditions, ss.attrs.Value())) || !ss.topics.covers(e) {

@@ -109,6 +109,7 @@ func (ss *session) sendView() {
 func (s *Server) followViews() {
 	defer s.wg.Done()
 	changed := s.cfg.Views.Changed()
+	var sessions []*session // reused: this goroutine's only
 	for {
 		select {
 		case <-s.done:
@@ -118,12 +119,7 @@ func (s *Server) followViews() {
 		// Taken before evaluating: a change during the evaluation wakes
 		// this loop again.
 		changed = s.cfg.Views.Changed()
-		s.mu.Lock()
-		sessions := make([]*session, 0, len(s.sessions))
-		for ss := range s.sessions {
-			sessions = append(sessions, ss)
-		}
-		s.mu.Unlock()
+		sessions = s.sessionList(sessions)
 		// Every core computes views: a change must reach a node's devices
 		// within a second, and a view costs microseconds.
 		start := time.Now()
@@ -144,6 +140,7 @@ func (s *Server) followViews() {
 			})
 		}
 		wg.Wait()
+		clear(sessions) // keep no finished session alive until the next change
 		s.log.Debug().Int64("sessions", n.Load()).Dur("took", time.Since(start)).Msg("views re-evaluated")
 	}
 }

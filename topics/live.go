@@ -2,6 +2,7 @@ package topics
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,7 @@ type FollowWatch struct {
 	s       *Topics
 	key     string // user
 	fn      func(Follow)
+	wants   func(user string) bool // WatchAllFollows': nil for every user
 	stopped atomic.Bool
 }
 
@@ -127,11 +129,18 @@ func (s *Topics) WatchFollows(user string, fn func(Follow)) (*FollowWatch, error
 // allUsers is the registry key of WatchAllFollows: not a valid user id.
 const allUsers = "*"
 
-// WatchAllFollows is WatchFollows for every user: one registration for a
-// node that routes follow events to its own sessions (a gateway), rather
-// than one per online user.
-func (s *Topics) WatchAllFollows(fn func(Follow)) (*FollowWatch, error) {
-	w := &FollowWatch{s: s, key: allUsers, fn: fn}
+// WatchAllFollows is WatchFollows for every user wants accepts: one
+// registration for a node that routes follow events to its own sessions (a
+// gateway), rather than one per online user. wants is asked of each
+// relation's user before the relation is decoded, on the follows
+// projection's goroutine: a node decodes only the relations of users it
+// routes somewhere, not every follow written in the cluster. It must be
+// quick and must not block; the rules of Watch apply to fn.
+func (s *Topics) WatchAllFollows(wants func(user string) bool, fn func(Follow)) (*FollowWatch, error) {
+	if wants == nil {
+		return nil, errors.New("topics: WatchAllFollows: wants is required")
+	}
+	w := &FollowWatch{s: s, key: allUsers, fn: fn, wants: wants}
 	lv := s.live
 	lv.mu.Lock()
 	lv.users.add(allUsers, w)
@@ -338,9 +347,11 @@ func (s *Topics) committedMessages(recs []oplog.Record) {
 }
 
 // committedFollows is the follows projection's Committed hook: it hands
-// each relation not delivered yet to its user's watchers.
+// each relation not delivered yet to its user's watchers, decoding it only
+// once one of them wants it.
 func (s *Topics) committedFollows(recs []oplog.Record) {
 	lv := s.live
+next:
 	for i := range recs {
 		r := &recs[i]
 		if r.Seq <= lv.deliveredFollows {
@@ -354,21 +365,22 @@ func (s *Topics) committedFollows(recs []oplog.Record) {
 		if !ok || user == "" {
 			continue
 		}
-		ws, all := lv.followWatchers(user), lv.followWatchers(allUsers)
-		if len(ws) == 0 && len(all) == 0 {
-			continue
-		}
-		f := new(topicspb.Follow)
-		if err := proto.Unmarshal(r.Data, f); err != nil || f.User != user || f.Topic != topic {
-			continue // logged by applyFollows
-		}
-		fl := followOf(f)
-		fl.Seq = r.Seq
-		for _, list := range [][]*FollowWatch{ws, all} {
+		var fl Follow
+		decoded := false
+		for _, list := range [2][]*FollowWatch{lv.followWatchers(user), lv.followWatchers(allUsers)} {
 			for _, w := range list {
-				if !w.stopped.Load() {
-					w.fn(fl)
+				if w.stopped.Load() || (w.wants != nil && !w.wants(user)) {
+					continue
 				}
+				if !decoded {
+					f := new(topicspb.Follow)
+					if err := proto.Unmarshal(r.Data, f); err != nil || f.User != user || f.Topic != topic {
+						continue next // logged by applyFollows
+					}
+					fl, decoded = followOf(f), true
+					fl.Seq = r.Seq
+				}
+				w.fn(fl)
 			}
 		}
 	}

@@ -1014,3 +1014,41 @@ func TestWatchChurn(t *testing.T) {
 	close(stop)
 	pub.Wait()
 }
+
+// TestWatchAllFollowsWants: a WatchAllFollows watcher gets the relations
+// of the users it wants, in order, and nothing of the others (they are
+// not even decoded for it).
+func TestWatchAllFollowsWants(t *testing.T) {
+	e := newEnv(t, topics.Config{})
+	mustCreate(t, e.s, "live", 0)
+	var mu sync.Mutex
+	asked := map[string]int{}
+	wants := func(user string) bool {
+		mu.Lock()
+		asked[user]++
+		mu.Unlock()
+		return user == "alice"
+	}
+	if _, err := e.s.WatchAllFollows(nil, func(topics.Follow) {}); err == nil {
+		t.Fatal("WatchAllFollows without wants: no error")
+	}
+	follows := newCollector[topics.Follow]()
+	fw, err := e.s.WatchAllFollows(wants, follows.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fw.Stop()
+	mustFollow(t, e.s, "bob", "live")
+	f1 := mustFollow(t, e.s, "alice", "live")
+	mustFollow(t, e.s, "carol", "live")
+	f2 := mustUnfollow(t, e.s, "alice", "live")
+	fs := follows.waitFor(t, "alice's 2 events", func(fs []topics.Follow) bool { return len(fs) >= 2 })
+	if len(fs) != 2 || !eqFollow(fs[0], f1) || !eqFollow(fs[1], f2) {
+		t.Fatalf("events %+v, want %+v %+v", fs, f1, f2)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if asked["bob"] != 1 || asked["carol"] != 1 || asked["alice"] != 2 {
+		t.Fatalf("wants asked %v, want bob and carol once, alice twice", asked)
+	}
+}
