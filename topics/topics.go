@@ -331,7 +331,7 @@ func (s *Topics) write(ctx context.Context, subject string, m proto.Message, exp
 	msg.Data = data
 	ack, err := s.js.PublishMsg(ctx, msg, opts...)
 	if err != nil {
-		if wrongLastSeq(err) {
+		if oplog.WrongLastSequence(err) {
 			return 0, errConflict
 		}
 		return 0, fmt.Errorf("topics: publish: %v: %w", err, oplog.ErrUnavailable)
@@ -354,12 +354,6 @@ func (s *Topics) stored(subject string, seq uint64) {
 	case strings.HasPrefix(subject, subjectAckPrefix):
 		s.acks.Stored(seq)
 	}
-}
-
-func wrongLastSeq(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // validName reports whether s is a valid topic, user or device id.
