@@ -265,6 +265,9 @@ func (f *Fanout) Run(ctx context.Context) error {
 		MaxAckPending: 1024,
 		MaxDeliver:    -1,
 	})
+	if ctx.Err() != nil {
+		return nil // stopped while starting: not a failure
+	}
 	if err != nil {
 		return fmt.Errorf("fanout: consumer: %w", err)
 	}
@@ -272,6 +275,9 @@ func (f *Fanout) Run(ctx context.Context) error {
 	// ack wait. A chunk another node is writing may be delivered twice:
 	// harmless (see doc.go), and only at a node's start.
 	if _, err := f.js.ResetConsumer(ctx, StreamFanout, Consumer); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("fanout: reset consumer: %w", err)
 	}
 	g, gctx := errgroup.WithContext(ctx)

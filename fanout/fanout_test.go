@@ -1,6 +1,7 @@
 package fanout
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -608,4 +609,16 @@ func TestTwoNodes(t *testing.T) {
 	}
 	got, _ = entriesOf(t, ctx, e.l.JetStream(), 1, MessageID("pro-news"))
 	checkExactlyOnce(t, got, members)
+}
+
+// TestRunStoppedWhileStarting: a Run whose ctx ends before its consumer is
+// set up returns nil, as one stopped later does (sluiced stopped right
+// after start used to exit with "fanout: consumer: context canceled").
+func TestRunStoppedWhileStarting(t *testing.T) {
+	e := mustEnv(t, envOptions{noRun: true, withInbox: true})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := e.f.Run(ctx); err != nil {
+		t.Fatalf("Run with its ctx ended: %v, want nil", err)
+	}
 }
