@@ -36,6 +36,10 @@ type RequestsConfig struct {
 	Workers int
 	// Timeout bounds one request. Default 30 seconds.
 	Timeout time.Duration
+	// PendingMsgs and PendingBytes bound the requests each subscription
+	// holds before the NATS client drops (and reports) them. Default the
+	// client's (nats.DefaultSubPendingMsgsLimit, ...BytesLimit).
+	PendingMsgs, PendingBytes int
 	// Handle answers a request. Required.
 	Handle RequestHandler
 	// Logger for refusals (one line each) and lost replies.
@@ -55,6 +59,12 @@ func ServeRequests(ctx context.Context, cfg RequestsConfig, ready chan<- struct{
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 30 * time.Second
 	}
+	if cfg.PendingMsgs <= 0 {
+		cfg.PendingMsgs = nats.DefaultSubPendingMsgsLimit
+	}
+	if cfg.PendingBytes <= 0 {
+		cfg.PendingBytes = nats.DefaultSubPendingBytesLimit
+	}
 	reqs := make(chan *nats.Msg, 4*cfg.Workers)
 	var subs []*nats.Subscription
 	unsubscribe := func() {
@@ -68,6 +78,7 @@ func ServeRequests(ctx context.Context, cfg RequestsConfig, ready chan<- struct{
 			unsubscribe()
 			return fmt.Errorf("subscribe %s: %w", subj, err)
 		}
+		_ = sub.SetPendingLimits(cfg.PendingMsgs, cfg.PendingBytes)
 		subs = append(subs, sub)
 	}
 	if err := cfg.Conn.Flush(); err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -67,43 +66,19 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 // Run serves until ctx ends, then drains the subscriptions and waits for
 // the requests under way.
 func (s *Service) Run(ctx context.Context) error {
-	reqs := make(chan *nats.Msg, 4*s.workers)
-	nc := s.lg.Conn()
-	var subs []*nats.Subscription
-	for _, subj := range []string{SubjectAppend, SubjectAppendBatch} {
-		sub, err := nc.ChanQueueSubscribe(subj, s.queue, reqs)
-		if err != nil {
-			for _, s := range subs {
-				_ = s.Unsubscribe()
-			}
-			return fmt.Errorf("oplog: subscribe %s: %w", subj, err)
-		}
-		_ = sub.SetPendingLimits(64*1024, 256<<20)
-		subs = append(subs, sub)
-	}
-	if err := nc.Flush(); err != nil {
-		for _, s := range subs {
-			_ = s.Unsubscribe()
-		}
-		return fmt.Errorf("oplog: flush subscriptions: %w", err)
-	}
-	close(s.ready)
 	g, gctx := errgroup.WithContext(ctx)
-	var wg sync.WaitGroup
-	for range s.workers {
-		wg.Go(func() {
-			for m := range reqs {
-				s.handle(context.WithoutCancel(gctx), m)
-			}
-		})
-	}
 	g.Go(func() error { return s.route(gctx) })
-	<-gctx.Done()
-	for _, sub := range subs {
-		_ = sub.Unsubscribe()
-	}
-	close(reqs)
-	wg.Wait()
+	g.Go(func() error {
+		err := ServeRequests(gctx, RequestsConfig{
+			Conn: s.lg.Conn(), Subjects: []string{SubjectAppend, SubjectAppendBatch}, Queue: s.queue,
+			Workers: s.workers, Timeout: 10 * time.Second, PendingMsgs: 64 * 1024, PendingBytes: 256 << 20,
+			Handle: s.handle, Logger: s.log,
+		}, s.ready)
+		if err != nil {
+			return fmt.Errorf("oplog: %w", err)
+		}
+		return nil
+	})
 	return g.Wait()
 }
 
@@ -112,32 +87,12 @@ func (s *Service) Ready() <-chan struct{} { return s.ready }
 
 // handle answers one API request. It never panics on input: every decode
 // or validation failure becomes a typed error reply.
-func (s *Service) handle(ctx context.Context, m *nats.Msg) {
-	ct := m.Header.Get(HeaderContentType)
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	var reply proto.Message
-	if m.Subject == SubjectAppendBatch {
-		reply = s.handleBatch(ctx, ct, m.Data)
-	} else {
-		reply = s.handleOne(ctx, ct, m.Data)
+// (Its typed errors are in the reply; nothing is logged per request.)
+func (s *Service) handle(ctx context.Context, subject, ct string, body []byte) (proto.Message, error) {
+	if subject == SubjectAppendBatch {
+		return s.handleBatch(ctx, ct, body), nil
 	}
-	if m.Reply == "" {
-		return
-	}
-	data, err := Encode(ct, reply)
-	if err != nil {
-		s.log.Error().Err(err).Msg("encode reply")
-		return
-	}
-	out := nats.NewMsg(m.Reply)
-	out.Data = data
-	if ct == ContentTypeJSON {
-		out.Header.Set(HeaderContentType, ContentTypeJSON)
-	}
-	if err := s.lg.Conn().PublishMsg(out); err != nil {
-		s.log.Warn().Err(err).Msg("reply lost")
-	}
+	return s.handleOne(ctx, ct, body), nil
 }
 
 func (s *Service) handleOne(ctx context.Context, ct string, body []byte) *oplogpb.AppendReply {
