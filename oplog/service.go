@@ -86,8 +86,8 @@ func (s *Service) Run(ctx context.Context) error {
 func (s *Service) Ready() <-chan struct{} { return s.ready }
 
 // handle answers one API request. It never panics on input: every decode
-// or validation failure becomes a typed error reply.
-// (Its typed errors are in the reply; nothing is logged per request.)
+// or validation failure becomes a typed error reply (the error return
+// stays nil: handleOne and handleBatch log refusals themselves).
 func (s *Service) handle(ctx context.Context, subject, ct string, body []byte) (proto.Message, error) {
 	if subject == SubjectAppendBatch {
 		return s.handleBatch(ctx, ct, body), nil
